@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import shutil
 import tempfile
@@ -47,7 +48,8 @@ def _worker(
             "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
         )
         out = fn(rank, world_size, *args)
-        results.put((rank, True, out))
+        # plain pickle copies tensors by value (the queue's pickler would share memory with a dying process)
+        results.put((rank, True, pickle.dumps(out)))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -88,7 +90,10 @@ def run(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 12
                     if r not in errors:
                         errors[r] = f"process exited with code {procs[r].exitcode} without reporting"
                 continue
-            (out if ok else errors)[rank] = value
+            if ok:
+                out[rank] = pickle.loads(value)
+            else:
+                errors[rank] = value
         for p in procs:
             p.join(timeout=30)
         if errors:

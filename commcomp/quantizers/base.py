@@ -41,7 +41,9 @@ def check_floating(tensor: torch.Tensor, who: str) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{who} expects a torch.Tensor, got {type(tensor).__name__}")
     if not tensor.is_floating_point():
-        raise TypeError(f"{who} expects a floating-point tensor (float32/float16/bfloat16), got {tensor.dtype}")
+        raise TypeError(
+            f"{who} expects a floating-point tensor (float32/float16/bfloat16), got {tensor.dtype}"
+        )
 
 
 class Quantizer(ABC):

@@ -1,6 +1,6 @@
 """The quantizer registry (kept apart so quantizer modules can register without import cycles)."""
 
-from commcomp.registry import Registry
 from commcomp.quantizers.base import Quantizer
+from commcomp.registry import Registry
 
 QUANTIZERS: Registry[Quantizer] = Registry("quantizer")

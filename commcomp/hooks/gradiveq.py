@@ -1,0 +1,245 @@
+"""The GradiVeQ DDP communication hook.
+
+Per bucket and step, by the schedule (commcomp.gradiveq.Schedule):
+  1. warm-up / sampling steps: all-reduce the gradients as they are (divided by N first); on
+     sampling steps every rank adds the averaged gradients' slices to its PCA statistics;
+  2. first compressed step of a cycle: rank `src_rank` fits each layer's basis in float64 and
+     broadcasts (d, U, mu); every rank then all-gathers a checksum and refuses to go on if any
+     rank's copy differs;
+  3. compressed steps: every rank sends U^T (g_n/N - mu/N) per slice; one all-reduce sums the
+     coefficients (with the uncompressed leftovers and small layers riding in the same buffer);
+     every rank decodes U c + mu.
+All collectives are issued from the hook body, in bucket order; callbacks only decode.
+Paper: https://arxiv.org/abs/1811.03617
+"""
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from commcomp.error_feedback import ErrorFeedback
+from commcomp.gradiveq import LayerCodec, Schedule, plan_slices
+from commcomp.hooks.base import HookState, register_simple_method
+from commcomp.stats import timer
+
+__all__ = ["GradiVeQState", "gradiveq_hook"]
+
+
+class GradiVeQState(HookState):
+    """State of the GradiVeQ hook.
+
+    Args:
+        process_group: the group to reduce over (None: the whole world).
+        energy_threshold: lambda; each layer keeps the fewest principal components holding at least
+            1 - lambda of its sampled gradients' variance (0 keeps all K: lossless but no savings).
+        warmup_steps, sample_steps, compress_steps: the schedule. Defaults suit short runs
+            (hundreds to thousands of steps); the paper used 2500 / 100 / 400 with lambda 0.01
+            (`GradiVeQState.paper()`).
+        slice_length: target K; the real K is a multiple of the layer's F*D (conv) or row length
+            (Linear) near it. max_slice_length caps K (the PCA is K x K).
+        min_numel: parameters with fewer values (biases, norms, tiny layers) go uncompressed.
+        max_components: cap on d per layer (None: only the energy threshold decides).
+        fit_slices: at most this many slices per sampled gradient enter the PCA statistics.
+        error_feedback: add what a compressed step dropped to the next step's gradient (off, as in
+            the paper).
+        src_rank: the rank (in the group) whose fit is broadcast.
+        check_finite: refuse gradients with NaN/Inf, raising on every rank.
+
+    Tuning: lower energy_threshold (0.001) or raise max_components when accuracy lags; raise
+    sample_steps when the loss is still changing fast; a shorter compress_steps refits more often.
+    """
+
+    def __init__(
+        self,
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        energy_threshold: float = 0.01,
+        warmup_steps: int = 50,
+        sample_steps: int = 20,
+        compress_steps: int = 200,
+        slice_length: int = 256,
+        max_slice_length: int = 1024,
+        min_numel: int = 1024,
+        max_components: int | None = None,
+        fit_slices: int = 64,
+        error_feedback: bool = False,
+        src_rank: int = 0,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(process_group, check_finite)
+        if not 0.0 <= energy_threshold < 1.0:
+            raise ValueError(f"energy_threshold must be in [0, 1), got {energy_threshold}")
+        if slice_length < 1 or max_slice_length < slice_length:
+            raise ValueError(
+                f"need 1 <= slice_length <= max_slice_length, got {slice_length} and {max_slice_length}"
+            )
+        if max_components is not None and max_components < 1:
+            raise ValueError(f"max_components must be >= 1 or None, got {max_components}")
+        if fit_slices < 1 or min_numel < 1:
+            raise ValueError(f"fit_slices and min_numel must be >= 1, got {fit_slices} and {min_numel}")
+        # --- hyperparameters ---
+        self.energy_threshold = energy_threshold
+        self.schedule = Schedule(warmup_steps, sample_steps, compress_steps)
+        self.slice_length = slice_length
+        self.max_slice_length = max_slice_length
+        self.min_numel = min_numel
+        self.max_components = max_components
+        self.fit_slices = fit_slices
+        self.src_rank = src_rank
+        # --- internal state ---
+        self.codecs: dict[str, LayerCodec | None] = {}  # None: sent uncompressed
+        self.memory = ErrorFeedback() if error_feedback else None
+        self._loaded_codecs: dict[str, Any] = {}
+
+    @classmethod
+    def paper(cls, process_group: dist.ProcessGroup | None = None, **overrides: Any) -> "GradiVeQState":
+        """The paper's schedule: 2,500 warm-up steps, cycles of 100 sampled + 400 compressed, lambda 0.01."""
+        settings: dict[str, Any] = dict(
+            energy_threshold=0.01, warmup_steps=2500, sample_steps=100, compress_steps=400
+        )
+        return cls(process_group, **{**settings, **overrides})
+
+    def options(self) -> dict[str, Any]:
+        return {
+            **super().options(),
+            "energy_threshold": self.energy_threshold,
+            "schedule": [self.schedule.warmup, self.schedule.sample, self.schedule.compress],
+            "slices": [self.slice_length, self.max_slice_length, self.min_numel, self.fit_slices],
+            "max_components": self.max_components,
+            "error_feedback": self.memory is not None,
+            "src_rank": self.src_rank,
+        }
+
+    def codec(self, key: str, shape: torch.Size) -> LayerCodec | None:
+        if key not in self.codecs:
+            plan = plan_slices(shape, self.slice_length, self.max_slice_length, self.min_numel)
+            codec = None if plan is None else LayerCodec(plan, self.fit_slices)
+            if codec is not None and key in self._loaded_codecs:
+                codec.load_state_dict(self._loaded_codecs.pop(key))
+            self.codecs[key] = codec
+        return self.codecs[key]
+
+    def state_dict(self) -> dict[str, Any]:
+        codecs = {k: c.state_dict() for k, c in self.codecs.items() if c is not None}
+        return {
+            **super().state_dict(),
+            "codecs": {**self._loaded_codecs, **codecs},
+            "residuals": None if self.memory is None else self.memory.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.codecs = {}
+        self._loaded_codecs = dict(state["codecs"])  # applied when each parameter is next seen
+        if self.memory is not None and state.get("residuals") is not None:
+            self.memory.load_state_dict(state["residuals"])
+
+    # ----- the refit, step 2 -----
+    def refit(self, codecs: list[LayerCodec], device: torch.device) -> int:
+        """Fit on `src_rank`, broadcast (d, energy, U, mu), verify a checksum everywhere; returns bytes sent."""
+        codecs = [c for c in codecs if c.count >= 2]
+        if not codecs:
+            return 0
+        src = dist.get_global_rank(self.process_group, self.src_rank) if self.process_group else self.src_rank
+        is_src = self.rank == self.src_rank
+        fits = [c.fit(self.energy_threshold, self.max_components) for c in codecs] if is_src else []
+        if not is_src:
+            for c in codecs:
+                c.reset()
+        dims = torch.tensor([u.shape[1] for u, _ in fits] if is_src else [0] * len(codecs), device=device)
+        dist.broadcast(dims, src, group=self.process_group)
+        sizes = [c.plan.K * (int(d) + 1) for c, d in zip(codecs, dims)]
+        # sent as float32 (what compression computes in), so the basis costs half the bytes
+        if is_src:
+            energies = torch.tensor([c.energy for c in codecs], dtype=torch.float64)
+            flat = torch.cat([energies, *[torch.cat([u.reshape(-1), mu]) for u, mu in fits]])
+            flat = flat.to(device=device, dtype=torch.float32)
+        else:
+            flat = torch.empty(len(codecs) + sum(sizes), dtype=torch.float32, device=device)
+        dist.broadcast(flat, src, group=self.process_group)
+        energies, *blocks = flat.split([len(codecs), *sizes])
+        for c, d, e, block in zip(codecs, dims.tolist(), energies.tolist(), blocks):
+            k = c.plan.K
+            c.set_basis(block[: k * d].view(k, d).double(), block[k * d :].double(), e)
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=device).remainder_(9973)
+        checksum = (flat.double() * weights).sum().reshape(1)
+        everyone = [torch.empty_like(checksum) for _ in range(self.world_size)]
+        dist.all_gather(everyone, checksum, group=self.process_group)
+        odd = [r for r, t in enumerate(everyone) if not torch.equal(t, everyone[self.src_rank])]
+        if odd:
+            raise RuntimeError(f"GradiVeQ bases differ on ranks {odd} after the broadcast; refusing to go on")
+        return sum(t.numel() * t.element_size() for t in (dims, flat, checksum)) + checksum.element_size() * (
+            self.world_size - 1
+        )
+
+
+def gradiveq_hook(state: GradiVeQState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook running GradiVeQ; use with `model.register_comm_hook(state, gradiveq_hook)`."""
+    state.begin_bucket(bucket)
+    buf, n, index = bucket.buffer(), state.world_size, bucket.index()
+    grads = bucket.gradients()
+    keys = [state.param_key(p) for p in bucket.parameters()]
+    codecs = [state.codec(k, g.shape) for k, g in zip(keys, grads)]
+    phase = state.schedule.phase(state.step)
+    if phase == "compress" and state.schedule.refit(state.step):
+        with timer(buf) as fit_time:
+            state.stats.sent(state.refit([c for c in codecs if c is not None], buf.device))
+        state.stats.encoded(fit_time.seconds)
+
+    # step 3 (compressed) or step 1 (dense): build one flat buffer, all-reduce it, decode
+    with timer(buf) as enc:
+        parts: list[torch.Tensor] = []
+        layout: list[tuple[LayerCodec | None, int, int]] = []  # codec, coefficient count, rest count
+        new_residuals: dict[str, torch.Tensor] = {}
+        for key, g, codec in zip(keys, grads, codecs):
+            h = g / n
+            if phase == "compress" and codec is not None and codec.basis is not None:
+                if state.memory is not None:
+                    h = state.memory.compensate(key, h)
+                coeffs, rest = codec.compress(h, n)
+                if state.memory is not None:
+                    new_residuals[key] = state.memory.residual_of(h, codec.decompress(coeffs, rest, n))
+                parts += [coeffs.reshape(-1), rest]
+                layout.append((codec, coeffs.numel(), rest.numel()))
+            else:
+                parts.append(h.reshape(-1))
+                layout.append((None, 0, h.numel()))
+        parts.append(state.finite_flags(grads, buf))
+        flat = torch.cat(parts)
+    state.stats.encoded(enc.seconds)
+    state.stats.sent(flat.numel() * flat.element_size(), dense=buf.numel() * buf.element_size())
+    fut = dist.all_reduce(flat, group=state.process_group, async_op=True).get_future()
+    observe = phase == "sample"
+
+    def decode(fut: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
+        try:
+            out = fut.value()[0]
+            state.raise_if_nonfinite(out[-n:], index)
+            with timer(out) as dec:
+                offset = 0
+                for (codec, nc, nr), g in zip(layout, grads):
+                    if codec is None:
+                        g.copy_(out[offset : offset + nr].view_as(g))
+                    else:
+                        coeffs = out[offset : offset + nc].view(-1, codec.d)
+                        g.copy_(codec.decompress(coeffs, out[offset + nc : offset + nc + nr]))
+                    offset += nc + nr
+            state.stats.decoded(dec.seconds)
+            if observe:
+                with timer(out) as obs:
+                    for g, codec in zip(grads, codecs):
+                        if codec is not None:
+                            codec.observe(g)
+                state.stats.encoded(obs.seconds)
+            if state.memory is not None:
+                for key, r in new_residuals.items():
+                    state.memory.set(key, r)
+            return buf
+        finally:
+            state.end_bucket()
+
+    return fut.then(decode)
+
+
+register_simple_method("gradiveq", GradiVeQState, gradiveq_hook)
