@@ -18,8 +18,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from commcomp.comm import TorchCollectives
 from commcomp.error_feedback import ErrorFeedback
-from commcomp.gradiveq import LayerCodec, Schedule, plan_slices
+from commcomp.gradiveq import LayerCodec, Schedule, plan_slices, refit_bases
 from commcomp.hooks.base import HookState, register_simple_method
 from commcomp.stats import timer
 
@@ -135,44 +136,6 @@ class GradiVeQState(HookState):
         if self.memory is not None and state.get("residuals") is not None:
             self.memory.load_state_dict(state["residuals"])
 
-    # ----- the refit, step 2 -----
-    def refit(self, codecs: list[LayerCodec], device: torch.device) -> int:
-        """Fit on `src_rank`, broadcast (d, energy, U, mu), verify a checksum everywhere; returns bytes sent."""
-        codecs = [c for c in codecs if c.count >= 2]
-        if not codecs:
-            return 0
-        src = dist.get_global_rank(self.process_group, self.src_rank) if self.process_group else self.src_rank
-        is_src = self.rank == self.src_rank
-        fits = [c.fit(self.energy_threshold, self.max_components) for c in codecs] if is_src else []
-        if not is_src:
-            for c in codecs:
-                c.reset()
-        dims = torch.tensor([u.shape[1] for u, _ in fits] if is_src else [0] * len(codecs), device=device)
-        dist.broadcast(dims, src, group=self.process_group)
-        sizes = [c.plan.K * (int(d) + 1) for c, d in zip(codecs, dims)]
-        # sent as float32 (what compression computes in), so the basis costs half the bytes
-        if is_src:
-            energies = torch.tensor([c.energy for c in codecs], dtype=torch.float64)
-            flat = torch.cat([energies, *[torch.cat([u.reshape(-1), mu]) for u, mu in fits]])
-            flat = flat.to(device=device, dtype=torch.float32)
-        else:
-            flat = torch.empty(len(codecs) + sum(sizes), dtype=torch.float32, device=device)
-        dist.broadcast(flat, src, group=self.process_group)
-        energies, *blocks = flat.split([len(codecs), *sizes])
-        for c, d, e, block in zip(codecs, dims.tolist(), energies.tolist(), blocks):
-            k = c.plan.K
-            c.set_basis(block[: k * d].view(k, d).double(), block[k * d :].double(), e)
-        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=device).remainder_(9973)
-        checksum = (flat.double() * weights).sum().reshape(1)
-        everyone = [torch.empty_like(checksum) for _ in range(self.world_size)]
-        dist.all_gather(everyone, checksum, group=self.process_group)
-        odd = [r for r, t in enumerate(everyone) if not torch.equal(t, everyone[self.src_rank])]
-        if odd:
-            raise RuntimeError(f"GradiVeQ bases differ on ranks {odd} after the broadcast; refusing to go on")
-        return sum(t.numel() * t.element_size() for t in (dims, flat, checksum)) + checksum.element_size() * (
-            self.world_size - 1
-        )
-
 
 def gradiveq_hook(state: GradiVeQState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook running GradiVeQ; use with `model.register_comm_hook(state, gradiveq_hook)`."""
@@ -184,7 +147,9 @@ def gradiveq_hook(state: GradiVeQState, bucket: dist.GradBucket) -> torch.future
     phase = state.schedule.phase(state.step)
     if phase == "compress" and state.schedule.refit(state.step):
         with timer(buf) as fit_time:
-            state.stats.sent(state.refit([c for c in codecs if c is not None], buf.device))
+            comm = TorchCollectives(state.process_group)
+            refit_bases([c for c in codecs if c is not None], comm, state.src_rank, state, buf.device)
+        state.stats.sent(comm.bytes_sent)
         state.stats.encoded(fit_time.seconds)
 
     # step 3 (compressed) or step 1 (dense): build one flat buffer, all-reduce it, decode
