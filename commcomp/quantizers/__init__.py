@@ -8,6 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from commcomp.quantizers import basic as _basic  # noqa: F401  (registers identity, fp16, bf16)
+from commcomp.quantizers import qsgd as _qsgd  # noqa: F401  (registers qsgd)
+from commcomp.quantizers import sign as _sign  # noqa: F401  (registers sign)
+from commcomp.quantizers import sparse as _sparse  # noqa: F401  (registers topk, randk)
 from commcomp.quantizers.base import Payload, Quantizer, check_floating, pack_payloads, unpack_payloads
 from commcomp.quantizers.registry import QUANTIZERS
 

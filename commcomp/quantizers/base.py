@@ -91,7 +91,10 @@ def unpack_payloads(flat: torch.Tensor, templates: list[Payload]) -> list[Payloa
         tensors = []
         for t in tpl.tensors:
             n = t.numel() * t.element_size()
-            tensors.append(flat[offset : offset + n].view(t.dtype).view(t.shape))
+            chunk = flat[offset : offset + n]
+            if chunk.storage_offset() % t.element_size():  # after an odd-sized tensor: realign by copying
+                chunk = chunk.clone()
+            tensors.append(chunk.view(t.dtype).view(t.shape))
             offset += n
         out.append(Payload(tensors, tpl.shape, tpl.dtype, dict(tpl.meta)))
     if offset != flat.numel():
