@@ -1,0 +1,179 @@
+"""Single-process tests of MoE routing and of the layer at world size 1 (no process group)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from commcomp.moe import (
+    MoE,
+    NoisyTopKGate,
+    SwitchGate,
+    apply_capacity,
+    cv_squared,
+    expert_capacity,
+    gshard_gating,
+    noisy_topk_gating,
+    switch_gating,
+)
+from commcomp.moe.gating import _load
+
+
+def reference_keep(expert_index: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Plain loops: first choices in token order, then second choices, `capacity` per expert."""
+    tokens, k = expert_index.shape
+    used = [0] * num_experts
+    keep = torch.zeros(tokens, k, dtype=torch.bool)
+    for choice in range(k):
+        for s in range(tokens):
+            e = int(expert_index[s, choice])
+            if used[e] < capacity:
+                used[e] += 1
+                keep[s, choice] = True
+    return keep
+
+
+def test_capacity_drops_exactly_the_overflow() -> None:
+    g = torch.Generator().manual_seed(0)
+    for tokens, experts, k in [(37, 4, 1), (50, 6, 2), (16, 8, 3)]:
+        # skewed choices (distinct per token) so some experts overflow
+        logits = torch.randn(tokens, experts, generator=g) + torch.linspace(2, 0, experts)
+        index = logits.topk(k, dim=1).indices
+        for factor in (0.5, 1.0, 1.25):
+            cap = expert_capacity(tokens, experts, k, factor)
+            assert cap == math.ceil(factor * tokens * k / experts)
+            kept = apply_capacity(index, experts, cap)
+            assert torch.equal(kept, reference_keep(index, experts, cap))
+            assert torch.bincount(index[kept], minlength=experts).max() <= cap
+    assert bool(apply_capacity(index, 8, None).all())
+
+
+def test_switch_and_gshard_weights() -> None:
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(40, 4, generator=g) + torch.tensor([1.5, 0.0, 0.0, -1.0])
+    probs = logits.softmax(1)
+
+    top1 = switch_gating(logits, capacity_factor=1.0)
+    assert torch.equal(top1.expert_index[:, 0], probs.argmax(1))
+    expected = probs.max(1).values * top1.kept[:, 0]
+    torch.testing.assert_close(top1.combine_weight[:, 0], expected)
+    assert torch.equal(top1.kept, reference_keep(top1.expert_index, 4, 10))
+    assert not bool(top1.kept.all())  # expert 0 is favoured and overflows
+
+    top2 = gshard_gating(logits, capacity_factor=1.0)
+    p = probs.gather(1, top2.expert_index)
+    assert bool((top2.expert_index[:, 0] != top2.expert_index[:, 1]).all())
+    torch.testing.assert_close(top2.combine_weight, (p / p.sum(1, keepdim=True)) * top2.kept)
+    assert torch.equal(top2.kept, reference_keep(top2.expert_index, 4, 20))
+
+    # balancing loss: weight · E · Σ f_e P_e
+    f = torch.bincount(probs.argmax(1), minlength=4).float() / 40
+    torch.testing.assert_close(top1.aux_loss, 0.01 * 4 * (f * probs.mean(0)).sum())
+
+
+def test_noisy_topk_without_noise_is_softmax_of_top_k() -> None:
+    g = torch.Generator().manual_seed(2)
+    clean = torch.randn(30, 6, generator=g)
+    r = noisy_topk_gating(clean, None, None, k=2)
+    top = clean.topk(2, dim=1)
+    assert torch.equal(r.expert_index, top.indices)
+    torch.testing.assert_close(r.combine_weight, top.values.softmax(1))
+    assert bool(r.kept.all())
+    importance = torch.zeros(30, 6).scatter(1, top.indices, top.values.softmax(1)).sum(0)
+    load = torch.bincount(top.indices.reshape(-1), minlength=6).float()
+    torch.testing.assert_close(r.aux_loss, 0.1 * cv_squared(importance) + 0.1 * cv_squared(load))
+
+
+def test_load_estimator_is_probability_of_staying_in_top_k() -> None:
+    """P(x, i): with the other experts' noisy scores fixed, resample expert i's noise (Monte Carlo)."""
+    g = torch.Generator().manual_seed(3)
+    clean, std = torch.randn(5, 4, generator=g), torch.rand(5, 4, generator=g) + 0.3
+    noisy = clean + torch.randn(5, 4, generator=g) * std
+    k, draws = 2, 200_000
+    estimate = torch.zeros(4)
+    for i in range(4):
+        resampled = noisy.unsqueeze(0).repeat(draws, 1, 1)  # (D, S, E)
+        resampled[:, :, i] = clean[:, i] + torch.randn(draws, 5, generator=g) * std[:, i]
+        in_top = (resampled.topk(k, dim=2).indices == i).any(2).float()  # (D, S)
+        estimate[i] = in_top.mean(0).sum()
+    torch.testing.assert_close(_load(clean, noisy, std, k), estimate, atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("gate", ["noisy_topk", "switch"])
+def test_balancing_loss_decreases_when_trained_alone(gate: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(256, 8) + 0.5
+    if gate == "noisy_topk":
+        module = NoisyTopKGate(8, 4, k=2, seed=0)
+        with torch.no_grad():  # start badly unbalanced: expert 0 wins almost every token
+            module.w_gate[:, 0] = 1.0
+    else:
+        module = SwitchGate(8, 4, capacity_factor=None)
+        with torch.no_grad():
+            module.wg.weight[0] = 1.0
+    opt = torch.optim.Adam(module.parameters(), lr=0.05)
+    losses, loads = [], []
+    for _ in range(60):
+        r = module(x)
+        losses.append(r.aux_loss.item())
+        loads.append(cv_squared(torch.bincount(r.expert_index.reshape(-1), minlength=4)).item())
+        opt.zero_grad()
+        r.aux_loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
+        opt.step()
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
+    assert sum(loads[-5:]) / 5 < 0.5 * loads[0], loads
+
+
+def test_identity_experts_return_gate_weighted_input() -> None:
+    torch.manual_seed(0)
+    for gate in ("noisy_topk", "switch", "gshard"):
+        moe = MoE(8, 4, expert=nn.Identity, gate=gate, capacity_factor=0.75).eval()  # no gate noise
+        x = torch.randn(2, 20, 8)
+        y, _ = moe(x)
+        routing = moe.gate(x.reshape(-1, 8))
+        expected = routing.combine_weight.sum(1, keepdim=True) * x.reshape(-1, 8)
+        torch.testing.assert_close(y.reshape(-1, 8), expected)
+        assert not bool(routing.kept.all())  # some picks dropped: their tokens get less (or nothing)
+
+
+def test_single_process_layer_matches_token_loop() -> None:
+    torch.manual_seed(0)
+    moe = MoE(6, 4, gate="gshard", capacity_factor=0.8).eval()
+    x = torch.randn(25, 6)
+    y, _ = moe(x)
+    r = moe.gate(x)
+    expected = torch.zeros_like(x)
+    for s in range(25):
+        for c in range(2):
+            if r.kept[s, c]:
+                expected[s] += r.combine_weight[s, c] * moe.experts[int(r.expert_index[s, c])](x[s : s + 1])[0]
+    torch.testing.assert_close(y, expected)
+    assert torch.equal(moe.last_load, torch.bincount(r.expert_index[r.kept], minlength=4))
+
+
+def test_bad_arguments_raise_clear_errors() -> None:
+    moe = MoE(8, 4)
+    with pytest.raises(ValueError, match="d_model=8"):
+        moe(torch.randn(3, 5))
+    with pytest.raises(TypeError, match="floating point"):
+        moe(torch.ones(3, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="k must be between 1 and num_experts=4"):
+        MoE(8, 4, k=5)
+    with pytest.raises(ValueError, match="exactly 1 expert"):
+        MoE(8, 4, gate="switch", k=2)
+    with pytest.raises(ValueError, match="unknown MoE gate 'top3'; valid names: gshard, noisy_topk, switch"):
+        MoE(8, 4, gate="top3")
+    with pytest.raises(ValueError, match="unknown option"):
+        MoE(8, 4, gate="switch", gate_options={"w_load": 0.1})
+    with pytest.raises(ValueError, match="capacity_factor must be positive"):
+        MoE(8, 4, capacity_factor=0.0)
+    with pytest.raises(ValueError, match="dispatch_dtype"):
+        MoE(8, 4, dispatch_dtype=torch.int8)
+    with pytest.raises(ValueError, match="experts must keep the shape"):
+        MoE(8, 4, expert=lambda: nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="num_experts"):
+        MoE(8, 0)
