@@ -1,0 +1,1 @@
+"""Small scripts the launchers' tests (and users checking a cluster) run on every rank."""
