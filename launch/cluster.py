@@ -102,7 +102,8 @@ _lock = threading.Lock()
 
 def _teardown_all() -> None:
     for cluster in list(_live):
-        cluster.down()
+        if cluster.owner == os.getpid():  # not in a forked child: the parent still uses it
+            cluster.down()
 
 
 def _register(cluster: Cluster) -> None:
@@ -166,7 +167,8 @@ class Cluster(Hosts):
         self.hosts = hosts
         self.rate_mbit = rate_mbit
         self.network = network
-        self.name = name or f"{os.getpid()}-{secrets.token_hex(3)}"
+        self.owner = os.getpid()
+        self.name = name or f"{self.owner}-{secrets.token_hex(3)}"
         self.prefix = name_prefix
         self._up = False
         self._jobs = 0
@@ -302,7 +304,7 @@ class Cluster(Hosts):
             raise ClusterError(f"no cluster named {name!r} (prefix {name_prefix!r}) exists")
         hosts = sum(1 for n in found if re.search(r"-h\d+$", n))
         c = cls.__new__(cls)
-        c.hosts, c.name, c.prefix, c._up, c._jobs = hosts, name, name_prefix, True, 0
+        c.hosts, c.name, c.prefix, c._up, c._jobs, c.owner = hosts, name, name_prefix, True, 0, os.getpid()
         addr = _cmd("ip", "-n", c.netns(0), "-o", "-4", "addr", "show", HOST_IFACE).stdout.split()[3]
         c.network = ipaddress.ip_interface(addr).network
         qdisc = _cmd("tc", "-n", c.netns(0), "qdisc", "show", "dev", HOST_IFACE).stdout

@@ -101,14 +101,18 @@ class Watchdog:
         return f"{self._prefix}{kind}/{rank}"
 
     def _beat(self) -> None:
+        first = True
         while not self._stop.is_set():
             try:
                 if self._store is None:
                     host, port = self.master
                     wait = datetime.timedelta(seconds=max(2 * self.interval, 1.0))
-                    self._store = dist.TCPStore(host, port, is_master=False, timeout=wait, wait_for_workers=False)
-                    self._store.set(self._key("addr", self.rank), self.addr)
-                    self._store.set(self._key("beat", self.rank), "0")  # clears a restarted job's "done"
+                    store = dist.TCPStore(host, port, is_master=False, timeout=wait, wait_for_workers=False)
+                    if first:  # clear what a previous run of this rank left in a reused store
+                        store.set(self._key("beat", self.rank), "0")
+                        store.set(self._key("addr", self.rank), self.addr)
+                        first = False
+                    self._store = store
                 self._store.add(self._key("beat", self.rank), 1)
                 now = time.monotonic()
                 for r in range(self.world_size):

@@ -1,7 +1,7 @@
 """Smoke test for a launched job: every rank all-reduces (rank + 1) * [0, 1, ..., n-1].
 
     torchrun ... launch/workers/allreduce.py [--size N] [--timeout S] [--send-mbytes M]
-                                             [--hold SECONDS] [--fail-once RANK]
+                                             [--hold SECONDS] [--fail-once RANK] [--freeze RANK]
 
 Prints one line per rank: `RESULT {"rank": r, "world_size": w, "sum": [...], "addr": a, ...}`
 (addr: the host the rank ran on). The correct sum is w (w + 1) / 2 * [0, 1, ..., n-1]; the caller
@@ -9,6 +9,7 @@ checks it. --send-mbytes times sending that many MiB from rank 0 to the last ran
 receiver's record gets "send_seconds").
 --hold keeps all-reducing for that many seconds after printing `READY` (to cut a link meanwhile).
 --fail-once makes that rank exit with code 3 on the first attempt (to exercise --max-restarts).
+--freeze makes that rank stop itself (SIGSTOP) after READY, as a hung host would.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -33,6 +35,7 @@ def main() -> int:
     parser.add_argument("--send-mbytes", type=float, default=0.0)
     parser.add_argument("--hold", type=float, default=0.0)
     parser.add_argument("--fail-once", type=int, default=None)
+    parser.add_argument("--freeze", type=int, default=None)
     opts = parser.parse_args()
     torch.set_num_threads(1)
     info = init_from_env(timeout=opts.timeout)
@@ -57,6 +60,8 @@ def main() -> int:
     print(f"RESULT {json.dumps(record)}", flush=True)
     if opts.hold > 0:
         print(f"READY rank {info.rank}", flush=True)
+        if opts.freeze == info.rank:
+            os.kill(os.getpid(), signal.SIGSTOP)
         end = time.monotonic() + opts.hold
         while time.monotonic() < end:
             dist.all_reduce(torch.ones(1024, device=info.device))
