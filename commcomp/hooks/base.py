@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from commcomp.comm import Collectives, TorchCollectives
 from commcomp.registry import Registry, check_options
 from commcomp.stats import CommStats
 
@@ -57,6 +58,7 @@ class HookState:
         self._last_seen = False
         self._lock = threading.Lock()
         # --- statistics ---
+        self.num_buckets = 0  # buckets in the latest step
         self.stats = CommStats()
 
     # ----- identity of the ranks -----
@@ -67,6 +69,10 @@ class HookState:
     @property
     def world_size(self) -> int:
         return dist.get_world_size(self.process_group)
+
+    def collectives(self) -> Collectives:
+        """The transport for the state's own blocking collectives (option check, GradiVeQ refits)."""
+        return TorchCollectives(self.process_group)
 
     # ----- naming parameters so state survives bucket rebuilds and checkpoints -----
     def bind(self, model: nn.Module) -> None:
@@ -90,8 +96,8 @@ class HookState:
         text = json.dumps(self.options(), sort_keys=True, default=str)
         digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
         mine = torch.tensor([digest, self.world_size], dtype=torch.int64, device=device)
-        everyone = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(everyone, mine, group=self.process_group)
+        comm = self.collectives()
+        everyone = comm.all_gather(mine)
         odd = [r for r, t in enumerate(everyone) if not torch.equal(t, everyone[0])]
         if odd:
             raise ValueError(
@@ -99,7 +105,7 @@ class HookState:
                 f"this rank has {text}"
             )
         self._verified = True
-        return mine.numel() * mine.element_size()
+        return comm.bytes_sent
 
     # ----- bucket bookkeeping -----
     def begin_bucket(self, bucket: dist.GradBucket) -> None:
@@ -115,6 +121,7 @@ class HookState:
             self._pending += 1
         if bucket.is_last():
             self._last_seen = True
+            self.num_buckets = bucket.index() + 1
 
     def end_bucket(self) -> None:
         """Called when a bucket's result is ready; the step ends after the last bucket decodes."""
