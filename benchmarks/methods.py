@@ -1,0 +1,237 @@
+"""The methods the training benchmark compares, each set up the same way on one rank.
+
+`setup(name, net, options)` wraps a freshly built network for one method and returns a `Setup`:
+the module to train, a hook to call after `optimizer.step()`, cumulative communication counters and
+the model to evaluate. Bytes are always those of the tensors handed to collectives by this rank:
+commcomp methods report them in `state.stats`; PyTorch's hooks are counted by `counting.py`; plain
+DDP hands every gradient to its all-reduce once per step, so it sends exactly the gradient bytes.
+
+Methods that are not (yet) installed are reported by `unavailable(name)` and skipped by the worker.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import commcomp
+
+__all__ = ["METHODS", "Counters", "MethodSpec", "Setup", "setup", "unavailable"]
+
+
+@dataclass
+class Counters:
+    """Cumulative over the steps so far on this rank."""
+
+    bytes_sent: int = 0
+    dense_bytes: int = 0
+    encode_seconds: float = float("nan")  # nan: the method does not expose its encode/decode time
+    decode_seconds: float = float("nan")
+
+
+MakeOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+@dataclass
+class Setup:
+    model: nn.Module  # what forward/backward runs through
+    optimizer: torch.optim.Optimizer
+    counters: Callable[[], Counters]
+    after_step: Callable[[], None] = lambda: None  # called after optimizer.step()
+    consensus: bool = False  # ranks hold different models: evaluate their average
+    stack: ExitStack = field(default_factory=ExitStack)  # undone when the method is finished
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    label: str  # what the table shows
+    build: Callable[[nn.Module, dict[str, Any], MakeOptimizer], Setup]
+    requires: str = ""  # "module" or "module:name" that must import/exist, else skipped
+
+
+def grad_bytes(net: nn.Module) -> int:
+    """Bytes of all trainable parameters' gradients (what an uncompressed all-reduce is handed)."""
+    return sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
+
+
+def _ddp(net: nn.Module, **kwargs: Any) -> DDP:
+    device_ids = [net_device(net)] if net_device(net).type == "cuda" else None
+    return DDP(net, device_ids=device_ids, **kwargs)
+
+
+def net_device(net: nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
+# ----- plain DDP and PyTorch's hooks -----
+
+
+def _fp32(net: nn.Module, options: dict[str, Any], make_opt: MakeOptimizer) -> Setup:
+    model, dense = _ddp(net), grad_bytes(net)
+    c = Counters(encode_seconds=0.0, decode_seconds=0.0)
+
+    def count() -> None:  # DDP's reducer all-reduces every gradient byte once per step
+        c.bytes_sent += dense
+        c.dense_bytes += dense
+
+    return Setup(model, make_opt(model.parameters()), lambda: c, after_step=count)
+
+
+def _torch_hook(hook_module: str, register: Callable[[DDP, dict[str, Any]], dict[str, Any]], **ddp_kwargs: Any):
+    """A PyTorch hook from torch.distributed.algorithms.ddp_comm_hooks.<hook_module>, its collectives
+    counted while the method runs."""
+
+    def build(net: nn.Module, options: dict[str, Any], make_opt: MakeOptimizer) -> Setup:
+        from benchmarks.counting import count_collectives
+
+        module = importlib.import_module(f"torch.distributed.algorithms.ddp_comm_hooks.{hook_module}")
+        model, dense, steps = _ddp(net, **ddp_kwargs), grad_bytes(net), [0]
+        info = register(model, options)
+        s = Setup(model, make_opt(model.parameters()), lambda: Counters(counter.bytes_sent, dense * steps[0]))
+        s.info = info
+        counter = s.stack.enter_context(count_collectives(module))
+
+        def step() -> None:
+            steps[0] += 1
+
+        s.after_step = step
+        return s
+
+    return build
+
+
+def _fp16_hook(model: DDP, options: dict[str, Any]) -> dict[str, Any]:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    return {}
+
+
+def _powersgd_hook(model: DDP, options: dict[str, Any]) -> dict[str, Any]:
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
+
+    rank = int(options.get("powersgd_rank") or 1)
+    start = max(int(options.get("powersgd_start") or 10), 2)  # PyTorch requires > 1 with error feedback
+    state = ps.PowerSGDState(process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=start)
+    model.register_comm_hook(state, ps.powerSGD_hook)
+    return {"matrix_approximation_rank": rank, "start_powerSGD_iter": start, "buckets": 1}
+
+
+# ----- commcomp -----
+
+
+def _stats_counters(stats: Any) -> Callable[[], Counters]:
+    def counters() -> Counters:
+        t = stats.total
+        return Counters(t.bytes_sent, t.dense_bytes, t.encode_seconds, t.decode_seconds)
+
+    return counters
+
+
+def _commcomp(
+    method: str,
+    fixed: dict[str, Any] | None = None,
+    from_options: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+):
+    """`commcomp.register(ddp_model, method, ...)`."""
+
+    def build(net: nn.Module, options: dict[str, Any], make_opt: MakeOptimizer) -> Setup:
+        model = _ddp(net)
+        kwargs = {**(fixed or {}), **(from_options(options) if from_options else {})}
+        state = commcomp.register(model, method, **kwargs)
+        return Setup(model, make_opt(model.parameters()), _stats_counters(state.stats), info={"options": kwargs})
+
+    return build
+
+
+def _gossip(algorithm: str, **kwargs: Any):
+    """A `commcomp.gossip` optimizer wrapper around the plain model (no DDP): its step() is the
+    local step plus the exchange with the neighbours."""
+
+    def build(net: nn.Module, options: dict[str, Any], make_opt: MakeOptimizer) -> Setup:
+        from commcomp import gossip
+
+        algo = gossip.get(algorithm)(net, make_opt(net.parameters()), **kwargs)
+        return Setup(net, algo, _stats_counters(algo.stats), consensus=True, info={"options": kwargs})  # type: ignore[arg-type]
+
+    return build
+
+
+def _gradiveq_options(options: dict[str, Any]) -> dict[str, Any]:
+    keys = ("warmup_steps", "sample_steps", "compress_steps", "energy_threshold", "max_components")
+    return {k: options[f"gradiveq_{k}"] for k in keys if options.get(f"gradiveq_{k}") is not None}
+
+
+def _pqasgd(net: nn.Module, options: dict[str, Any], make_opt: MakeOptimizer) -> Setup:
+    from commcomp.pqasgd import PQASGD
+
+    opt = make_opt(net.parameters())
+    kwargs = {"period": 4, "quantizer": "qsgd", "bits": 4}
+    avg = PQASGD(net, **kwargs)  # type: ignore[arg-type]
+    s = Setup(net, opt, _stats_counters(avg.stats), after_step=avg.step, consensus=True, info={"options": kwargs})
+    s.stack.callback(avg.close)
+    return s
+
+
+METHODS: dict[str, MethodSpec] = {
+    "fp32": MethodSpec("DDP fp32", _fp32),
+    "torch-fp16": MethodSpec("PyTorch fp16_compress_hook", _torch_hook("default_hooks", _fp16_hook)),
+    "torch-powersgd": MethodSpec(
+        "PyTorch powerSGD_hook", _torch_hook("powerSGD_hook", _powersgd_hook, bucket_cap_mb=1 << 14)
+    ),
+    "gradiveq": MethodSpec("commcomp GradiVeQ", _commcomp("gradiveq", from_options=_gradiveq_options)),
+    "fp16": MethodSpec("commcomp fp16", _commcomp("fp16")),
+    "qsgd4": MethodSpec("commcomp QSGD 4-bit", _commcomp("qsgd", {"bits": 4}), requires="commcomp.quantizers:qsgd"),
+    "topk1": MethodSpec(
+        "commcomp top-1% + EF",
+        _commcomp("topk", {"ratio": 0.01, "error_feedback": True}),
+        requires="commcomp.quantizers:topk",
+    ),
+    "pqasgd": MethodSpec("commcomp PQASGD p=4 QSGD 4-bit", _pqasgd, requires="commcomp.pqasgd"),
+    "choco": MethodSpec(
+        "commcomp CHOCO-SGD sign, ring",
+        _gossip("choco", topology="ring", quantizer="sign", consensus_step=0.4),
+        requires="commcomp.gossip",
+    ),
+    "dcd": MethodSpec(
+        "commcomp DCD-PSGD QSGD 8-bit, ring",
+        _gossip("dcd", topology="ring", quantizer="qsgd", bits=8),
+        requires="commcomp.gossip",
+    ),
+}
+
+
+def unavailable(name: str) -> str | None:
+    """Why method `name` cannot run here, or None if it can."""
+    if name not in METHODS:
+        return f"unknown method {name!r}; valid names: {', '.join(METHODS)}"
+    req = METHODS[name].requires
+    if not req:
+        return None
+    module, _, member = req.partition(":")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        return f"{module} is not available ({e})"
+    if member and member not in getattr(mod, "names", lambda: [])():
+        return f"{module} has no {member!r} yet"
+    return None
+
+
+def setup(name: str, net: nn.Module, options: dict[str, Any], make_opt: MakeOptimizer) -> Setup:
+    """Wrap `net` (already on its device, same initial weights on every rank) for method `name`;
+    `make_opt(parameters)` builds the optimizer."""
+    why = unavailable(name)
+    if why:
+        raise ValueError(why)
+    dist.barrier()
+    return METHODS[name].build(net, options, make_opt)

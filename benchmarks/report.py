@@ -1,0 +1,197 @@
+"""Turn the workers' raw records into the comparison: derived columns, targets, table, plots.
+
+Derived per row (one method on one workload):
+  step_s         median wall-clock seconds of a training step (first step left out: it builds buckets)
+  mb_step        median MB this rank handed to collectives per step (mean in mb_step_mean)
+  ratio          dense bytes / bytes sent over the whole run (1.0 for fp32)
+  enc_ms, dec_ms encode / decode milliseconds per step (nan: the method does not report them)
+  codec_pct      (encode + decode) / mean step time, in %
+  acc            final test accuracy
+  ttt_s          training seconds until the test accuracy first reached the workload's target
+                 (fp32's final accuracy minus 1 point); evaluation time is not counted
+  speedup        fp32 median step time / this method's; ttt_speedup the same for time to target
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+__all__ = ["TARGET_GAP", "derive", "format_table", "plot_training", "targets"]
+
+TARGET_GAP = 0.01  # time to target = time to fp32's final accuracy minus 1 point
+
+
+def _median_step(times: list[float]) -> float:
+    return statistics.median(times[1:] if len(times) > 2 else times)
+
+
+def _time_to(curve: list[list[float]], target: float) -> float | None:
+    for _, seconds, acc in curve:
+        if acc >= target:
+            return seconds
+    return None
+
+
+def derive(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add the derived columns to every row that ran (rows are modified and returned)."""
+    ran = [r for r in rows if "skipped" not in r]
+    for r in ran:
+        steps = r["steps"]
+        r["step_s"] = _median_step(r["step_seconds"])
+        r["mb_step"] = statistics.median(r["bytes_per_step_series"]) / 1e6
+        r["mb_step_mean"] = r["bytes_sent"] / steps / 1e6
+        r["ratio"] = r["dense_bytes"] / r["bytes_sent"] if r["bytes_sent"] else math.nan
+        r["enc_ms"] = 1e3 * r["encode_seconds"] / steps
+        r["dec_ms"] = 1e3 * r["decode_seconds"] / steps
+        mean_step = sum(r["step_seconds"]) / steps
+        r["codec_pct"] = 100 * (r["encode_seconds"] + r["decode_seconds"]) / steps / mean_step
+        r["samples_per_s"] = r["batch_size"] * r["world_size"] / r["step_s"]
+        r["acc"] = r["final_accuracy"]
+    for workload in {r["workload"] for r in ran}:
+        mine = [r for r in ran if r["workload"] == workload]
+        base = next((r for r in mine if r["method"] == "fp32"), None)
+        target = base["acc"] - TARGET_GAP if base and base["curve"] else None
+        base_ttt = _time_to(base["curve"], target) if base and target is not None else None
+        for r in mine:
+            r["target_acc"] = target
+            r["ttt_s"] = _time_to(r["curve"], target) if target is not None else None
+            r["speedup"] = base["step_s"] / r["step_s"] if base else math.nan
+            r["ttt_speedup"] = base_ttt / r["ttt_s"] if base_ttt and r["ttt_s"] else math.nan
+    return rows
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+COLUMNS = [
+    ("method", "method", "s"),
+    ("step_s", "step s", ".3f"),
+    ("mb_step", "MB/step", ".3f"),
+    ("ratio", "ratio", ".1f"),
+    ("enc_ms", "enc ms", ".1f"),
+    ("dec_ms", "dec ms", ".1f"),
+    ("codec_pct", "codec %", ".1f"),
+    ("acc", "acc", ".3f"),
+    ("ttt_s", "t->target s", ".1f"),
+    ("speedup", "x fp32 step", ".2f"),
+    ("ttt_speedup", "x fp32 ttt", ".2f"),
+]
+
+
+def format_table(rows: list[dict[str, Any]], workload: str) -> str:
+    """A plain-text table of one workload's rows."""
+    mine = [r for r in rows if r["workload"] == workload]
+    head = [title for _, title, _ in COLUMNS]
+    body = []
+    for r in mine:
+        if "skipped" in r:
+            body.append([r["method"], f"skipped: {r['skipped']}"] + [""] * (len(COLUMNS) - 2))
+        else:
+            body.append([_fmt(r.get(key), spec) for key, _, spec in COLUMNS])
+    full = [head, *(row for row in body if not row[1].startswith("skipped"))]
+    widths = [max(len(row[i]) for row in full) for i in range(len(head))]
+    lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths)))]
+    for row in body:
+        if row[1].startswith("skipped"):
+            lines.append(f"{row[0].ljust(widths[0])}  {row[1]}")
+        else:
+            lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    return "\n".join(lines)
+
+
+def targets(rows: list[dict[str, Any]], collectives: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Issue 7's targets, each with PASS/MISS/N/A, the measured value and the limit."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, limit: float, ok: bool | None, detail: str) -> None:
+        status = "N/A" if ok is None else ("PASS" if ok else "MISS")
+        out.append({"target": name, "status": status, "value": value, "limit": limit, "detail": detail})
+
+    by = {(r["workload"], r["method"]): r for r in rows if "skipped" not in r}
+    fp32, gq = by.get(("cnn", "fp32")), by.get(("cnn", "gradiveq"))
+    psgd = [r for (w, m), r in by.items() if w == "cnn" and m.startswith("torch-powersgd")]
+    if fp32 and gq:
+        base, mine = _time_to(fp32["curve"], fp32["target_acc"]), gq["ttt_s"]
+        ratio = mine / base if mine is not None and base else None
+        detail = f"GradiVeQ {_fmt(mine, '.1f')} s vs DDP fp32 {_fmt(base, '.1f')} s to {fp32['target_acc']:.3f}"
+        add("GradiVeQ time to target <= 0.25 x DDP fp32", ratio, 0.25, None if ratio is None else ratio <= 0.25, detail)
+        if ratio is None and mine is None:
+            out[-1]["status"], out[-1]["detail"] = "MISS", detail + " (GradiVeQ never reached the target)"
+        if psgd:
+            best = min(psgd, key=lambda r: r["ttt_s"] if r["ttt_s"] is not None else math.inf)
+            theirs = best["ttt_s"]
+            ok = mine is not None and (theirs is None or mine < theirs)
+            rel = mine / theirs if mine is not None and theirs else None
+            add(
+                "GradiVeQ ahead of PowerSGD to the same target",
+                rel,
+                1.0,
+                ok,
+                f"GradiVeQ {_fmt(mine, '.1f')} s vs PowerSGD {_fmt(theirs, '.1f')} s",
+            )
+    if collectives:
+        compressed = [c for c in collectives if c["method"] != "fp32" and c.get("wire_efficiency") is not None]
+        if compressed:
+            worst = min(compressed, key=lambda c: c["wire_efficiency"])
+            add(
+                "compressed collectives >= 85% of link rate (bytes sent)",
+                worst["wire_efficiency"],
+                0.85,
+                worst["wire_efficiency"] >= 0.85,
+                f"lowest: {worst['method']} at {worst['payload_mb']:g} MB",
+            )
+    for (workload, method), r in sorted(by.items()):
+        if method.startswith("torch-") or method == "fp32" or math.isnan(r["codec_pct"]):
+            continue
+        if method == "gradiveq":
+            add(
+                f"encode+decode <= 10% of step time ({workload}, {method})",
+                r["codec_pct"] / 100,
+                0.10,
+                r["codec_pct"] <= 10,
+                f"{r['enc_ms'] + r['dec_ms']:.1f} ms of a {1e3 * r['train_seconds'] / r['steps']:.1f} ms step",
+            )
+    return out
+
+
+def plot_training(rows: list[dict[str, Any]], path: str) -> None:
+    """accuracy vs training time (cnn), step time and MB per step per method (every workload)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ran = [r for r in rows if "skipped" not in r]
+    workloads = sorted({r["workload"] for r in ran})
+    fig, axes = plt.subplots(1 + len(workloads), 2, figsize=(13, 4 * (1 + len(workloads))), squeeze=False)
+    ax = axes[0][0]
+    for r in ran:
+        if r["curve"]:
+            c = list(zip(*r["curve"]))
+            ax.plot(c[1], c[2], label=r["method"])
+    target = next((r["target_acc"] for r in ran if r.get("target_acc") is not None), None)
+    if target is not None:
+        ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="target")
+    ax.set(xlabel="training seconds", ylabel="test accuracy", title="accuracy vs time")
+    ax.legend(fontsize=7)
+    ax = axes[0][1]
+    for r in ran:
+        if r["curve"]:
+            c = list(zip(*r["curve"]))
+            ax.plot(c[0], c[2], label=r["method"])
+    ax.set(xlabel="step", ylabel="test accuracy", title="accuracy vs step")
+    for i, w in enumerate(workloads, start=1):
+        mine = [r for r in ran if r["workload"] == w]
+        names = [r["method"] for r in mine]
+        axes[i][0].barh(names, [r["step_s"] for r in mine])
+        axes[i][0].set(xlabel="median step seconds", title=f"{w}: step time")
+        axes[i][1].barh(names, [r["mb_step"] for r in mine])
+        axes[i][1].set(xlabel="MB sent per step per rank (median)", title=f"{w}: bytes per step", xscale="log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

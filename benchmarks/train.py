@@ -1,0 +1,225 @@
+"""Training comparison worker: trains one workload with each method in turn and records the numbers.
+
+Run on every host (one process per host or per GPU), e.g. under torchrun::
+
+    torchrun --nproc-per-node 4 benchmarks/train.py --workloads cnn --methods fp32,gradiveq --out r.json
+
+`benchmarks/run.py` does this on an emulated cluster and prints the table. Every method starts from
+the same initial weights and sees the same batches (per-rank generators seeded identically for
+every method). Per step it records the wall-clock step time (forward, backward with its
+communication, optimizer step), the bytes this rank handed to collectives and the encode/decode
+seconds; every `eval_every` steps, outside the timed region, the test accuracy (of the ranks'
+average model for methods whose ranks hold different models). Rank 0 writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks`, `commcomp` and `launch` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.methods import METHODS, Setup, setup, unavailable
+from benchmarks.workloads import WORKLOADS, Workload, get_workload
+from commcomp.data import accuracy, shard
+from commcomp.stats import sync_device
+
+__all__ = ["DEFAULT_METHODS", "add_method_options", "main", "run_method", "run_workload"]
+
+DEFAULT_METHODS = [
+    "fp32",
+    "torch-fp16",
+    "torch-powersgd",
+    "gradiveq",
+    "fp16",
+    "qsgd4",
+    "topk1",
+    "pqasgd",
+    "choco",
+    "dcd",
+]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _evaluate(s: Setup, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Test accuracy on rank 0 (of the ranks' average model where they differ); a collective."""
+    if s.consensus:
+        from commcomp.gossip.consensus import consensus_model
+
+        model = consensus_model(s.model)
+    else:
+        model = _unwrap(s.model)
+    acc = accuracy(model, x, y) if dist.get_rank() == 0 else float("nan")
+    dist.barrier()  # nobody's next step waits for rank 0's evaluation inside its timed region
+    return acc
+
+
+def run_method(
+    name: str, workload: Workload, data: tuple[torch.Tensor, ...], steps: int, options: dict[str, Any]
+) -> dict[str, Any]:
+    """Train `workload` for `steps` steps with method `name`; return this rank's record."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(options.get("device", "cpu"))
+    seed = int(options.get("seed", 0))
+    torch.manual_seed(seed)  # same initial weights for every method (and rank)
+    net = workload.model().to(device)
+    options = {**workload.method_defaults, **{k: v for k, v in options.items() if v is not None}}
+
+    def make_opt(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=workload.lr, momentum=workload.momentum)
+
+    s = setup(name, net, options, make_opt)
+    opt = s.optimizer
+    try:
+        x, y, xt, yt = data
+        x, y = shard(x, y, rank, world)
+        x, y, xt, yt = x.to(device), y.to(device), xt.to(device), yt.to(device)
+        gen = torch.Generator().manual_seed(seed * 100_003 + rank)
+        times: list[float] = []
+        sent: list[int] = []
+        curve: list[list[float]] = []  # [step, cumulative training seconds, test accuracy]
+        trained = 0.0
+        last = s.counters()
+        progress_every = max(1, steps // 4)
+        for step in range(steps):
+            idx = torch.randint(len(x), (workload.batch_size,), generator=gen).to(device)
+            xb, yb = x[idx], y[idx]
+            sync_device(xb)
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(s.model(xb), yb).backward()
+            opt.step()
+            s.after_step()
+            sync_device(xb)
+            dt = time.perf_counter() - start
+            trained += dt
+            times.append(dt)
+            now = s.counters()
+            sent.append(now.bytes_sent - last.bytes_sent)
+            last = now
+            final = step + 1 == steps
+            if workload.eval_every and ((step + 1) % workload.eval_every == 0 or final):
+                curve.append([step + 1, trained, _evaluate(s, xt, yt)])
+            if rank == 0 and ((step + 1) % progress_every == 0 or final):
+                acc = f", test acc {curve[-1][2]:.3f}" if curve else ""
+                print(f"  [{workload.name}] {name}: step {step + 1}/{steps}, {dt:.3f} s/step{acc}", flush=True)
+        final_acc = curve[-1][2] if curve else _evaluate(s, xt, yt)
+        c = s.counters()
+        return {
+            "method": name,
+            "label": METHODS[name].label,
+            "workload": workload.name,
+            "world_size": world,
+            "batch_size": workload.batch_size,
+            "steps": steps,
+            "step_seconds": times,
+            "bytes_per_step_series": sent,
+            "bytes_sent": c.bytes_sent,
+            "dense_bytes": c.dense_bytes,
+            "encode_seconds": c.encode_seconds,
+            "decode_seconds": c.decode_seconds,
+            "train_seconds": trained,
+            "curve": curve,
+            "final_accuracy": final_acc,
+            "info": s.info,
+            "options": {k: v for k, v in options.items() if k.startswith(name.split("-")[-1])},
+        }
+    finally:
+        s.stack.close()
+        dist.barrier()
+
+
+def run_workload(workload: Workload, methods: list[str], steps: int, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every available method on `workload`; unavailable ones get a row saying why."""
+    data = workload.data()
+    rows = []
+    for name in methods:
+        why = unavailable(name)
+        if why:
+            if dist.get_rank() == 0:
+                print(f"  [{workload.name}] {name}: skipped ({why})", flush=True)
+            rows.append({"method": name, "workload": workload.name, "skipped": why})
+            continue
+        rows.append(run_method(name, workload, data, steps, options))
+    return rows
+
+
+def add_method_options(p: argparse.ArgumentParser) -> None:
+    """Options passed to the methods (shared with the driver)."""
+    p.add_argument("--powersgd-rank", type=int, default=None, help="PowerSGD's matrix approximation rank (1)")
+    p.add_argument("--powersgd-start", type=int, default=None, help="steps of plain all-reduce before PowerSGD")
+    p.add_argument("--gradiveq-warmup-steps", type=int, default=None, help="GradiVeQ uncompressed warm-up steps")
+    p.add_argument("--gradiveq-sample-steps", type=int, default=None, help="GradiVeQ sampling steps per cycle")
+    p.add_argument("--gradiveq-compress-steps", type=int, default=None, help="GradiVeQ compressed steps per cycle")
+    p.add_argument("--gradiveq-energy-threshold", type=float, default=None, help="GradiVeQ lambda")
+    p.add_argument("--gradiveq-max-components", type=int, default=None, help="GradiVeQ cap on d per layer")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", default="cnn,mlp", help=f"comma-separated, from {', '.join(WORKLOADS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--steps", default="", help="steps per method, e.g. 300 or cnn=300,mlp=8 (default per workload)")
+    p.add_argument("--width", default="", help="model width per workload, e.g. cnn=256,mlp=2048")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--out", default="", help="JSON file rank 0 writes")
+    add_method_options(p)
+    return p.parse_args(argv)
+
+
+def per_workload(text: str, names: list[str]) -> dict[str, int]:
+    """'300' -> every workload 300; 'cnn=300,mlp=8' -> per name."""
+    if not text:
+        return {}
+    if "=" not in text:
+        return dict.fromkeys(names, int(text))
+    out = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in WORKLOADS:
+            raise ValueError(f"unknown workload {key!r} in {text!r}; valid names: {', '.join(WORKLOADS)}")
+        out[key] = int(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from launch.dist import finish, init_from_env
+
+    info = init_from_env()
+    torch.set_num_threads(args.threads)
+    names = [w for w in args.workloads.split(",") if w]
+    methods = [m for m in args.methods.split(",") if m]
+    steps, widths = per_workload(args.steps, names), per_workload(args.width, names)
+    options = {k: v for k, v in vars(args).items() if k not in ("workloads", "methods", "steps", "width", "out")}
+    options["device"] = str(info.device)
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        workload = get_workload(name, widths.get(name))
+        rows += run_workload(workload, methods, steps.get(name, workload.default_steps), options)
+    if info.rank == 0 and args.out:
+        meta = {"world_size": info.world_size, "backend": info.backend, "device": str(info.device)}
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}))
+        print(f"wrote {args.out}", flush=True)
+    finish()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
