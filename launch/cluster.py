@@ -12,14 +12,14 @@ cc0 for what the host sends and on hI for what it receives. Two clusters never c
 the same subnet, because each has its own switch namespace.
 
 Teardown runs on leaving the `with` block, at interpreter exit and on SIGINT/SIGTERM. A cluster
-whose owner was killed with SIGKILL is "stale"; `python -m launch.cluster down --all-stale` (and
+whose owner was killed with SIGKILL is "stale"; `python -m launch down --all-stale` (and
 every new `Cluster`) removes those.
 
     with Cluster(hosts=4, rate_mbit=100) as c:
         proc = c.run(1, ["python", "-c", "print('hello from host 1')"])
         proc.wait()
 
-Command line: `python -m launch.cluster up|exec|status|down --help`.
+Command line: `python -m launch --help` (launch/cli.py).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any, cast
 
 from launch.hosts import Hosts
 
@@ -269,16 +269,16 @@ class Cluster(Hosts):
             stdout=subprocess.PIPE,
             text=True,
         )
+        replies = cast(IO[str], receiver.stdout)
         try:
-            assert receiver.stdout is not None
-            if receiver.stdout.readline().strip() != "listening":
+            if replies.readline().strip() != "listening":
                 raise ClusterError(f"the receiver on host {dst} did not start")
             send = [sys.executable, str(_NETCHECK), "send", self.host_addr(dst), str(port), str(nbytes)]
             sender = self.run(src, send, stderr=subprocess.PIPE, text=True)
             _, err = sender.communicate(timeout=600)
             if sender.returncode != 0:
                 raise ClusterError(f"sending from host {src} to host {dst} failed: {err.strip()}")
-            got, seconds = receiver.stdout.readline().split()
+            got, seconds = replies.readline().split()
         finally:
             receiver.kill()
             receiver.wait()
@@ -298,7 +298,7 @@ class Cluster(Hosts):
 
     @classmethod
     def attach(cls, name: str, name_prefix: str = DEFAULT_PREFIX) -> Cluster:
-        """The existing cluster `name` (e.g. made by `python -m launch.cluster up`)."""
+        """The existing cluster `name` (e.g. made by `python -m launch up`)."""
         found = list_clusters(name_prefix).get(name)
         if not found:
             raise ClusterError(f"no cluster named {name!r} (prefix {name_prefix!r}) exists")

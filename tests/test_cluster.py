@@ -119,12 +119,12 @@ def test_local_fallback_runs_torchrun_and_names_a_frozen_rank() -> None:
         with job:
             job.wait_for("READY", timeout=90)
             start = time.monotonic()
-            result = job.wait(check=False)
+            job.wait_for("not answering: rank 1 \\(127.0.0.1", hosts=[0], timeout=timeout + 30)
             took = time.monotonic() - start
+            result = job.wait(check=False)
     _check_sums(_records(result.outputs), 2)
-    assert not result.ok
-    assert took < timeout + 15, f"took {took:.1f}s to fail"
-    assert "not answering: rank 1 (127.0.0.1" in result.outputs[0]
+    assert not result.ok and result.returncodes[0] != 0
+    assert took < timeout + 5, f"rank 1 was named only {took:.1f}s after it froze"
 
 
 # ----- the cluster itself -----
@@ -225,6 +225,14 @@ def test_mpirun_across_hosts_allreduces_over_the_shaped_link() -> None:
 
 
 @needs_netns
+def test_horovod_under_mpirun_across_hosts() -> None:
+    pytest.importorskip("horovod.torch", reason="Horovod is built by scripts/setup.sh")
+    with Cluster(hosts=2, rate_mbit=100) as c:
+        result = launch_mpirun(c, [sys.executable, str(WORKERS / "horovod_allreduce.py")], timeout=90)
+        _check_sums(_records(result.outputs), 2)
+
+
+@needs_netns
 def test_cut_link_fails_the_job_within_the_timeout_naming_the_rank() -> None:
     timeout, cut = 6.0, 1
     with Cluster(hosts=2, rate_mbit=100) as c:
@@ -240,13 +248,16 @@ def test_cut_link_fails_the_job_within_the_timeout_naming_the_rank() -> None:
             job.wait_for("READY", timeout=90)
             c.set_link(cut, up=False)
             start = time.monotonic()
+            verdict = f"not answering: rank {cut} ({c.host_addr(cut)}"
+            job.wait_for(re.escape(verdict), hosts=[0], timeout=timeout + 30)
+            named = time.monotonic() - start
             with pytest.raises(LaunchError) as failure:
                 job.wait()
             took = time.monotonic() - start
-    # watchdog verdict after `timeout`, its 2 s pause, torchrun's exit, the launcher's grace
-    assert took < timeout + 15, f"took {took:.1f}s to fail"
+    print(f"rank {cut} named {named:.1f}s and job over {took:.1f}s after the cut (timeout {timeout}s)")
+    assert named < timeout + 5, f"rank {cut} was named only {named:.1f}s after the cut"
+    # then the watchdog's 2 s pause, torchrun's exit and the launcher's grace for the other host
+    assert took < timeout + 20, f"the job took {took:.1f}s to fail"
     result = failure.value.result
-    verdict = f"not answering: rank {cut} ({c.host_addr(cut)}"
-    assert verdict in result.outputs[0], f"host 0 did not name rank {cut}"
     assert "cannot reach the rendezvous store" in result.outputs[cut]
     assert verdict in str(failure.value)  # the error itself says who is gone
