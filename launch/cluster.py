@@ -50,7 +50,7 @@ DEFAULT_PREFIX = "commcomp"
 DEFAULT_SUBNET = "10.213.0.0/24"
 _NETCHECK = Path(__file__).with_name("netcheck.py")
 _NAME_RE = re.compile(r"[a-z][a-z0-9]{0,15}")  # names given on the command line start with a letter
-_OWNED_RE = re.compile(r"(\d+)-[0-9a-f]{6}")  # names of Python-owned clusters: <owner pid>-<random>
+_OWNED_RE = re.compile(r"(\d+)-(?:[0-9a-f]{6}|probe)")  # Python-owned: <owner pid>-<random>, probes
 
 
 class ClusterError(RuntimeError):
@@ -382,7 +382,7 @@ def _probe() -> tuple[bool, str]:
     elif shutil.which("ip") is None or shutil.which("tc") is None:
         _probe_result = (False, "the `ip` and `tc` commands (package iproute2) are missing")
     else:
-        ns = f"{DEFAULT_PREFIX}-probe{os.getpid()}"
+        ns = f"{DEFAULT_PREFIX}-{os.getpid()}-probe-sw"  # swept as stale if this process dies now
         try:
             _cmd("ip", "netns", "add", ns)
             _cmd("ip", "-n", ns, "link", "add", "name", "ta", "type", "veth", "peer", "name", "tb")

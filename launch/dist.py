@@ -108,8 +108,14 @@ def init_from_env(timeout: float | None = None, backend: str | None = None, watc
 
 
 def finish() -> None:
-    """Tell the watchdogs this rank is done and destroy the process group."""
+    """End the job on this rank: wait for every rank (a barrier), stop the watchdog, destroy the group.
+
+    The barrier keeps a rank that finishes early (and, under plain env:// or mpirun, takes the
+    rendezvous store down with it) from looking like a lost host to ranks still working.
+    """
     global _watchdog
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
     if _watchdog is not None:
         _watchdog.stop()
         atexit.unregister(_watchdog.stop)

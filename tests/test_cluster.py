@@ -119,7 +119,7 @@ def test_local_fallback_runs_torchrun_and_names_a_frozen_rank() -> None:
         with job:
             job.wait_for("READY", timeout=90)
             start = time.monotonic()
-            job.wait_for("not answering: rank 1 \\(127.0.0.1", hosts=[0], timeout=timeout + 30)
+            job.wait_for(re.escape("not answering: rank 1 (127.0.0.1"), hosts=[0], timeout=timeout + 30)
             took = time.monotonic() - start
             result = job.wait(check=False)
     _check_sums(_records(result.outputs), 2)
