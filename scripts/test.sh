@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set everything up (scripts/setup.sh) and run the whole test suite: lint, then pytest.
+# Exits non-zero on any failure, and also when any test was skipped (a skipped component is a failure).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash scripts/setup.sh
+export OMP_NUM_THREADS=1
+echo "[test] ruff check"
+.venv/bin/ruff check commcomp launch benchmarks tests
+echo "[test] pytest"
+.venv/bin/pytest -q -ra --durations=15 "$@"
