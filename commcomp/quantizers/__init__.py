@@ -12,9 +12,19 @@ from commcomp.quantizers import qsgd as _qsgd  # noqa: F401  (registers qsgd)
 from commcomp.quantizers import sign as _sign  # noqa: F401  (registers sign)
 from commcomp.quantizers import sparse as _sparse  # noqa: F401  (registers topk, randk)
 from commcomp.quantizers.base import Payload, Quantizer, check_floating, pack_payloads, unpack_payloads
+from commcomp.quantizers.qsgd import StochasticQuantizer
 from commcomp.quantizers.registry import QUANTIZERS
 
-__all__ = ["Payload", "Quantizer", "check_floating", "get", "names", "pack_payloads", "unpack_payloads"]
+__all__ = [
+    "Payload",
+    "Quantizer",
+    "StochasticQuantizer",
+    "check_floating",
+    "get",
+    "names",
+    "pack_payloads",
+    "unpack_payloads",
+]
 
 
 def get(name: str | Quantizer, **options: Any) -> Quantizer:

@@ -7,6 +7,7 @@ Legend: n = values in the tensor, B = bucket size, s = levels per sign, b = bits
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from commcomp.quantizers.base import Payload, Quantizer, check_floating
 from commcomp.quantizers.packing import bucketize, check_bits, pack_bits, per_value, unpack_bits
 from commcomp.quantizers.registry import QUANTIZERS
 
-__all__ = ["QSGD", "DeviceGenerators", "check_positive_int"]
+__all__ = ["QSGD", "StochasticQuantizer", "StreamGenerators", "check_positive_int"]
 
 
 def check_positive_int(value: int, name: str) -> int:
@@ -25,40 +26,69 @@ def check_positive_int(value: int, name: str) -> int:
     return value
 
 
-class DeviceGenerators:
-    """One `torch.Generator` per device, all started from the same seed, created on first use.
+class StreamGenerators:
+    """Random generators keyed by (device, stream), created on first use.
 
-    Their states are checkpointable (`state_dict`), so a resumed run draws the same numbers.
+    The generator of stream `key` is seeded from sha256(f"{seed}|{key}"), so its numbers depend only
+    on the seed and the key, never on which other streams were used before or in which order. The
+    DDP hook names the stream after the parameter, which keeps a resumed run exact even though DDP
+    regroups parameters into different buckets after its first step. States are checkpointable.
     """
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: str) -> None:
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
 
-    def reseed(self, seed: int) -> None:
+    def reseed(self, seed: str) -> None:
         """Start over from `seed` (drops every generator made so far)."""
         self.seed = seed
         self._generators.clear()
 
-    def get(self, device: torch.device) -> torch.Generator:
-        key = str(device)
+    def get(self, device: torch.device, stream: str = "") -> torch.Generator:
+        key = f"{device}|{stream}"
         gen = self._generators.get(key)
         if gen is None:
+            digest = hashlib.sha256(f"{self.seed}|{stream}".encode()).digest()
             gen = self._generators[key] = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
+            gen.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         return gen
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "states": {k: g.get_state() for k, g in self._generators.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reseed(int(state["seed"]))
+        self.reseed(str(state["seed"]))
         for key, gen_state in state["states"].items():
-            self.get(torch.device(key)).set_state(gen_state)
+            device, stream = key.split("|", 1)
+            self.get(torch.device(device), stream).set_state(gen_state)
+
+
+class StochasticQuantizer(Quantizer):
+    """A quantizer that draws random numbers from its own generators (never the global RNG).
+
+    `set_stream(key)` picks the random stream of the next `compress` calls (the DDP hook and PQASGD
+    pass the parameter's name); its generator state is in `state_dict()`.
+    """
+
+    def __init__(self, seed_text: str) -> None:
+        self.stream = ""
+        self._generators = StreamGenerators(seed_text)
+
+    def set_stream(self, key: str) -> None:
+        self.stream = key
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        return self._generators.get(device, self.stream)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generators": self._generators.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._generators.load_state_dict(state["generators"])
 
 
 @QUANTIZERS.register("qsgd")
-class QSGD(Quantizer):
+class QSGD(StochasticQuantizer):
     """QSGD with b bits per value, bucketed, packed into bytes.
 
     Levels and sign: with b bits, s = 2^(b-1) - 1 levels per sign (b=2: s=1, ternary; b=4: s=7;
@@ -74,15 +104,16 @@ class QSGD(Quantizer):
         bucket_size: B, values sharing one scale (the paper's practice: 512).
         norm: "max" (S = max |v_i|, lower variance, the paper's practice) or "l2" (S = ||v||_2, the
             paper's analysis). Variance per bucket <= min(B/s^2, sqrt(B)/s) * ||v||^2 for both.
-        seed: seeds the quantizer's own random generator (never the global RNG).
-        seed_per_rank: draw independent rounding noise on every rank (generator seeded from seed and
+        seed: seeds the quantizer's own random generators (never the global RNG).
+        seed_per_rank: draw independent rounding noise on every rank (generators seeded from seed and
             the rank), so averaging over N ranks also averages the noise away. The rank is
             torch.distributed's global rank (0 when not initialised) unless `set_rank` says
-            otherwise. With False every rank rounds with the same random numbers.
+            otherwise (PQASGD passes its transport's rank). With False every rank rounds with the
+            same random numbers (still unbiased, but the noise does not average out).
 
-    Computation runs in float32; the output has the input's dtype. The generator lives on the
-    input's device. Its state is in `state_dict()`, so a resumed run rounds exactly as an
-    uninterrupted one.
+    Computation runs in float32; the output has the input's dtype. The generators live on the
+    input's device, one per stream (see `StochasticQuantizer`). Their states are in `state_dict()`,
+    so a resumed run rounds exactly as an uninterrupted one.
     """
 
     name = "qsgd"
@@ -100,25 +131,21 @@ class QSGD(Quantizer):
         self.seed = int(seed)
         self.seed_per_rank = bool(seed_per_rank)
         self.levels = 2 ** (bits - 1) - 1
-        self._rank: int | None = None
-        self._generators = DeviceGenerators(self.seed)
-        self._seeded = False
+        self._rank: int | None = None  # resolved on first use
+        super().__init__(str(self.seed))
 
     def set_rank(self, rank: int) -> None:
-        """Use `rank` (instead of torch.distributed's) to seed per-rank noise; restarts the generator."""
+        """Use `rank` (instead of torch.distributed's) to seed per-rank noise; restarts the generators."""
         self._rank = int(rank)
-        self._seeded = False
+        self._generators.reseed(self._seed_text())
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if not self._seeded:
-            rank = self._rank
-            if rank is None:
-                rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            self._rank = rank
-            # an odd multiplier keeps the low 32 bits (all a CPU generator uses) distinct for every rank
-            self._generators.reseed((self.seed + rank * 0x9E3779B1) % 2**32 if self.seed_per_rank else self.seed)
-            self._seeded = True
-        return self._generators.get(device)
+    def _seed_text(self) -> str:
+        return f"{self.seed}/rank{self._rank}" if self.seed_per_rank else str(self.seed)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if self._rank is None:
+            self.set_rank(dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
+        return super().generator(device)
 
     def compress(self, tensor: torch.Tensor) -> Payload:
         check_floating(tensor, self.name)
@@ -129,7 +156,7 @@ class QSGD(Quantizer):
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))
         ratio = magnitudes.div_(safe.unsqueeze(1)).mul_(s).view(-1)[:n]  # |v_i| / S * s, in [0, s]
         level = ratio.floor()
-        noise = torch.rand(n, generator=self._generator(x.device), device=x.device)
+        noise = torch.rand(n, generator=self.generator(x.device), device=x.device)
         level += noise < ratio.sub_(level)  # round up with probability frac(ratio)
         codes = level.clamp_(max=s).copysign_(x).add_(s).to(torch.uint8)  # signed level + s
         return Payload([pack_bits(codes, self.bits), scales], tensor.shape, tensor.dtype)
@@ -151,9 +178,8 @@ class QSGD(Quantizer):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rank": self._rank, "seeded": self._seeded, "generators": self._generators.state_dict()}
+        return {**super().state_dict(), "rank": self._rank}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._rank = state["rank"]
-        self._seeded = bool(state["seeded"])
-        self._generators.load_state_dict(state["generators"])
+        super().load_state_dict(state)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from commcomp.quantizers.base import Payload, Quantizer, check_floating
-from commcomp.quantizers.qsgd import DeviceGenerators, check_positive_int
+from commcomp.quantizers.qsgd import StochasticQuantizer, check_positive_int
 from commcomp.quantizers.registry import QUANTIZERS
 
 __all__ = ["RandK", "TopK"]
@@ -80,11 +80,12 @@ class TopK(_Sparsifier):
 
 
 @QUANTIZERS.register("randk")
-class RandK(_Sparsifier):
+class RandK(_Sparsifier, StochasticQuantizer):
     """Sends k values at random coordinates that every rank draws alike, so no indices are sent.
 
-    The coordinates come from the quantizer's own generator seeded with `seed` (the same on every
-    rank; the ranks must compress the same shapes in the same order, as DDP's buckets do). Because
+    The coordinates come from the quantizer's own generators seeded with `seed` (the same on every
+    rank) and the stream (the parameter's name in the DDP hook), so the ranks draw the same
+    coordinates as long as they compress the same shapes in the same order per stream. Because
     every rank sends the same coordinates, payloads can be summed: `linear = True` and the DDP hook
     all-reduces the values alone. Payload: k values in the input's dtype.
 
@@ -100,15 +101,15 @@ class RandK(_Sparsifier):
     linear = True
 
     def __init__(self, ratio: float | None = None, k: int | None = None, seed: int = 0, rescale: bool = True) -> None:
-        super().__init__(ratio, k)
+        _Sparsifier.__init__(self, ratio, k)
         self.seed = int(seed)
+        StochasticQuantizer.__init__(self, str(self.seed))
         self.rescale = bool(rescale)
         self.unbiased = self.rescale
-        self._generators = DeviceGenerators(self.seed)
 
     def indices(self, n: int, device: torch.device) -> torch.Tensor:
         """The next k of n coordinates from the shared generator (advances it)."""
-        perm = torch.randperm(n, generator=self._generators.get(device), device=device)
+        perm = torch.randperm(n, generator=self.generator(device), device=device)
         return perm[: self.count(n)]
 
     def compress(self, tensor: torch.Tensor) -> Payload:
@@ -125,9 +126,3 @@ class RandK(_Sparsifier):
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "seed": self.seed, "rescale": self.rescale}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generators": self._generators.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._generators.load_state_dict(state["generators"])
