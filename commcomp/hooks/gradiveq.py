@@ -13,18 +13,34 @@ All collectives are issued from the hook body, in bucket order; callbacks only d
 Paper: https://arxiv.org/abs/1811.03617
 """
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from commcomp.comm import TorchCollectives
 from commcomp.error_feedback import ErrorFeedback
 from commcomp.gradiveq import LayerCodec, Schedule, plan_slices, refit_bases
 from commcomp.hooks.base import HookState, register_simple_method
 from commcomp.stats import timer
 
-__all__ = ["GradiVeQState", "gradiveq_hook"]
+__all__ = ["GradiVeQState", "Share", "gradiveq_hook"]
+
+
+@dataclass
+class Share:
+    """One gradient's part of a summed buffer: the tensors to sum, how to decode their sum (codec
+    None: sent as it is), and the error-feedback residual to keep once the step decodes cleanly."""
+
+    parts: list[torch.Tensor]
+    codec: LayerCodec | None
+    coeffs: int  # coefficient values (0 when dense)
+    rest: int  # values sent as they are
+    residual: torch.Tensor | None
+
+    @property
+    def numel(self) -> int:
+        return self.coeffs + self.rest
 
 
 class GradiVeQState(HookState):
@@ -121,6 +137,53 @@ class GradiVeQState(HookState):
             self.codecs[key] = codec
         return self.codecs[key]
 
+    # ----- one gradient's way through a summing collective (shared with commcomp.horovod) -----
+    def refit(self, codecs: list[LayerCodec], like: torch.Tensor) -> None:
+        """Step 2: fit on `src_rank`, broadcast, check (blocking collectives on `self.collectives()`)."""
+        with timer(like) as fit_time:
+            comm = self.collectives()
+            refit_bases(codecs, comm, self.src_rank, self, like.device)
+        self.stats.sent(comm.bytes_sent)
+        self.stats.encoded(fit_time.seconds)
+
+    def encode(self, key: str, grad: torch.Tensor, phase: str) -> Share:
+        """This rank's summable share of one gradient: U^T (g_n/N - mu/N) per slice plus the leftover
+        values on compressed steps (with error feedback if on), g_n/N otherwise."""
+        n = self.world_size
+        h = grad / n
+        codec = self.codecs.get(key)
+        if phase == "compress" and codec is not None and codec.basis is not None:
+            if self.memory is not None:
+                h = self.memory.compensate(key, h)
+            coeffs, rest = codec.compress(h, n)
+            residual = None
+            if self.memory is not None:
+                residual = self.memory.residual_of(h, codec.decompress(coeffs, rest, n))
+            return Share([coeffs.reshape(-1), rest], codec, coeffs.numel(), rest.numel(), residual)
+        return Share([h.reshape(-1)], None, 0, h.numel(), None)
+
+    def decode(self, share: Share, summed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The summed share (share.numel values) -> the averaged gradient, shaped like `like`."""
+        if share.codec is None:
+            return summed.view_as(like)
+        coeffs = summed[: share.coeffs].view(-1, share.codec.d)
+        return share.codec.decompress(coeffs, summed[share.coeffs :])
+
+    def commit(self, keys: list[str], grads: list[torch.Tensor], shares: list[Share], phase: str) -> None:
+        """After a clean decode: on sampling steps feed the averaged gradients to the PCA statistics;
+        keep the error-feedback residuals of compressed gradients."""
+        if phase == "sample":
+            with timer(grads[0]) as obs:
+                for key, g in zip(keys, grads):
+                    codec = self.codecs.get(key)
+                    if codec is not None:
+                        codec.observe(g)
+            self.stats.encoded(obs.seconds)
+        if self.memory is not None:
+            for key, share in zip(keys, shares):
+                if share.residual is not None:
+                    self.memory.set(key, share.residual)
+
     def state_dict(self) -> dict[str, Any]:
         codecs = {k: c.state_dict() for k, c in self.codecs.items() if c is not None}
         return {
@@ -146,36 +209,15 @@ def gradiveq_hook(state: GradiVeQState, bucket: dist.GradBucket) -> torch.future
     codecs = [state.codec(k, g.shape) for k, g in zip(keys, grads)]
     phase = state.schedule.phase(state.step)
     if phase == "compress" and state.schedule.refit(state.step):
-        with timer(buf) as fit_time:
-            comm = TorchCollectives(state.process_group)
-            refit_bases([c for c in codecs if c is not None], comm, state.src_rank, state, buf.device)
-        state.stats.sent(comm.bytes_sent)
-        state.stats.encoded(fit_time.seconds)
+        state.refit([c for c in codecs if c is not None], buf)
 
     # step 3 (compressed) or step 1 (dense): build one flat buffer, all-reduce it, decode
     with timer(buf) as enc:
-        parts: list[torch.Tensor] = []
-        layout: list[tuple[LayerCodec | None, int, int]] = []  # codec, coefficient count, rest count
-        new_residuals: dict[str, torch.Tensor] = {}
-        for key, g, codec in zip(keys, grads, codecs):
-            h = g / n
-            if phase == "compress" and codec is not None and codec.basis is not None:
-                if state.memory is not None:
-                    h = state.memory.compensate(key, h)
-                coeffs, rest = codec.compress(h, n)
-                if state.memory is not None:
-                    new_residuals[key] = state.memory.residual_of(h, codec.decompress(coeffs, rest, n))
-                parts += [coeffs.reshape(-1), rest]
-                layout.append((codec, coeffs.numel(), rest.numel()))
-            else:
-                parts.append(h.reshape(-1))
-                layout.append((None, 0, h.numel()))
-        parts.append(state.finite_flags(grads, buf))
-        flat = torch.cat(parts)
+        shares = [state.encode(key, g, phase) for key, g in zip(keys, grads)]
+        flat = torch.cat([*(part for s in shares for part in s.parts), state.finite_flags(grads, buf)])
     state.stats.encoded(enc.seconds)
     state.stats.sent(flat.numel() * flat.element_size(), dense=buf.numel() * buf.element_size())
     fut = dist.all_reduce(flat, group=state.process_group, async_op=True).get_future()
-    observe = phase == "sample"
 
     def decode(fut: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
         try:
@@ -183,23 +225,11 @@ def gradiveq_hook(state: GradiVeQState, bucket: dist.GradBucket) -> torch.future
             state.raise_if_nonfinite(out[-n:], index)
             with timer(out) as dec:
                 offset = 0
-                for (codec, nc, nr), g in zip(layout, grads):
-                    if codec is None:
-                        g.copy_(out[offset : offset + nr].view_as(g))
-                    else:
-                        coeffs = out[offset : offset + nc].view(-1, codec.d)
-                        g.copy_(codec.decompress(coeffs, out[offset + nc : offset + nc + nr]))
-                    offset += nc + nr
+                for share, g in zip(shares, grads):
+                    g.copy_(state.decode(share, out[offset : offset + share.numel], g))
+                    offset += share.numel
             state.stats.decoded(dec.seconds)
-            if observe:
-                with timer(out) as obs:
-                    for g, codec in zip(grads, codecs):
-                        if codec is not None:
-                            codec.observe(g)
-                state.stats.encoded(obs.seconds)
-            if state.memory is not None:
-                for key, r in new_residuals.items():
-                    state.memory.set(key, r)
+            state.commit(keys, grads, shares, phase)
             return buf
         finally:
             state.end_bucket()

@@ -16,10 +16,10 @@ import torch.distributed as dist
 from commcomp import quantizers
 from commcomp.error_feedback import ErrorFeedback
 from commcomp.hooks.base import HookState
-from commcomp.quantizers import Payload, Quantizer, pack_payloads, unpack_payloads
+from commcomp.quantizers import Payload, Quantizer, StochasticQuantizer, pack_payloads, unpack_payloads
 from commcomp.stats import timer
 
-__all__ = ["QuantizerState", "quantizer_hook"]
+__all__ = ["QuantizerState", "flatten_summable", "quantizer_hook", "unflatten_summable"]
 
 
 class QuantizerState(HookState):
@@ -45,6 +45,43 @@ class QuantizerState(HookState):
         super().__init__(process_group, check_finite)
         self.quantizer = quantizers.get(quantizer, **quantizer_options)
         self.memory = ErrorFeedback() if error_feedback else None
+
+    # ----- one gradient's way through a collective (shared with commcomp.horovod) -----
+    def encode(self, key: str, grad: torch.Tensor) -> tuple[Payload, torch.Tensor | None]:
+        """This rank's payload for one gradient (g/N if the quantizer is linear, else g; plus the
+        residual with error feedback) and the residual to keep once the step decodes cleanly."""
+        q = self.quantizer
+        h = grad / self.world_size if q.linear else grad
+        if self.memory is not None:
+            h = self.memory.compensate(key, h)
+        if isinstance(q, StochasticQuantizer):
+            q.set_stream(key)  # random numbers per parameter: independent of DDP's bucket layout
+        payload = q.compress(h)
+        residual = self.memory.residual_of(h, q.decompress(payload)) if self.memory is not None else None
+        return payload, residual
+
+    def pack(self, payloads: list[Payload], flags: torch.Tensor) -> torch.Tensor:
+        """The one tensor handed to the collective: summable payloads + every rank's flag slot
+        (linear), or the payloads' bytes + this rank's flag byte (all-gathered)."""
+        if self.quantizer.linear:
+            return flatten_summable(payloads, flags)
+        return torch.cat([pack_payloads(payloads), (flags[self.rank : self.rank + 1] > 0).to(torch.uint8)])
+
+    def received_flags(self, received: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Per-rank NaN/Inf flags from the summed tensor (linear) or the N gathered tensors."""
+        if isinstance(received, torch.Tensor):
+            return received[-self.world_size :]
+        return torch.stack([t[-1] for t in received])
+
+    def decode_received(
+        self, received: torch.Tensor | list[torch.Tensor], templates: list[Payload]
+    ) -> list[torch.Tensor]:
+        """The averaged tensors: decode the summed payloads, or decode every rank's and average."""
+        q, n = self.quantizer, self.world_size
+        if isinstance(received, torch.Tensor):
+            return [q.decompress(p) for p in unflatten_summable(received[:-n], templates)]
+        per_rank = [unpack_payloads(t[:-1], templates) for t in received]
+        return [torch.stack([q.decompress(ps[i]) for ps in per_rank]).sum(0).div_(n) for i in range(len(templates))]
 
     def options(self) -> dict[str, Any]:
         return {
@@ -75,23 +112,9 @@ def quantizer_hook(state: QuantizerState, bucket: dist.GradBucket) -> torch.futu
     grads = bucket.gradients()
     keys = [state.param_key(p) for p in bucket.parameters()]
     with timer(buf) as enc:
-        payloads: list[Payload] = []
-        new_residuals: dict[str, torch.Tensor] = {}
-        for key, g in zip(keys, grads):
-            h = g / n if q.linear else g
-            if state.memory is not None:
-                h = state.memory.compensate(key, h)
-            payload = q.compress(h)
-            if state.memory is not None:
-                new_residuals[key] = state.memory.residual_of(h, q.decompress(payload))
-            payloads.append(payload)
-        flags = state.finite_flags(grads, buf)
-        if q.linear:
-            flat = _flatten_summable(payloads, flags)
-        else:
-            flat = torch.cat(
-                [pack_payloads(payloads), (flags[state.rank : state.rank + 1] > 0).to(torch.uint8)]
-            )
+        encoded = [state.encode(key, g) for key, g in zip(keys, grads)]
+        payloads = [payload for payload, _ in encoded]
+        flat = state.pack(payloads, state.finite_flags(grads, buf))
     state.stats.encoded(enc.seconds)
     dense = buf.numel() * buf.element_size()
     group = state.process_group
@@ -106,23 +129,15 @@ def quantizer_hook(state: QuantizerState, bucket: dist.GradBucket) -> torch.futu
     def decode(fut: torch.futures.Future[Any]) -> torch.Tensor:
         try:
             with timer(buf) as dec:
-                if q.linear:
-                    out = fut.value()[0]
-                    state.raise_if_nonfinite(out[-n:], index)
-                    decoded = [q.decompress(p) for p in _unflatten_summable(out[:-n], payloads)]
-                else:
-                    state.raise_if_nonfinite(torch.stack([t[-1] for t in gathered]), index)
-                    per_rank = [unpack_payloads(t[:-1], payloads) for t in gathered]
-                    decoded = [
-                        torch.stack([q.decompress(ps[i]) for ps in per_rank]).sum(0).div_(n)
-                        for i in range(len(payloads))
-                    ]
-                for g, d in zip(grads, decoded):
+                received = fut.value()[0] if q.linear else gathered
+                state.raise_if_nonfinite(state.received_flags(received), index)
+                for g, d in zip(grads, state.decode_received(received, payloads)):
                     g.copy_(d.view_as(g))
             state.stats.decoded(dec.seconds)
             if state.memory is not None:
-                for key, r in new_residuals.items():
-                    state.memory.set(key, r)
+                for key, (_, residual) in zip(keys, encoded):
+                    if residual is not None:
+                        state.memory.set(key, residual)
             return buf
         finally:
             state.end_bucket()
@@ -130,7 +145,8 @@ def quantizer_hook(state: QuantizerState, bucket: dist.GradBucket) -> torch.futu
     return fut.then(decode)
 
 
-def _flatten_summable(payloads: list[Payload], flags: torch.Tensor) -> torch.Tensor:
+def flatten_summable(payloads: list[Payload], flags: torch.Tensor) -> torch.Tensor:
+    """Linear payloads' tensors and `flags`, flat in the payloads' one dtype (to be summed)."""
     dtypes = {t.dtype for p in payloads for t in p.tensors}
     if len(dtypes) > 1:
         raise TypeError(
@@ -140,7 +156,8 @@ def _flatten_summable(payloads: list[Payload], flags: torch.Tensor) -> torch.Ten
     return torch.cat([*(t.reshape(-1) for p in payloads for t in p.tensors), flags.to(wire)])
 
 
-def _unflatten_summable(flat: torch.Tensor, templates: list[Payload]) -> list[Payload]:
+def unflatten_summable(flat: torch.Tensor, templates: list[Payload]) -> list[Payload]:
+    """Inverse of `flatten_summable` (without the flags): payloads laid out like `templates`."""
     out, offset = [], 0
     for tpl in templates:
         tensors = []

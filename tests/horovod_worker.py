@@ -1,0 +1,324 @@
+"""Worker script for tests/test_horovod.py, launched by `horovodrun -np N --gloo` or `mpirun -np N`.
+
+    python tests/horovod_worker.py SCENARIO OUTDIR
+
+Each rank runs SCENARIO and writes what it measured to OUTDIR/SCENARIO-rank<r>.pt; the test
+compares ranks with each other and with the same training run under DDP (tests/harness.py). The
+models, batches and training loops live here so that both sides use the very same code.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from commcomp import quantizers
+
+# --------------------------------------------------------------------------- shared with the DDP side
+
+
+class ConvNet(nn.Module):
+    """Conv1d + Linear layers; conv2 (1,536 values) and fc1 (16,384) are big enough for GradiVeQ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 16, 3, padding=1)
+        self.conv2 = nn.Conv1d(16, 32, 3, padding=1)
+        self.fc1 = nn.Linear(32 * 8, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv(x))))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(16, 4, 8, generator=g)
+    return x, (x.sum((1, 2)) > 0).long() + 2 * (x[:, 0, 0] > 0).long()
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+GRADIVEQ = dict(warmup_steps=2, sample_steps=3, compress_steps=4, error_feedback=True)
+QSGD = dict(bits=4, bucket_size=64, seed=7)
+PARITY_STEPS = 12  # warm-up, sampling, a refit, compressed steps and the next cycle's sampling
+
+
+def build(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    return ConvNet() if kind == "conv" else mlp()
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, rank: int, steps: range, after: Callable[[], None]) -> None:
+    for step in steps:
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        after()
+
+
+# --------------------------------------------------------------------------- Horovod side
+
+
+def _identical_everywhere(model: nn.Module) -> bool:
+    import horovod.torch as hvd
+
+    p = flat_params(model)
+    everyone = hvd.allgather(p.unsqueeze(0), name="test.identical")
+    return all(torch.equal(row, p) for row in everyone)
+
+
+def _commcomp_run(kind: str, compressor: str, options: dict[str, Any], steps: int) -> dict[str, Any]:
+    """Train `steps` steps with commcomp on Horovod; per step: parameters identical on all ranks,
+    and the bytes the stats claim next to the bytes of the tensors the codecs say were sent."""
+    import horovod.torch as hvd
+
+    import commcomp.horovod as chvd
+
+    model = build(kind)
+    opt = chvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model.named_parameters(), compressor, **options
+    )
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # Horovod's usual start works unchanged
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    rank, n = hvd.rank(), hvd.size()
+    log: list[tuple[int, int, bool]] = []
+
+    def after() -> None:
+        log.append((opt.stats.last.bytes_sent, expected_bytes(opt, model, n), _identical_everywhere(model)))
+
+    train(model, opt, rank, range(steps), after)
+    return {"params": flat_params(model), "log": log, "stats": opt.stats.as_dict()}
+
+
+def expected_bytes(opt: Any, model: nn.Module, n: int) -> int:
+    """What the last step should have handed to Horovod, from the codec shapes (not from the stats)."""
+    state = opt.comm_state
+    step = state.step - 1
+    total = 16 if step == 0 else 0  # the options check: an all-gathered int64 pair
+    for name, p in model.named_parameters():
+        if hasattr(state, "schedule"):  # GradiVeQ: coefficients + leftovers + N flags, float32
+            codec = state.codecs.get(name)
+            if codec is not None and state.schedule.phase(step) == "compress" and codec.basis is not None:
+                values = codec.plan.S * codec.d + codec.plan.numel - codec.plan.S * codec.plan.K
+            else:
+                values = p.numel()
+            total += 4 * (values + n)
+        else:  # a quantizer: its payload + one flag byte (all-gathered) or N flags (summed)
+            q = state.quantizer
+            fresh = quantizers.get(q.name, **q.options())  # compressing with `q` would draw its random numbers
+            total += fresh.compress(torch.zeros_like(p)).nbytes + (4 * n if q.linear else 1)
+    if hasattr(state, "schedule") and state.schedule.refit(step):
+        codecs = [c for c in state.codecs.values() if c is not None and c.basis is not None]
+        total += 8  # the float64 checksum every rank all-gathers
+        if hvd_rank() == state.src_rank:  # the broadcast of d (int64) and energies + U + mu (float32)
+            total += 8 * len(codecs) + 4 * (len(codecs) + sum(c.plan.K * (c.d + 1) for c in codecs))
+    return total
+
+
+def hvd_rank() -> int:
+    import horovod.torch as hvd
+
+    return hvd.rank()
+
+
+def _checkpoint_run(steps: int, cut: int, outdir: Path) -> dict[str, Any]:
+    """`cut` steps, save (model + optimizer + compression state), load into fresh objects, the rest."""
+    import horovod.torch as hvd
+
+    import commcomp.horovod as chvd
+
+    rank = hvd.rank()
+    model = build("conv")
+    opt = chvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model.named_parameters(), "gradiveq", **GRADIVEQ
+    )
+    train(model, opt, rank, range(cut), lambda: None)
+    path = outdir / f"ckpt-rank{rank}.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+    model = build("conv")
+    opt = chvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model.named_parameters(), "gradiveq", **GRADIVEQ
+    )
+    ckpt = torch.load(path, weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    train(model, opt, rank, range(cut, steps), lambda: None)
+    return {"params": flat_params(model), "step": opt.comm_state.step}
+
+
+def _error_runs() -> dict[str, str]:
+    """Each bad input, with the message every rank got."""
+    import horovod.torch as hvd
+
+    import commcomp.horovod as chvd
+
+    rank = hvd.rank()
+    out: dict[str, str] = {}
+
+    def attempt(name: str, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+            out[name] = "no error"
+        except Exception as e:
+            out[name] = f"{type(e).__name__}: {e}"
+
+    def nan_step() -> None:
+        model = build("conv")
+        opt = chvd.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), "gradiveq"
+        )
+        x, y = batch(rank, 0)
+        if rank == 1:
+            x[0, 0, 0] = float("nan")
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def mismatched() -> None:
+        model = build("conv")
+        opt = chvd.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), "qsgd", bits=4 + rank
+        )
+        x, y = batch(rank, 0)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def after_errors() -> None:  # Horovod still works after the raises above
+        model = build("conv")
+        opt = chvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), "fp16")
+        train(model, opt, rank, range(2), lambda: None)
+        if not _identical_everywhere(model):
+            raise RuntimeError("ranks differ")
+
+    sgd = torch.optim.SGD(build("conv").parameters(), lr=0.1)
+    attempt("nan", nan_step)
+    attempt("mismatch", mismatched)
+    attempt("unknown_compressor", lambda: chvd.DistributedOptimizer(sgd, [], "nope"))
+    attempt("unknown_option", lambda: chvd.DistributedOptimizer(sgd, [], "gradiveq", energy=0.1))
+    attempt("unknown_quantizer_option", lambda: chvd.DistributedOptimizer(sgd, [], "qsgd", levels=3))
+    attempt("no_names", lambda: chvd.DistributedOptimizer(sgd, None, "gradiveq"))
+    attempt("nonlinear_compressor", lambda: chvd.QuantizerCompressor("topk"))
+    attempt("int_tensor", lambda: chvd.Compression.fp16.compress(torch.arange(4)))
+    attempt("after_errors", after_errors)
+    return out
+
+
+def _plain_horovod_run() -> dict[str, Any]:
+    """hvd.DistributedOptimizer with commcomp's fp16 compressor next to Horovod fp32."""
+    import horovod.torch as hvd
+
+    import commcomp.horovod as chvd
+
+    rank = hvd.rank()
+    out = {}
+    for name, compression in (("fp32", hvd.Compression.none), ("fp16", chvd.Compression.fp16)):
+        model = build("conv")
+        opt = hvd.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.05),
+            named_parameters=model.named_parameters(),
+            compression=compression,
+        )
+        train(model, opt, rank, range(4), lambda: None)
+        out[name] = (flat_params(model), _identical_everywhere(model))
+    return out
+
+
+def _pqasgd_run(steps: int) -> dict[str, Any]:
+    import horovod.torch as hvd
+
+    from commcomp.horovod import HorovodCollectives
+    from commcomp.pqasgd import PQASGD
+
+    model = build("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    avg = PQASGD(model, opt, period=2, quantizer="qsgd", collectives=HorovodCollectives(), **QSGD)
+    train(model, opt, hvd.rank(), range(steps), lambda: None)
+    return {"params": flat_params(model), "stats": avg.stats.as_dict()}
+
+
+def suite(outdir: Path) -> dict[str, Any]:
+    parts: dict[str, Callable[[], Any]] = {
+        "gradiveq": lambda: _commcomp_run("conv", "gradiveq", GRADIVEQ, PARITY_STEPS),
+        "qsgd": lambda: _commcomp_run("mlp", "qsgd", QSGD, PARITY_STEPS),
+        "topk_ef": lambda: _commcomp_run("conv", "topk", dict(ratio=0.05, error_feedback=True), 4),
+        "checkpoint": lambda: _checkpoint_run(PARITY_STEPS, 6, outdir),
+        "plain": _plain_horovod_run,
+        "pqasgd": lambda: _pqasgd_run(PARITY_STEPS),
+        "errors": _error_runs,
+    }
+    out: dict[str, Any] = {"seconds": {}}
+    for name, fn in parts.items():
+        start = time.perf_counter()
+        out[name] = fn()
+        out["seconds"][name] = time.perf_counter() - start
+    return out
+
+
+# --------------------------------------------------------------------------- convergence on MNIST-1D
+
+CONVERGENCE = dict(steps=600, batch=32, lr=3e-3)
+CONVERGENCE_GRADIVEQ = dict(warmup_steps=50, sample_steps=20, compress_steps=150, error_feedback=True)
+
+
+def convergence(outdir: Path) -> dict[str, Any]:
+    """MNIST-1D, CNN1D, Adam: Horovod fp32 and GradiVeQ through commcomp.horovod, same seeds."""
+    import horovod.torch as hvd
+
+    import commcomp.horovod as chvd
+    from commcomp.data import CNN1D, accuracy, load_mnist1d, shard
+
+    del outdir
+    rank, n = hvd.rank(), hvd.size()
+    x, y, xt, yt = load_mnist1d()
+    xs, ys = shard(x, y, rank, n)
+    steps = int(os.environ.get("COMMCOMP_TEST_STEPS", CONVERGENCE["steps"]))
+    out = {}
+    for method in ("horovod-fp32", "gradiveq"):
+        torch.manual_seed(0)
+        model = CNN1D()
+        adam = torch.optim.Adam(model.parameters(), lr=CONVERGENCE["lr"])
+        options = CONVERGENCE_GRADIVEQ if method == "gradiveq" else {}
+        opt = chvd.make_optimizer(method, adam, model.named_parameters(), **options)
+        gen = torch.Generator().manual_seed(rank)
+        for _ in range(steps):
+            idx = torch.randint(0, len(xs), (CONVERGENCE["batch"],), generator=gen)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xs[idx]), ys[idx]).backward()
+            opt.step()
+        stats = opt.stats.as_dict() if method == "gradiveq" else None  # Horovod's own keeps none
+        out[method] = {"accuracy": accuracy(model, xt, yt), "identical": _identical_everywhere(model), "stats": stats}
+    return out
+
+
+SCENARIOS: dict[str, Callable[[Path], dict[str, Any]]] = {"suite": suite, "convergence": convergence}
+
+
+def main() -> None:
+    scenario, outdir = sys.argv[1], Path(sys.argv[2])
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    import horovod.torch as hvd
+
+    hvd.init()
+    result = SCENARIOS[scenario](outdir)
+    torch.save(result, outdir / f"{scenario}-rank{hvd.rank()}.pt")
+    hvd.shutdown()
+
+
+if __name__ == "__main__":
+    main()
