@@ -67,6 +67,7 @@ def follow(job: Job, pattern: str = r"^  \[|^wrote|Error|error:") -> threading.T
             for h in range(len(job.procs)):
                 lines = job.output(h).splitlines()
                 for line in lines[seen[h] :]:
+                    line = re.sub(r"\[\d+,\d+\]<std(?:out|err)>:", "", line)  # mpirun's --tag-output
                     if regex.search(line) and (h == 0 or "rror" in line):
                         print(line if h == 0 else f"[host {h}] {line}", flush=True)
                 seen[h] = len(lines)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -24,7 +25,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commcomp
 
-__all__ = ["METHODS", "Counters", "MethodSpec", "Setup", "setup", "unavailable"]
+__all__ = [
+    "METHODS",
+    "Counters",
+    "MakeOptimizer",
+    "MethodSpec",
+    "Setup",
+    "grad_bytes",
+    "gradiveq_options",
+    "setup",
+    "stats_counters",
+    "unavailable",
+]
 
 
 @dataclass
@@ -83,7 +95,7 @@ def _fp32(net: nn.Module, options: dict[str, Any], make_opt: MakeOptimizer) -> S
         c.bytes_sent += dense
         c.dense_bytes += dense
 
-    return Setup(model, make_opt(model.parameters()), lambda: c, after_step=count)
+    return Setup(model, make_opt(model.parameters()), lambda: replace(c), after_step=count)
 
 
 def _torch_hook(hook_module: str, register: Callable[[DDP, dict[str, Any]], dict[str, Any]], **ddp_kwargs: Any):
@@ -116,10 +128,10 @@ def _fp16_hook(model: DDP, options: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _powersgd_hook(model: DDP, options: dict[str, Any]) -> dict[str, Any]:
+def _powersgd_hook(model: DDP, options: dict[str, Any], rank: int | None = None) -> dict[str, Any]:
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
 
-    rank = int(options.get("powersgd_rank") or 1)
+    rank = int(options.get("powersgd_rank") or 1) if rank is None else rank
     start = max(int(options.get("powersgd_start") or 10), 2)  # PyTorch requires > 1 with error feedback
     state = ps.PowerSGDState(process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=start)
     model.register_comm_hook(state, ps.powerSGD_hook)
@@ -129,7 +141,7 @@ def _powersgd_hook(model: DDP, options: dict[str, Any]) -> dict[str, Any]:
 # ----- commcomp -----
 
 
-def _stats_counters(stats: Any) -> Callable[[], Counters]:
+def stats_counters(stats: Any) -> Callable[[], Counters]:
     def counters() -> Counters:
         t = stats.total
         return Counters(t.bytes_sent, t.dense_bytes, t.encode_seconds, t.decode_seconds)
@@ -148,7 +160,7 @@ def _commcomp(
         model = _ddp(net)
         kwargs = {**(fixed or {}), **(from_options(options) if from_options else {})}
         state = commcomp.register(model, method, **kwargs)
-        return Setup(model, make_opt(model.parameters()), _stats_counters(state.stats), info={"options": kwargs})
+        return Setup(model, make_opt(model.parameters()), stats_counters(state.stats), info={"options": kwargs})
 
     return build
 
@@ -161,12 +173,12 @@ def _gossip(algorithm: str, **kwargs: Any):
         from commcomp import gossip
 
         algo = gossip.get(algorithm)(net, make_opt(net.parameters()), **kwargs)
-        return Setup(net, algo, _stats_counters(algo.stats), consensus=True, info={"options": kwargs})  # type: ignore[arg-type]
+        return Setup(net, algo, stats_counters(algo.stats), consensus=True, info={"options": kwargs})  # type: ignore[arg-type]
 
     return build
 
 
-def _gradiveq_options(options: dict[str, Any]) -> dict[str, Any]:
+def gradiveq_options(options: dict[str, Any]) -> dict[str, Any]:
     keys = ("warmup_steps", "sample_steps", "compress_steps", "energy_threshold", "max_components")
     return {k: options[f"gradiveq_{k}"] for k in keys if options.get(f"gradiveq_{k}") is not None}
 
@@ -177,7 +189,7 @@ def _pqasgd(net: nn.Module, options: dict[str, Any], make_opt: MakeOptimizer) ->
     opt = make_opt(net.parameters())
     kwargs = {"period": 4, "quantizer": "qsgd", "bits": 4}
     avg = PQASGD(net, **kwargs)  # type: ignore[arg-type]
-    s = Setup(net, opt, _stats_counters(avg.stats), after_step=avg.step, consensus=True, info={"options": kwargs})
+    s = Setup(net, opt, stats_counters(avg.stats), after_step=avg.step, consensus=True, info={"options": kwargs})
     s.stack.callback(avg.close)
     return s
 
@@ -188,7 +200,11 @@ METHODS: dict[str, MethodSpec] = {
     "torch-powersgd": MethodSpec(
         "PyTorch powerSGD_hook", _torch_hook("powerSGD_hook", _powersgd_hook, bucket_cap_mb=1 << 14)
     ),
-    "gradiveq": MethodSpec("commcomp GradiVeQ", _commcomp("gradiveq", from_options=_gradiveq_options)),
+    "torch-powersgd-r4": MethodSpec(
+        "PyTorch powerSGD_hook rank 4",
+        _torch_hook("powerSGD_hook", partial(_powersgd_hook, rank=4), bucket_cap_mb=1 << 14),
+    ),
+    "gradiveq": MethodSpec("commcomp GradiVeQ", _commcomp("gradiveq", from_options=gradiveq_options)),
     "fp16": MethodSpec("commcomp fp16", _commcomp("fp16")),
     "qsgd4": MethodSpec("commcomp QSGD 4-bit", _commcomp("qsgd", {"bits": 4}), requires="commcomp.quantizers:qsgd"),
     "topk1": MethodSpec(

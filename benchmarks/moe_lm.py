@@ -22,15 +22,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `commcomp` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.moe import spawn
-from commcomp.moe import ddp_ignore_experts, scale_expert_grads
-from commcomp.moe.lm import VOCAB, MoELM, batch, encode, evaluate, stdlib_text, unigram_entropy
+from commcomp.moe import ddp_ignore_experts
+from commcomp.moe.lm import MoELM, batch, encode, evaluate, stdlib_text, train_step, unigram_entropy
 
 __all__ = ["DTYPES", "main", "run_moe_lm_benchmark", "train"]
 
@@ -44,7 +43,7 @@ def train(dtype_name: str, steps: int, eval_every: int, experts: int, batch_size
     split = int(0.9 * codes.numel())
     train_codes, held_out = codes[:split], codes[split:]
     moe_group = dist.new_group(backend="gloo")
-    torch.manual_seed(0)  # the same initial weights for every dtype (dense weights: on every rank)
+    torch.manual_seed(rank)  # the same initial weights for every dtype; DDP broadcasts rank 0's dense ones
     model = MoELM(
         64, 4, 2, context, num_experts=experts, gate="noisy_topk", process_group=moe_group,
         dispatch_dtype=DTYPES[dtype_name],
@@ -59,12 +58,7 @@ def train(dtype_name: str, steps: int, eval_every: int, experts: int, batch_size
     for step in range(1, steps + 1):
         x, y = batch(train_codes, batch_size, context, data)
         start = time.perf_counter()
-        logits, aux = ddp(x)
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1))
-        opt.zero_grad()
-        (loss + aux).backward()
-        scale_expert_grads(model, 1 / world)
-        opt.step()
+        train_step(model, ddp, opt, x, y, world)
         seconds += time.perf_counter() - start
         if step % eval_every == 0 or step == steps:
             curve.append((step, evaluate(model, held, moe_group)))

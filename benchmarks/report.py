@@ -2,11 +2,16 @@
 
 Derived per row (one method on one workload):
   step_s         median wall-clock seconds of a training step (first step left out: it builds buckets)
-  mb_step        median MB this rank handed to collectives per step (mean in mb_step_mean)
+  samples_s      global samples per second at that step time (batch per rank x ranks / step_s)
+  mb_step        MB this rank handed to collectives per step, mean over the run (warm-up included)
+  mb_last        MB of the last step (the method's steady state)
   ratio          dense bytes / bytes sent over the whole run (1.0 for fp32)
-  enc_ms, dec_ms encode / decode milliseconds per step (nan: the method does not report them)
-  codec_pct      (encode + decode) / mean step time, in %
-  acc            final test accuracy
+  enc_ms, dec_ms encode / decode milliseconds per step, mean over the run (GradiVeQ's PCA
+                 statistics and fits count as encode) ("-": the method does not report them)
+  codec_pct      encode + decode as % of the step time: median over the steady-state steps (those
+                 that sent as many bytes as the last step: GradiVeQ's compressed steps, without the
+                 refit step); codec_pct_all is the same over the whole run
+  acc            final test accuracy (workloads with evaluation only)
   ttt_s          training seconds until the test accuracy first reached the workload's target
                  (fp32's final accuracy minus 1 point); evaluation time is not counted
   speedup        fp32 median step time / this method's; ttt_speedup the same for time to target
@@ -39,20 +44,23 @@ def derive(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ran = [r for r in rows if "skipped" not in r]
     for r in ran:
         steps = r["steps"]
-        r["step_s"] = _median_step(r["step_seconds"])
-        r["mb_step"] = statistics.median(r["bytes_per_step_series"]) / 1e6
-        r["mb_step_mean"] = r["bytes_sent"] / steps / 1e6
+        times, sent = r["step_seconds"], r["bytes_per_step_series"]
+        r["step_s"] = _median_step(times)
+        r["mb_step"] = r["bytes_sent"] / steps / 1e6
+        r["mb_last"] = sent[-1] / 1e6
         r["ratio"] = r["dense_bytes"] / r["bytes_sent"] if r["bytes_sent"] else math.nan
         r["enc_ms"] = 1e3 * r["encode_seconds"] / steps
         r["dec_ms"] = 1e3 * r["decode_seconds"] / steps
-        mean_step = sum(r["step_seconds"]) / steps
-        r["codec_pct"] = 100 * (r["encode_seconds"] + r["decode_seconds"]) / steps / mean_step
-        r["samples_per_s"] = r["batch_size"] * r["world_size"] / r["step_s"]
+        r["codec_pct_all"] = 100 * (r["encode_seconds"] + r["decode_seconds"]) / sum(times)
+        series = zip(r["codec_seconds_series"], times, sent)
+        steady = [c / t for i, (c, t, b) in enumerate(series) if b == sent[-1] and (i or steps == 1)] or [math.nan]
+        r["codec_pct"] = 100 * statistics.median(steady)
+        r["samples_s"] = r["batch_size"] * r["world_size"] / r["step_s"]
         r["acc"] = r["final_accuracy"]
     for workload in {r["workload"] for r in ran}:
         mine = [r for r in ran if r["workload"] == workload]
         base = next((r for r in mine if r["method"] == "fp32"), None)
-        target = base["acc"] - TARGET_GAP if base and base["curve"] else None
+        target = base["acc"] - TARGET_GAP if base and base["curve"] and base["acc"] is not None else None
         base_ttt = _time_to(base["curve"], target) if base and target is not None else None
         for r in mine:
             r["target_acc"] = target
@@ -71,7 +79,9 @@ def _fmt(value: Any, spec: str) -> str:
 COLUMNS = [
     ("method", "method", "s"),
     ("step_s", "step s", ".3f"),
+    ("samples_s", "samples/s", ".0f"),
     ("mb_step", "MB/step", ".3f"),
+    ("mb_last", "MB last", ".3f"),
     ("ratio", "ratio", ".1f"),
     ("enc_ms", "enc ms", ".1f"),
     ("dec_ms", "dec ms", ".1f"),
@@ -134,28 +144,29 @@ def targets(rows: list[dict[str, Any]], collectives: list[dict[str, Any]] | None
                 ok,
                 f"GradiVeQ {_fmt(mine, '.1f')} s vs PowerSGD {_fmt(theirs, '.1f')} s",
             )
-    if collectives:
-        compressed = [c for c in collectives if c["method"] != "fp32" and c.get("wire_efficiency") is not None]
-        if compressed:
-            worst = min(compressed, key=lambda c: c["wire_efficiency"])
-            add(
-                "compressed collectives >= 85% of link rate (bytes sent)",
-                worst["wire_efficiency"],
-                0.85,
-                worst["wire_efficiency"] >= 0.85,
-                f"lowest: {worst['method']} at {worst['payload_mb']:g} MB",
-            )
+    measured = [c for c in collectives or [] if c.get("wire_efficiency") is not None]
+    if measured:
+        largest = max(c["payload_mb"] for c in measured)
+        for c in measured:
+            if c["method"] != "fp32" and c["payload_mb"] == largest:
+                add(
+                    f"collective >= 85% of link rate in bytes sent ({c['method']}, {largest:g} MB payload)",
+                    c["wire_efficiency"],
+                    0.85,
+                    c["wire_efficiency"] >= 0.85,
+                    f"{c['wire_bytes'] / 1e6:.2f} MB on the wire in {c['seconds'] - c['codec_seconds']:.3f} s "
+                    f"of communication ({c['codec_seconds']:.3f} s encode/decode besides)",
+                )
     for (workload, method), r in sorted(by.items()):
         if method.startswith("torch-") or method == "fp32" or math.isnan(r["codec_pct"]):
             continue
-        if method == "gradiveq":
-            add(
-                f"encode+decode <= 10% of step time ({workload}, {method})",
-                r["codec_pct"] / 100,
-                0.10,
-                r["codec_pct"] <= 10,
-                f"{r['enc_ms'] + r['dec_ms']:.1f} ms of a {1e3 * r['train_seconds'] / r['steps']:.1f} ms step",
-            )
+        add(
+            f"encode+decode <= 10% of step time ({workload}, {method})",
+            r["codec_pct"] / 100,
+            0.10,
+            None if math.isnan(r["codec_pct"]) else r["codec_pct"] <= 10,
+            f"median of steady-state steps; over the whole run {r['codec_pct_all']:.1f}%",
+        )
     return out
 
 

@@ -33,7 +33,7 @@ from launch.hosts import Hosts
 
 __all__ = ["main"]
 
-DEFAULT_STEPS = "cnn=200,mlp=8"
+DEFAULT_STEPS = "cnn=120,mlp=6"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", default="", help="model width per workload, e.g. cnn=256,mlp=2048")
     p.add_argument("--horovod", default="auto", choices=["auto", "on", "off"], help="the Horovod rows")
     p.add_argument("--horovod-steps", type=int, default=4, help="MLP steps per Horovod method")
-    p.add_argument("--collectives", default="4,16", help="payload MB for the wire-efficiency pass ('' skips it)")
+    p.add_argument("--collectives", default="32", help="payload MB for the wire-efficiency pass ('' skips it)")
     add_method_options(p)
     return p.parse_args(argv)
 
