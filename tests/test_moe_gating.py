@@ -19,6 +19,7 @@ from commcomp.moe import (
     noisy_topk_gating,
     switch_gating,
 )
+from commcomp.moe.alltoall import decode_payload, encode_payload
 from commcomp.moe.gating import _load
 
 
@@ -175,5 +176,27 @@ def test_bad_arguments_raise_clear_errors() -> None:
         MoE(8, 4, dispatch_dtype=torch.int8)
     with pytest.raises(ValueError, match="experts must keep the shape"):
         MoE(8, 4, expert=lambda: nn.Linear(8, 3))
+    with pytest.raises(TypeError, match=r"not an nn\.Module"):
+        MoE(8, 4, expert=lambda: "linear")
     with pytest.raises(ValueError, match="num_experts"):
         MoE(8, 0)
+
+
+def test_payload_encoding_keeps_relative_precision() -> None:
+    """fp16 chunks are scaled per chunk: tiny gradients survive (a plain fp16 cast flushes them)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(12, 3, 5, generator=g)
+    x[:4] *= 1e-8  # chunk 0: far below fp16's smallest normal (6e-5)
+    x[4:7] *= 1e4  # chunk 2: beyond fp16's largest value (65504) after a few more bits
+    splits = [4, 0, 3, 5]
+    for dtype, eps in [(torch.float16, 2.0**-11), (torch.bfloat16, 2.0**-8)]:
+        wire, wire_splits = encode_payload(x, splits, dtype)
+        assert wire.dtype == dtype and sum(wire_splits) == wire.shape[0]
+        back = decode_payload(wire, splits, dtype, torch.float32)
+        assert back.shape == x.shape
+        assert float(((back - x).abs() / x.abs()).max()) <= eps
+    assert float(((x[:4].half().float() - x[:4]).abs() / x[:4].abs()).max()) > 0.5  # why scaling is needed
+    wire, wire_splits = encode_payload(x, splits, None)
+    assert wire is x and wire_splits == splits
+    empty, _ = encode_payload(torch.zeros(0, 5), [0, 0], torch.float16)
+    assert decode_payload(empty, [0, 0], torch.float16, torch.float32).shape == (0, 5)

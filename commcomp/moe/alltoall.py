@@ -16,7 +16,14 @@ from torch import Tensor
 
 from commcomp.stats import CommStats
 
-__all__ = ["all_to_all", "check_peers", "exchange_counts", "group_rank_and_size"]
+__all__ = [
+    "all_to_all",
+    "check_peers",
+    "decode_payload",
+    "encode_payload",
+    "exchange_counts",
+    "group_rank_and_size",
+]
 
 # dtypes a payload may have; their index is what ranks compare
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -79,11 +86,63 @@ def exchange_counts(group: dist.ProcessGroup | None, send_counts: Tensor, stats:
     return recv_counts
 
 
+# fp16 chunks are scaled by a power of two so that their largest magnitude lands in (2^13, 2^14]
+FP16_TOP_EXPONENT = 14
+
+
+def _chunk_ids(splits: list[int], device: torch.device) -> Tensor:
+    """(rows,) index of the chunk each row belongs to."""
+    sizes = torch.tensor(splits, device=device)
+    return torch.arange(len(splits), device=device).repeat_interleave(sizes)
+
+
+def _header_rows(splits: list[int], device: torch.device) -> Tensor:
+    """Where each chunk's header row sits in a wire buffer whose chunk j has splits[j] + 1 rows."""
+    sizes = torch.tensor(splits, device=device) + 1
+    return sizes.cumsum(0) - sizes
+
+
+def encode_payload(x: Tensor, splits: list[int], dtype: torch.dtype | None) -> tuple[Tensor, list[int]]:
+    """The wire buffer for x's rows split as `splits`, and its splits.
+
+    None: x itself. bfloat16: a plain cast (it has float32's range). float16: every chunk j gets a
+    header row holding an exponent e_j and carries x·2^e_j, which puts the chunk's largest
+    magnitude just under 2^14, so small values (gradients, typically) stay out of fp16's
+    subnormal range and large ones cannot overflow.
+    """
+    if dtype is None:
+        return x.contiguous(), splits
+    if dtype != torch.float16:
+        return x.to(dtype).contiguous(), splits
+    rows = x.float().flatten(1)  # (T, D)
+    chunk = _chunk_ids(splits, x.device)  # (T,)
+    amax = rows.new_zeros(len(splits)).scatter_reduce(0, chunk, rows.abs().amax(1), "amax")
+    exponent = (FP16_TOP_EXPONENT - torch.log2(amax)).floor()
+    exponent = torch.where(torch.isfinite(exponent), exponent, 0.0).clamp(-100, 100)  # (W,)
+    wire = rows.new_empty((rows.shape[0] + len(splits), rows.shape[1]))
+    header = _header_rows(splits, x.device)
+    wire[header] = exponent.unsqueeze(1).expand(-1, rows.shape[1])
+    wire[torch.arange(rows.shape[0], device=x.device) + chunk + 1] = rows * torch.exp2(exponent)[chunk].unsqueeze(1)
+    return wire.to(dtype).view(-1, *x.shape[1:]), [n + 1 for n in splits]
+
+
+def decode_payload(wire: Tensor, splits: list[int], dtype: torch.dtype | None, out_dtype: torch.dtype) -> Tensor:
+    """Inverse of `encode_payload`: the rows (splits[j] of them from chunk j) in `out_dtype`."""
+    if dtype != torch.float16:
+        return wire.to(out_dtype)
+    rows = wire.flatten(1).float()
+    header = _header_rows(splits, wire.device)
+    chunk = _chunk_ids(splits, wire.device)
+    data = rows[torch.arange(chunk.numel(), device=wire.device) + chunk + 1]
+    scale = torch.exp2(-rows[header, 0])[chunk].unsqueeze(1)
+    return (data * scale).to(out_dtype).view(-1, *wire.shape[1:])
+
+
 class _AllToAll(torch.autograd.Function):
     """Rows `send_splits[j]` of x go to rank j; the backward sends the gradients the reverse way."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         send_splits: list[int],
@@ -95,14 +154,15 @@ class _AllToAll(torch.autograd.Function):
     ) -> Tensor:
         ctx.reverse = (recv_splits, send_splits, group, payload_dtype, stats)
         ctx.ends_step = ends_step
-        payload = (x if payload_dtype is None else x.to(payload_dtype)).contiguous()
-        out = payload.new_empty((sum(recv_splits), *payload.shape[1:]))
-        dist.all_to_all_single(out, payload, recv_splits, send_splits, group=group)
+        payload, wire_send = encode_payload(x, send_splits, payload_dtype)
+        wire_recv = recv_splits if wire_send is send_splits else [n + 1 for n in recv_splits]
+        out = payload.new_empty((sum(wire_recv), *payload.shape[1:]))
+        dist.all_to_all_single(out, payload, wire_recv, wire_send, group=group)
         _sent(stats, payload, x)
-        return out.to(x.dtype)
+        return decode_payload(out, recv_splits, payload_dtype, x.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         out = _AllToAll.apply(grad, *ctx.reverse, False)
         if ctx.ends_step:  # the last collective of a training step
             ctx.reverse[-1].end_step()
@@ -120,8 +180,9 @@ def all_to_all(
 ) -> Tensor:
     """Differentiable `all_to_all_single` of the rows of x with uneven splits.
 
-    The payload is cast to `payload_dtype` (None: x's own dtype) for the wire and back to x's dtype
-    on arrival, in both directions. Bytes handed to the collective are added to `stats`; when
-    `ends_step`, the backward closes the step in `stats` (`end_step()`).
+    The payload is cast to `payload_dtype` (None: x's own dtype; float16 chunks are scaled, see
+    `encode_payload`) for the wire and back to x's dtype on arrival, in both directions. Bytes
+    handed to the collective are added to `stats`; when `ends_step`, the backward closes the
+    step in `stats` (`end_step()`).
     """
     return _AllToAll.apply(x, send_splits, recv_splits, group, payload_dtype, stats, ends_step)

@@ -20,7 +20,6 @@ The backward of 5 and 7 is the reverse all-to-all. World size 1 skips 1, 4, 5 an
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -111,7 +110,11 @@ class MoE(nn.Module):
         self.k: int = self.gate.k  # type: ignore[assignment]
 
         factory = expert or (lambda: feed_forward(d_model, 4 * d_model))
-        self.experts = nn.ModuleList(factory() for _ in range(self.num_local))
+        experts = [factory() for _ in range(self.num_local)]
+        for module in experts:
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"the expert factory returned {type(module).__name__}, not an nn.Module")
+        self.experts = nn.ModuleList(experts)
         self._check_expert_shapes()
         mark_experts(self.experts)
 
@@ -122,12 +125,14 @@ class MoE(nn.Module):
     def _check_expert_shapes(self) -> None:
         """Fail at construction, not mid-forward (where the other ranks would wait), on a bad expert."""
         for i, module in enumerate(self.experts):
-            if not isinstance(module, nn.Module):
-                raise TypeError(f"the expert factory returned {type(module).__name__}, not an nn.Module")
             param = next(module.parameters(), None)
-            probe = torch.zeros(2, self.d_model, device=None if param is None else param.device)
+            probe = torch.zeros(2, self.d_model) if param is None else param.new_zeros(2, self.d_model)
+            modes = [m.training for m in module.modules()]
+            module.eval()  # so the probe leaves running statistics alone
             with torch.no_grad():
-                out = copy.deepcopy(module)(probe)  # a copy, so running statistics stay untouched
+                out = module(probe)
+            for m, mode in zip(module.modules(), modes, strict=True):
+                m.training = mode
             if not isinstance(out, Tensor) or out.shape != probe.shape:
                 shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 raise ValueError(f"expert {i} maps (2, {self.d_model}) to {shape}; experts must keep the shape")
