@@ -312,6 +312,8 @@ def report(rows: list[dict[str, Any]], out_dir: str | Path, meta: dict[str, Any]
             axes[1][col].plot(ws, [r["bytes_per_step"] / 2**20 for r in sel], marker="o", label=impl)
         axes[0][col].set_title(f"{e} experts")
         axes[1][col].set_xlabel("world size")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xticks(sorted({r["world_size"] for r in rows}))
     axes[0][0].set_ylabel("tokens / s (all ranks)")
     axes[1][0].set_ylabel("all-to-all MiB / step / rank")
     axes[0][0].legend()

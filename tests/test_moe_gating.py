@@ -156,6 +156,12 @@ def test_single_process_layer_matches_token_loop() -> None:
     assert torch.equal(moe.last_load, torch.bincount(r.expert_index[r.kept], minlength=4))
 
 
+def test_no_tokens() -> None:
+    for gate in ("noisy_topk", "switch", "gshard"):
+        y, aux = MoE(6, 4, gate=gate)(torch.randn(0, 6, requires_grad=True))
+        assert y.shape == (0, 6) and bool(torch.isfinite(aux))
+
+
 def test_bad_arguments_raise_clear_errors() -> None:
     moe = MoE(8, 4)
     with pytest.raises(ValueError, match="d_model=8"):

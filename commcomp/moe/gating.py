@@ -96,6 +96,8 @@ def route(
 def switch_loss(probs: Tensor, first_choice: Tensor, weight: float) -> Tensor:
     """Switch/GShard balancing loss: weight · E · Σ_e f_e · P_e; equals `weight` when perfectly balanced."""
     num_experts = probs.shape[1]
+    if probs.shape[0] == 0:  # no tokens on this rank: nothing to balance
+        return probs.new_zeros(())
     fraction = F.one_hot(first_choice, num_experts).float().mean(0)  # (E,) f_e, not differentiable
     mean_prob = probs.float().mean(0)  # (E,) P_e
     return weight * num_experts * (fraction * mean_prob).sum()

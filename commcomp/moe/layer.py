@@ -183,7 +183,8 @@ class MoE(nn.Module):
             y = all_to_all(self._run_experts(received, recv_counts), recv_splits, send_splits, *args)  # (T, M)
             if not y.requires_grad:  # no backward will follow: the step ends here
                 self.stats.end_step()
-        out = tokens.new_zeros(tokens.shape).index_add(0, token, y * weight.unsqueeze(1).to(y.dtype))
+        weighted = (y * weight.unsqueeze(1).to(y.dtype)).to(tokens.dtype)  # experts may run in another dtype
+        out = tokens.new_zeros(tokens.shape).index_add(0, token, weighted)
         return out.reshape(x.shape), routing.aux_loss
 
     def _run_experts(self, rows: Tensor, counts: Tensor) -> Tensor:
