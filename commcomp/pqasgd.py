@@ -166,8 +166,9 @@ class PQASGD:
                 if isinstance(q, StochasticQuantizer):
                     q.set_stream(name)
                 payloads.append(q.compress(p.detach() - xb))
-            flag = torch.tensor([self._nonfinite(self.params)], dtype=torch.uint8)
-            flat = torch.cat([pack_payloads(payloads).to(flag.device), flag])
+            device = self.params[0].device
+            flag = torch.tensor([self._nonfinite(self.params)], dtype=torch.uint8, device=device)
+            flat = torch.cat([pack_payloads(payloads).to(device), flag])
         self.stats.encoded(enc.seconds)
         self.stats.sent(flat.numel() * flat.element_size())
         gathered = self.comm.all_gather(flat)

@@ -293,10 +293,11 @@ def test_clear_errors_on_every_rank() -> None:
 
 
 # ----- convergence on MNIST-1D: PQASGD and the top-k hook against fp32 DDP -----
-STEPS, LR, BATCH = 1000, 0.1, 64
+STEPS, LR, BATCH = 3000, 0.1, 64  # top-k 1% needs the steps: at 1,000 it trailed fp32 by 11 points
 
 
-def _train_mnist1d(rank: int, world: int, method: str) -> tuple[float, int]:
+def _train_mnist1d(rank: int, world: int, method: str, steps: int = STEPS) -> tuple[float, int]:
+    """Same data order, initial model, optimizer (SGD, momentum 0.9, cosine schedule) for every method."""
     x_train, y_train, x_test, y_test = load_mnist1d(5000)
     x, y = shard(x_train, y_train, rank, world)
     torch.manual_seed(0)
@@ -312,9 +313,9 @@ def _train_mnist1d(rank: int, world: int, method: str) -> tuple[float, int]:
             stats = commcomp.register(model, "identity").stats
         else:
             stats = commcomp.register(model, "topk", ratio=0.01, error_feedback=True).stats
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, STEPS)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(1 + rank)
-    for _ in range(STEPS):
+    for _ in range(steps):
         idx = torch.randint(0, len(x), (BATCH,), generator=gen)
         opt.zero_grad()
         F.cross_entropy(model(x[idx]), y[idx]).backward()
@@ -328,7 +329,7 @@ def _convergence_worker(rank: int, world: int) -> dict[str, tuple[float, int]]:
 
 
 def test_convergence_mnist1d_four_ranks() -> None:
-    results = run(_convergence_worker, 4, timeout=900)
+    results = run(_convergence_worker, 4, timeout=1200)
     (acc32, bytes32), (acc_pq, bytes_pq), (acc_topk, _) = (results[0][m] for m in ("fp32", "pqasgd", "topk"))
     for r in results:  # every rank evaluates the same model
         assert r["fp32"][0] == acc32 and r["pqasgd"][0] == acc_pq and r["topk"][0] == acc_topk
