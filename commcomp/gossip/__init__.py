@@ -8,6 +8,11 @@ or the DDP route, one line: `commcomp.register(ddp_model, "choco", optimizer=opt
 consensus_step=0.4)`. Importing this module registers "dpsgd", "dcd", "ecd" and "choco" there.
 """
 
+from typing import Any
+
+import torch
+from torch import nn
+
 from commcomp.gossip import ddp as _ddp  # noqa: F401  (registers the DDP methods)
 from commcomp.gossip.algorithms import CHOCO, DCD, DPSGD, ECD
 from commcomp.gossip.base import GossipAlgorithm, make_transport
@@ -25,6 +30,7 @@ __all__ = [
     "GossipState",
     "TorchTransport",
     "Transport",
+    "build",
     "consensus_model",
     "get",
     "local_gradient_hook",
@@ -40,3 +46,9 @@ def get(name: str) -> type[GossipAlgorithm]:
         return ALGORITHMS[name]
     except KeyError:
         raise ValueError(f"unknown gossip algorithm {name!r}; valid names: {', '.join(sorted(ALGORITHMS))}") from None
+
+
+def build(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> GossipAlgorithm:
+    """`get(name)(model, optimizer, **options)`: e.g. build("choco", model, opt, quantizer="sign",
+    consensus_step=0.4). For benchmarks: time `algo.step()`, read `algo.stats.last.bytes_sent`."""
+    return get(name)(model, optimizer, **options)

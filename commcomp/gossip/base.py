@@ -60,6 +60,10 @@ def make_transport(
     return transport
 
 
+def _fingerprint(options: dict[str, Any]) -> str:
+    return json.dumps(options, sort_keys=True, default=str)
+
+
 class GossipAlgorithm(ABC):
     """Base of the decentralized optimizers (D-PSGD, DCD-PSGD, ECD-PSGD, CHOCO-SGD).
 
@@ -219,7 +223,7 @@ class GossipAlgorithm(ABC):
     # ----- checks -----
     def _verify_options(self) -> None:
         """Raise on every rank if any rank's options differ from rank 0's (two small collectives)."""
-        text = json.dumps(self.options(), sort_keys=True, default=str)
+        text = _fingerprint(self.options())
         digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "little")
         device = self.params[0].device
         root = self.transport.broadcast(torch.tensor([digest], dtype=torch.int64, device=device), 0)
@@ -251,7 +255,7 @@ class GossipAlgorithm(ABC):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["options"] != json.loads(json.dumps(self.options())) and state["options"] != self.options():
+        if _fingerprint(state["options"]) != _fingerprint(self.options()):
             raise ValueError(
                 f"state_dict was saved with options {state['options']}, this {self.name} has {self.options()}"
             )

@@ -65,17 +65,18 @@ class MPITransport:
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         host = tensor.detach().contiguous().cpu()
-        out = np.empty_like(host.numpy())
-        self.comm.Allreduce(host.numpy(), out, op=self._MPI.SUM)
         self.bytes_sent += host.numel() * host.element_size()
+        wide = host.float() if host.dtype == torch.bfloat16 else host  # numpy has no bfloat16
+        out = np.empty_like(wide.numpy())
+        self.comm.Allreduce(wide.numpy(), out, op=self._MPI.SUM)
         tensor.copy_(torch.from_numpy(out))
         return tensor
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         host = tensor.detach().contiguous().cpu()
-        buf = host.numpy()
+        buf = host.reshape(-1).view(torch.uint8).numpy()  # as bytes: any dtype, bfloat16 included
         self.comm.Bcast(buf, root=src)
         if self.rank == src:
             self.bytes_sent += host.numel() * host.element_size()
-        tensor.copy_(torch.from_numpy(buf))
+        tensor.copy_(host)
         return tensor
