@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         worker_args = ["--worker", "--payloads", args.payloads, "--methods", args.methods, "--reps", str(args.reps)]
         if hosts.rate_mbit is not None:
             worker_args += ["--rate-mbit", str(hosts.rate_mbit)]
-        torchrun(hosts, "collectives.py", [*worker_args, "--out", str(path)], args.timeout)
+        torchrun(hosts, "collectives.py", [*worker_args, "--out", str(path)], args.timeout, args.nproc_per_node)
     rows = json.loads(path.read_text())["rows"]
     path.write_text(json.dumps({"meta": {"where": where}, "rows": rows}, indent=1))
     print("\n" + format_table(rows))

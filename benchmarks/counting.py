@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -55,10 +55,17 @@ class CountingDist:
         return getattr(dist, name)
 
 
+C = TypeVar("C")
+
+
 @contextmanager
-def count_collectives(*modules: ModuleType) -> Iterator[CountingDist]:
-    """Count the collectives that `modules` issue through their `dist` name inside the block."""
-    counter = CountingDist()
+def count_collectives(*modules: ModuleType, counter: C | None = None) -> Iterator[C | CountingDist]:
+    """Count the collectives that `modules` issue through their `dist` name inside the block.
+
+    `counter`: the stand-in to install (default a new `CountingDist`); any object that delegates
+    what it does not count to `torch.distributed`, e.g. one that also counts all_to_all.
+    """
+    counter = counter if counter is not None else CountingDist()  # type: ignore[assignment]
     saved = [(m, m.dist) for m in modules]
     try:
         for m in modules:

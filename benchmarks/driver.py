@@ -28,6 +28,7 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hosts", type=int, default=4, help="emulated hosts (one process each)")
     p.add_argument("--rate-mbit", type=float, default=100.0, help="link rate of every host, Mbit/s")
     p.add_argument("--local", action="store_true", help="local processes on loopback, no namespaces or shaping")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="processes per host (one per GPU on GPU nodes)")
     p.add_argument("--out", default="", help="output directory (default results/<UTC time>, linked as results/latest)")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds before a launched job is killed")
 
@@ -80,10 +81,11 @@ def follow(job: Job, pattern: str = r"^  \[|^wrote|Error|error:") -> threading.T
     return t
 
 
-def torchrun(hosts: Hosts, script: str, argv: list[str], timeout: float) -> None:
+def torchrun(hosts: Hosts, script: str, argv: list[str], timeout: float, nproc_per_node: int = 1) -> None:
+    """Run benchmarks/<script> under torchrun on every host, echoing its progress; raise if it fails."""
     from launch.torchrun import start_torchrun
 
-    job = start_torchrun(hosts, str(HERE / script), argv, timeout=timeout, stream=False)
+    job = start_torchrun(hosts, str(HERE / script), argv, timeout=timeout, stream=False, nproc_per_node=nproc_per_node)
     follower = follow(job)
     job.wait(check=True)
     follower.join(timeout=5)

@@ -4,7 +4,8 @@ fp16 and bf16 dispatch) side by side with fairscale's `MOELayer`, versus world s
 Both layers route top-2 (GShard) with capacity 2·S/E per expert (commcomp: gate "gshard",
 capacity_factor 1.0), share the gate and expert weights, and run the same experts (Linear -> GELU
 -> Linear). One step is forward + backward of mean(y²) + aux loss; no optimizer. Per step: a
-barrier, then the wall-clock time of the slowest rank; the table gives the median over the steps.
+barrier, then the wall-clock time of the slowest rank, and its CPU time (which a busy machine
+inflates less); the table gives the medians over the steps.
 Bytes: the tensors each rank hands to `all_to_all_single` / `all_gather` during one step,
 counted by a pass-through wrapper around the `dist` name of both layers' modules (for commcomp
 also checked against the layer's own `stats`); "remote" leaves out the chunk a rank sends to
@@ -189,21 +190,22 @@ def measure(
         outputs: dict[str, tuple[Tensor, Tensor]] = {}
         for name, layer in layers.items():
             module = _fairscale_module() if name == "fairscale" else commcomp_alltoall
-            times, sent, remote = [], [], []
+            times, cpu_times, sent, remote = [], [], [], []
             for i, x in enumerate(xs):
                 x = x.clone().requires_grad_()
                 layer.zero_grad()
                 dist.barrier()
                 with counting(module) as counter:
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), time.process_time()
                     y = _step(name, layer, x)
-                    elapsed = time.perf_counter() - start
+                    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
                 if i == 0:
                     outputs[name] = (y.detach(), x.grad)
                 if isinstance(layer, MoE) and world > 1 and layer.stats.last.bytes_sent != counter.sent:
                     raise RuntimeError(f"{name}: stats say {layer.stats.last.bytes_sent} bytes, counted {counter.sent}")
                 if i >= warmup:
                     times.append(_max_over_ranks(elapsed))
+                    cpu_times.append(_max_over_ranks(cpu))
                     sent.append(counter.sent)
                     remote.append(counter.remote)
             median = statistics.median(times)
@@ -216,6 +218,7 @@ def measure(
                 "hidden": hidden,
                 "impl": name,
                 "step_seconds": median,
+                "cpu_seconds": statistics.median(cpu_times),
                 "tokens_per_second": world * tokens / median,
                 "bytes_per_step": _mean_over_ranks(statistics.mean(sent)),
                 "remote_bytes_per_step": _mean_over_ranks(statistics.mean(remote)),
@@ -273,12 +276,13 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 3600)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = "| W | E | impl | step ms | tokens/s | KiB/step/rank | remote KiB | out err | grad err |"
+    head = "| W | E | impl | step ms | CPU ms | tokens/s | KiB/step/rank | remote KiB | out err | grad err |"
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         err = (f"{r['output_rel_error']:.1e}", f"{r['grad_rel_error']:.1e}") if "output_rel_error" in r else ("", "")
         lines.append(
             f"| {r['world_size']} | {r['experts']} | {r['impl']} | {1e3 * r['step_seconds']:.1f} | "
+            f"{1e3 * r['cpu_seconds']:.1f} | "
             f"{r['tokens_per_second']:.0f} | {r['bytes_per_step'] / 1024:.0f} | "
             f"{r['remote_bytes_per_step'] / 1024:.0f} | {err[0]} | {err[1]} |"
         )

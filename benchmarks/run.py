@@ -33,7 +33,7 @@ from launch.hosts import Hosts
 
 __all__ = ["main"]
 
-DEFAULT_STEPS = "cnn=120,mlp=6"
+DEFAULT_STEPS = "cnn=100,mlp=5"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,8 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", default=DEFAULT_STEPS, help="steps per method, e.g. 300 or cnn=200,mlp=8")
     p.add_argument("--width", default="", help="model width per workload, e.g. cnn=256,mlp=2048")
     p.add_argument("--horovod", default="auto", choices=["auto", "on", "off"], help="the Horovod rows")
-    p.add_argument("--horovod-steps", type=int, default=4, help="MLP steps per Horovod method")
-    p.add_argument("--collectives", default="32", help="payload MB for the wire-efficiency pass ('' skips it)")
+    p.add_argument("--horovod-steps", type=int, default=3, help="MLP steps per Horovod method")
+    p.add_argument("--collectives", default="16", help="payload MB for the wire-efficiency pass ('' skips it)")
     add_method_options(p)
     return p.parse_args(argv)
 
@@ -77,7 +77,7 @@ def _run_horovod(hosts: Hosts, args: argparse.Namespace, out: Path) -> list[dict
 
     path = out / "horovod.json"
     argv = [sys.executable, str(HERE / "train_horovod.py"), "--steps", str(args.horovod_steps), "--out", str(path)]
-    job = start_mpirun(hosts, argv, timeout=args.timeout, stream=False)
+    job = start_mpirun(hosts, argv, timeout=args.timeout, stream=False, nproc_per_host=args.nproc_per_node)
     follower = follow(job, r"\[cnn\]|\[mlp\]|wrote|Error")
     job.wait(check=True)
     follower.join(timeout=5)
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"benchmark on {where}; results in {out}", flush=True)
     load_before = os.getloadavg()
     collectives: list[dict[str, Any]] = []
+    phases: dict[str, float] = {}  # seconds since the start at the end of each phase
     with hosts:
         print("== training comparison (torchrun)", flush=True)
         train_json = out / "train.json"
@@ -101,13 +102,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             *_method_args(args),
             *("--out", str(train_json)),
         ]
-        torchrun(hosts, "train.py", train_argv, args.timeout)
+        torchrun(hosts, "train.py", train_argv, args.timeout, args.nproc_per_node)
         rows = json.loads(train_json.read_text())["rows"]
+        phases["training"] = time.monotonic() - started
         why = _horovod_available() if args.horovod != "off" else "--horovod off"
         if why is None:
             print("== Horovod rows (mpirun)", flush=True)
             try:
                 rows += _run_horovod(hosts, args, out)
+                phases["horovod"] = time.monotonic() - started
             except Exception as e:  # the training rows stand on their own; say what failed
                 if args.horovod == "on":
                     raise
@@ -122,8 +125,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             coll_args = ["--worker", "--payloads", args.collectives, "--reps", "2", "--out", str(coll_json)]
             if hosts.rate_mbit is not None:
                 coll_args += ["--rate-mbit", str(hosts.rate_mbit)]
-            torchrun(hosts, "collectives.py", coll_args, args.timeout)
+            torchrun(hosts, "collectives.py", coll_args, args.timeout, args.nproc_per_node)
             collectives = json.loads(coll_json.read_text())["rows"]
+            phases["collectives"] = time.monotonic() - started
     report.derive(rows)
     goals = report.targets(rows, collectives)
     elapsed = time.monotonic() - started
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rate_mbit": hosts.rate_mbit,
         "command": " ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
         "elapsed_seconds": elapsed,
+        "phase_end_seconds": phases,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "cores": os.cpu_count(),

@@ -61,7 +61,7 @@ WORKLOADS = {
         lr=0.1,
         momentum=0.9,
         eval_every=10,
-        default_steps=120,
+        default_steps=100,
         method_defaults={
             "gradiveq_warmup_steps": 10,
             "gradiveq_sample_steps": 10,
@@ -76,10 +76,10 @@ WORKLOADS = {
         lr=0.01,
         momentum=0.9,
         eval_every=0,
-        default_steps=6,
+        default_steps=5,
         method_defaults={
             "gradiveq_warmup_steps": 0,
-            "gradiveq_sample_steps": 2,
+            "gradiveq_sample_steps": 1,
             "gradiveq_compress_steps": 1000,
             "powersgd_start": 2,
         },
