@@ -40,8 +40,8 @@ class NoisyTopKGate(nn.Module):
             estimator, stays positive (tensor2tensor uses 1e-2).
         w_importance, w_load: weights of the two balancing losses (0.1 each in the paper's
             language-modelling runs).
-        seed: seed of this gate's noise generator. Ranks see different tokens, so the same seed
-            on every rank is fine; `MoE` passes `seed + rank` so no two ranks draw the same noise.
+        seed: seed of this gate's noise generator (one generator per device). `MoE` uses the
+            rank unless `gate_options` gives a seed, so no two ranks draw the same noise.
     """
 
     def __init__(
