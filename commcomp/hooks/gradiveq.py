@@ -22,6 +22,8 @@ import torch.distributed as dist
 from commcomp.error_feedback import ErrorFeedback
 from commcomp.gradiveq import LayerCodec, Schedule, plan_slices, refit_bases
 from commcomp.hooks.base import HookState, register_simple_method
+from commcomp.hooks.quantized import QuantizerState, send_quantized
+from commcomp.quantizers import Quantizer
 from commcomp.stats import timer
 
 __all__ = ["GradiVeQState", "Share", "gradiveq_hook"]
@@ -59,7 +61,12 @@ class GradiVeQState(HookState):
         max_components: cap on d per layer (None: only the energy threshold decides).
         fit_slices: at most this many slices per sampled gradient enter the PCA statistics.
         error_feedback: add what a compressed step dropped to the next step's gradient (off, as in
-            the paper).
+            the paper). What a fixed basis drops lies outside it and is never sent by a compressed
+            step, so the next uncompressed step carries the whole residual and clears it.
+        sample_quantizer, sample_quantizer_options: send the sampling steps through this quantizer
+            (the paper sends them as 4-bit QSGD: `sample_quantizer="qsgd",
+            sample_quantizer_options={"bits": 4}`); the PCA then fits on the decoded averages.
+            None (default): sampling steps are all-reduced uncompressed.
         src_rank: the rank (in the group) whose fit is broadcast.
         check_finite: refuse gradients with NaN/Inf, raising on every rank.
 
@@ -74,13 +81,15 @@ class GradiVeQState(HookState):
         energy_threshold: float = 0.01,
         warmup_steps: int = 50,
         sample_steps: int = 20,
-        compress_steps: int = 200,
+        compress_steps: int = 100,
         slice_length: int = 256,
-        max_slice_length: int = 1024,
+        max_slice_length: int = 256,
         min_numel: int = 1024,
         max_components: int | None = None,
         fit_slices: int = 64,
         error_feedback: bool = False,
+        sample_quantizer: str | Quantizer | None = None,
+        sample_quantizer_options: dict[str, Any] | None = None,
         src_rank: int = 0,
         check_finite: bool = True,
     ) -> None:
@@ -88,9 +97,7 @@ class GradiVeQState(HookState):
         if not 0.0 <= energy_threshold < 1.0:
             raise ValueError(f"energy_threshold must be in [0, 1), got {energy_threshold}")
         if slice_length < 1 or max_slice_length < slice_length:
-            raise ValueError(
-                f"need 1 <= slice_length <= max_slice_length, got {slice_length} and {max_slice_length}"
-            )
+            raise ValueError(f"need 1 <= slice_length <= max_slice_length, got {slice_length} and {max_slice_length}")
         if max_components is not None and max_components < 1:
             raise ValueError(f"max_components must be >= 1 or None, got {max_components}")
         if fit_slices < 1 or min_numel < 1:
@@ -108,13 +115,21 @@ class GradiVeQState(HookState):
         self.codecs: dict[str, LayerCodec | None] = {}  # None: sent uncompressed
         self.memory = ErrorFeedback() if error_feedback else None
         self._loaded_codecs: dict[str, Any] = {}
+        self.sampler = (
+            None
+            if sample_quantizer is None
+            else QuantizerState(
+                process_group,
+                quantizer=sample_quantizer,
+                check_finite=check_finite,
+                **(sample_quantizer_options or {}),
+            )
+        )
 
     @classmethod
     def paper(cls, process_group: dist.ProcessGroup | None = None, **overrides: Any) -> "GradiVeQState":
         """The paper's schedule: 2,500 warm-up steps, cycles of 100 sampled + 400 compressed, lambda 0.01."""
-        settings: dict[str, Any] = dict(
-            energy_threshold=0.01, warmup_steps=2500, sample_steps=100, compress_steps=400
-        )
+        settings: dict[str, Any] = dict(energy_threshold=0.01, warmup_steps=2500, sample_steps=100, compress_steps=400)
         return cls(process_group, **{**settings, **overrides})
 
     def options(self) -> dict[str, Any]:
@@ -126,6 +141,7 @@ class GradiVeQState(HookState):
             "max_components": self.max_components,
             "error_feedback": self.memory is not None,
             "src_rank": self.src_rank,
+            "sampler": None if self.sampler is None else self.sampler.options(),
         }
 
     def codec(self, key: str, shape: torch.Size) -> LayerCodec | None:
@@ -160,6 +176,12 @@ class GradiVeQState(HookState):
             if self.memory is not None:
                 residual = self.memory.residual_of(h, codec.decompress(coeffs, rest, n))
             return Share([coeffs.reshape(-1), rest], codec, coeffs.numel(), rest.numel(), residual)
+        if self.memory is not None and key in self.memory.residuals:
+            # an uncompressed step carries everything error feedback still owes, and clears it: a fixed
+            # basis never sends the residual (it lies outside the basis), so without this flush it
+            # would only grow until the next refit
+            h = self.memory.compensate(key, h)
+            return Share([h.reshape(-1)], None, 0, h.numel(), torch.zeros_like(h))
         return Share([h.reshape(-1)], None, 0, h.numel(), None)
 
     def decode(self, share: Share, summed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -210,6 +232,8 @@ def gradiveq_hook(state: GradiVeQState, bucket: dist.GradBucket) -> torch.future
     phase = state.schedule.phase(state.step)
     if phase == "compress" and state.schedule.refit(state.step):
         state.refit([c for c in codecs if c is not None], buf)
+    if phase == "sample" and state.sampler is not None:  # the paper's quantized sampling steps
+        return send_quantized(state.sampler, state, bucket, keys, lambda: state.commit(keys, grads, [], phase))
 
     # step 3 (compressed) or step 1 (dense): build one flat buffer, all-reduce it, decode
     with timer(buf) as enc:

@@ -8,6 +8,7 @@ With `error_feedback=True` each rank compresses gradient + residual and keeps wh
 One collective per bucket, issued from the hook body; callbacks only decode.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from commcomp.hooks.base import HookState
 from commcomp.quantizers import Payload, Quantizer, StochasticQuantizer, pack_payloads, unpack_payloads
 from commcomp.stats import timer
 
-__all__ = ["QuantizerState", "flatten_summable", "quantizer_hook", "unflatten_summable"]
+__all__ = ["QuantizerState", "flatten_summable", "quantizer_hook", "send_quantized", "unflatten_summable"]
 
 
 class QuantizerState(HookState):
@@ -108,39 +109,52 @@ class QuantizerState(HookState):
 def quantizer_hook(state: QuantizerState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook; use with `model.register_comm_hook(state, quantizer_hook)`."""
     state.begin_bucket(bucket)
+    keys = [state.param_key(p) for p in bucket.parameters()]
+    return send_quantized(state, state, bucket, keys)
+
+
+def send_quantized(
+    state: QuantizerState,
+    host: HookState,
+    bucket: dist.GradBucket,
+    keys: list[str],
+    after: Callable[[], None] | None = None,
+) -> torch.futures.Future[torch.Tensor]:
+    """Send one bucket through `state`'s quantizer: one all-reduce (linear) or all-gather, issued
+    here; the callback decodes the average into the bucket, keeps residuals, then calls `after`.
+    `host` is the hook state that owns the step: its stats and bucket bookkeeping are used."""
     buf, n, index, q = bucket.buffer(), state.world_size, bucket.index(), state.quantizer
     grads = bucket.gradients()
-    keys = [state.param_key(p) for p in bucket.parameters()]
     with timer(buf) as enc:
         encoded = [state.encode(key, g) for key, g in zip(keys, grads)]
         payloads = [payload for payload, _ in encoded]
-        flat = state.pack(payloads, state.finite_flags(grads, buf))
-    state.stats.encoded(enc.seconds)
-    dense = buf.numel() * buf.element_size()
+        flat = state.pack(payloads, host.finite_flags(grads, buf))
+    host.stats.encoded(enc.seconds)
+    host.stats.sent(flat.numel() * flat.element_size(), buf.numel() * buf.element_size())
     group = state.process_group
     if q.linear:
-        state.stats.sent(flat.numel() * flat.element_size(), dense)
         fut = dist.all_reduce(flat, group=group, async_op=True).get_future()
     else:
         gathered = [torch.empty_like(flat) for _ in range(n)]
-        state.stats.sent(flat.numel() * flat.element_size(), dense)
         fut = dist.all_gather(gathered, flat, group=group, async_op=True).get_future()
 
     def decode(fut: torch.futures.Future[Any]) -> torch.Tensor:
         try:
             with timer(buf) as dec:
                 received = fut.value()[0] if q.linear else gathered
-                state.raise_if_nonfinite(state.received_flags(received), index)
+                host.raise_if_nonfinite(state.received_flags(received), index)
                 for g, d in zip(grads, state.decode_received(received, payloads)):
                     g.copy_(d.view_as(g))
-            state.stats.decoded(dec.seconds)
+            host.stats.decoded(dec.seconds)
             if state.memory is not None:
                 for key, (_, residual) in zip(keys, encoded):
                     if residual is not None:
                         state.memory.set(key, residual)
+            if after is not None:
+                after()
             return buf
         finally:
-            state.end_bucket()
+            host.end_bucket()
 
     return fut.then(decode)
 
@@ -149,9 +163,7 @@ def flatten_summable(payloads: list[Payload], flags: torch.Tensor) -> torch.Tens
     """Linear payloads' tensors and `flags`, flat in the payloads' one dtype (to be summed)."""
     dtypes = {t.dtype for p in payloads for t in p.tensors}
     if len(dtypes) > 1:
-        raise TypeError(
-            f"a linear quantizer's payload tensors must share one dtype, got {sorted(map(str, dtypes))}"
-        )
+        raise TypeError(f"a linear quantizer's payload tensors must share one dtype, got {sorted(map(str, dtypes))}")
     wire = dtypes.pop() if dtypes else flags.dtype
     return torch.cat([*(t.reshape(-1) for p in payloads for t in p.tensors), flags.to(wire)])
 
