@@ -36,12 +36,12 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from unittest.mock import patch
 
 import torch
 import torch.distributed as dist
@@ -102,19 +102,6 @@ class A2ACounter:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(dist, name)
-
-
-@contextmanager
-def counting(*modules: ModuleType) -> Iterator[A2ACounter]:
-    counter = A2ACounter()
-    saved = [(m, m.dist) for m in modules]
-    try:
-        for m in modules:
-            m.dist = counter  # type: ignore[attr-defined]
-        yield counter
-    finally:
-        for m, original in saved:
-            m.dist = original  # type: ignore[attr-defined]
 
 
 def _layers(experts: int, d_model: int, hidden: int, with_fairscale: bool) -> dict[str, nn.Module]:
@@ -195,7 +182,8 @@ def measure(
                 x = x.clone().requires_grad_()
                 layer.zero_grad()
                 dist.barrier()
-                with counting(module) as counter:
+                counter = A2ACounter()
+                with patch.object(module, "dist", counter):
                     start, cpu_start = time.perf_counter(), time.process_time()
                     y = _step(name, layer, x)
                     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
