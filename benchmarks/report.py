@@ -130,7 +130,8 @@ def targets(rows: list[dict[str, Any]], collectives: list[dict[str, Any]] | None
         detail = f"GradiVeQ {_fmt(mine, '.1f')} s vs DDP fp32 {_fmt(base, '.1f')} s to {fp32['target_acc']:.3f}"
         add("GradiVeQ time to target <= 0.25 x DDP fp32", ratio, 0.25, None if ratio is None else ratio <= 0.25, detail)
         if ratio is None and mine is None:
-            out[-1]["status"], out[-1]["detail"] = "MISS", detail + " (GradiVeQ never reached the target)"
+            out[-1]["status"] = "MISS"
+            out[-1]["detail"] = detail + f" (GradiVeQ never reached it: final accuracy {gq['acc']:.3f})"
         if psgd:
             best = min(psgd, key=lambda r: r["ttt_s"] if r["ttt_s"] is not None else math.inf)
             theirs = best["ttt_s"]

@@ -33,7 +33,7 @@ from launch.hosts import Hosts
 
 __all__ = ["main"]
 
-DEFAULT_STEPS = "cnn=100,mlp=5"
+DEFAULT_STEPS = "cnn=80,mlp=4"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

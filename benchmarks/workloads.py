@@ -61,7 +61,7 @@ WORKLOADS = {
         lr=0.1,
         momentum=0.9,
         eval_every=10,
-        default_steps=100,
+        default_steps=80,
         method_defaults={
             "gradiveq_warmup_steps": 10,
             "gradiveq_sample_steps": 10,
@@ -76,7 +76,7 @@ WORKLOADS = {
         lr=0.01,
         momentum=0.9,
         eval_every=0,
-        default_steps=5,
+        default_steps=4,
         method_defaults={
             "gradiveq_warmup_steps": 0,
             "gradiveq_sample_steps": 1,
