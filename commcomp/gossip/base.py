@@ -102,6 +102,7 @@ class GossipAlgorithm(ABC):
         # --- configuration ---
         self.model = model
         self.optimizer = optimizer
+        self.sync_initial = bool(sync_initial)
         self.quantizer = quantizers.get(quantizer, **quantizer_options)
         self.transport = make_transport(transport, topology, topology_options, process_group)
         self.topology = self.transport.topology
@@ -153,6 +154,7 @@ class GossipAlgorithm(ABC):
             "quantizer": self.quantizer.name,
             "quantizer_options": self.quantizer.options(),
             "shapes": [list(p.shape) for p in self.params],
+            "sync_initial": self.sync_initial,  # checked before the broadcast, so a mismatch cannot hang
         }
 
     # ----- the step -----
