@@ -3,23 +3,31 @@
 Quick start::
 
     model = torch.nn.parallel.DistributedDataParallel(net)
-    state = commcomp.register(model, "gradiveq")   # or "qsgd", "fp16", ...
+    state = commcomp.register(model, "gradiveq")   # or "qsgd", "topk", "fp16", "choco", ...
+
+Submodules: `quantizers`, `topologies`, `gossip`, `moe`, `pqasgd`; `commcomp.horovod` (imported on its
+own, since it needs Horovod).
 """
 
-from commcomp import quantizers
+from commcomp import gossip, moe, quantizers, topologies  # gossip registers "dpsgd", "dcd", "ecd", "choco"
 from commcomp.ddp import GradiVeQState, QuantizerState, gradiveq_hook, method_names, quantizer_hook, register
 from commcomp.error_feedback import ErrorFeedback
+from commcomp.pqasgd import PQASGD
 from commcomp.stats import CommStats
 
 __all__ = [
+    "PQASGD",
     "CommStats",
     "ErrorFeedback",
     "GradiVeQState",
     "QuantizerState",
+    "gossip",
     "gradiveq_hook",
     "method_names",
+    "moe",
     "quantizer_hook",
     "quantizers",
     "register",
+    "topologies",
 ]
 __version__ = "0.1.0"
