@@ -12,6 +12,7 @@ Methods that are not (yet) installed are reported by `unavailable(name)` and ski
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -98,19 +99,40 @@ def _fp32(net: nn.Module, options: dict[str, Any], make_opt: MakeOptimizer) -> S
     return Setup(model, make_opt(model.parameters()), lambda: replace(c), after_step=count)
 
 
-def _torch_hook(hook_module: str, register: Callable[[DDP, dict[str, Any]], dict[str, Any]], **ddp_kwargs: Any):
-    """A PyTorch hook from torch.distributed.algorithms.ddp_comm_hooks.<hook_module>, its collectives
-    counted while the method runs."""
+TorchHook = tuple[Any, Callable[..., Any], dict[str, Any]]  # (hook state, hook, info)
+
+
+def _timed(hook: Callable[..., Any], seconds: list[float]) -> Callable[..., Any]:
+    """`hook`, adding the time spent in its body (before it returns its future) to seconds[0]."""
+
+    def timed(state, bucket):  # no annotations: DDP checks that `bucket` is annotated GradBucket or not at all
+        start = time.perf_counter()
+        fut = hook(state, bucket)
+        seconds[0] += time.perf_counter() - start
+        return fut
+
+    return timed
+
+
+def _torch_hook(hook_modules: tuple[str, ...], make: Callable[[dict[str, Any]], TorchHook], **ddp_kwargs: Any):
+    """A PyTorch hook from torch.distributed.algorithms.ddp_comm_hooks, with the collectives issued
+    from `hook_modules` counted (PowerSGD's plain all-reduce steps go through default_hooks) and the
+    time in the hook's body reported as encode time. Its callbacks, which decode and, for PowerSGD,
+    also wait for communication, cannot be told apart: decode is not reported."""
 
     def build(net: nn.Module, options: dict[str, Any], make_opt: MakeOptimizer) -> Setup:
         from benchmarks.counting import count_collectives
 
-        module = importlib.import_module(f"torch.distributed.algorithms.ddp_comm_hooks.{hook_module}")
-        model, dense, steps = _ddp(net, **ddp_kwargs), grad_bytes(net), [0]
-        info = register(model, options)
-        s = Setup(model, make_opt(model.parameters()), lambda: Counters(counter.bytes_sent, dense * steps[0]))
-        s.info = info
-        counter = s.stack.enter_context(count_collectives(module))
+        modules = [importlib.import_module(f"torch.distributed.algorithms.ddp_comm_hooks.{m}") for m in hook_modules]
+        model, dense, steps, body = _ddp(net, **ddp_kwargs), grad_bytes(net), [0], [0.0]
+        state, hook, info = make(options)
+        model.register_comm_hook(state, _timed(hook, body))
+
+        def counters() -> Counters:
+            return Counters(counter.bytes_sent, dense * steps[0], encode_seconds=body[0])
+
+        s = Setup(model, make_opt(model.parameters()), counters, info={**info, "encode_seconds": "hook body only"})
+        counter = s.stack.enter_context(count_collectives(*modules))
 
         def step() -> None:
             steps[0] += 1
@@ -121,21 +143,19 @@ def _torch_hook(hook_module: str, register: Callable[[DDP, dict[str, Any]], dict
     return build
 
 
-def _fp16_hook(model: DDP, options: dict[str, Any]) -> dict[str, Any]:
+def _fp16_hook(options: dict[str, Any]) -> TorchHook:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    model.register_comm_hook(None, default_hooks.fp16_compress_hook)
-    return {}
+    return None, default_hooks.fp16_compress_hook, {}
 
 
-def _powersgd_hook(model: DDP, options: dict[str, Any], rank: int | None = None) -> dict[str, Any]:
+def _powersgd_hook(options: dict[str, Any], rank: int | None = None) -> TorchHook:
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
 
     rank = int(options.get("powersgd_rank") or 1) if rank is None else rank
     start = max(int(options.get("powersgd_start") or 10), 2)  # PyTorch requires > 1 with error feedback
     state = ps.PowerSGDState(process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=start)
-    model.register_comm_hook(state, ps.powerSGD_hook)
-    return {"matrix_approximation_rank": rank, "start_powerSGD_iter": start, "buckets": 1}
+    return state, ps.powerSGD_hook, {"matrix_approximation_rank": rank, "start_powerSGD_iter": start, "buckets": 1}
 
 
 # ----- commcomp -----
@@ -196,13 +216,13 @@ def _pqasgd(net: nn.Module, options: dict[str, Any], make_opt: MakeOptimizer) ->
 
 METHODS: dict[str, MethodSpec] = {
     "fp32": MethodSpec("DDP fp32", _fp32),
-    "torch-fp16": MethodSpec("PyTorch fp16_compress_hook", _torch_hook("default_hooks", _fp16_hook)),
+    "torch-fp16": MethodSpec("PyTorch fp16_compress_hook", _torch_hook(("default_hooks",), _fp16_hook)),
     "torch-powersgd": MethodSpec(
-        "PyTorch powerSGD_hook", _torch_hook("powerSGD_hook", _powersgd_hook, bucket_cap_mb=1 << 14)
+        "PyTorch powerSGD_hook", _torch_hook(("default_hooks", "powerSGD_hook"), _powersgd_hook, bucket_cap_mb=1 << 14)
     ),
     "torch-powersgd-r4": MethodSpec(
         "PyTorch powerSGD_hook rank 4",
-        _torch_hook("powerSGD_hook", partial(_powersgd_hook, rank=4), bucket_cap_mb=1 << 14),
+        _torch_hook(("default_hooks", "powerSGD_hook"), partial(_powersgd_hook, rank=4), bucket_cap_mb=1 << 14),
     ),
     "gradiveq": MethodSpec("commcomp GradiVeQ", _commcomp("gradiveq", from_options=gradiveq_options)),
     "fp16": MethodSpec("commcomp fp16", _commcomp("fp16")),

@@ -23,7 +23,13 @@ from benchmarks.workloads import get_workload  # noqa: E402
 
 WIDTH = 24  # CNN1D(24): its two 1,728-value conv weights are big enough for GradiVeQ to compress
 STEPS = 6
-OPTIONS = {"gradiveq_warmup_steps": 1, "gradiveq_sample_steps": 2, "gradiveq_compress_steps": 100, "seed": 3}
+OPTIONS = {
+    "gradiveq_warmup_steps": 1,
+    "gradiveq_sample_steps": 2,
+    "gradiveq_compress_steps": 100,
+    "powersgd_start": 3,
+    "seed": 3,
+}
 
 
 def _train(rank: int, world_size: int, methods: list[str]) -> list[dict]:
@@ -38,7 +44,7 @@ def _grad_values() -> int:
 
 
 def test_training_records_and_bytes() -> None:
-    methods = ["fp32", "torch-fp16", "gradiveq"]
+    methods = ["fp32", "torch-fp16", "gradiveq", "torch-powersgd"]
     ranks = run(_train, 2, methods, timeout=120)
     rows = report.derive(ranks[0])
     values = _grad_values()
@@ -55,6 +61,8 @@ def test_training_records_and_bytes() -> None:
     gq = by["gradiveq"]["bytes_per_step_series"]
     assert gq[:3] == [gq[0], gq[1], gq[1]] and gq[1] >= 4 * values  # warm-up (+ option check), sampling
     assert max(gq[4:]) < 4 * values / 2, gq  # compressed steps (step 3 also broadcasts the fitted bases)
+    psgd = by["torch-powersgd"]["bytes_per_step_series"]  # plain all-reduce (default_hooks) until step 3
+    assert psgd[:3] == [4 * values] * 3 and max(psgd[3:]) < 4 * values / 2, psgd
     assert by["fp32"]["speedup"] == pytest.approx(1.0)
     # symmetric methods: every rank hands over the same bytes (GradiVeQ's broadcast counts on its source only)
     assert [r["bytes_per_step_series"] for r in ranks[1][:2]] == [r["bytes_per_step_series"] for r in ranks[0][:2]]
