@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -207,7 +208,7 @@ class PQASGD:
         self._raise_if_nonfinite(total[-self.comm.world_size :])
         return total[: flat.numel()]
 
-    def _nonfinite(self, tensors: list[torch.Tensor]) -> bool:
+    def _nonfinite(self, tensors: Sequence[torch.Tensor]) -> bool:
         return self.check_finite and not all(bool(torch.isfinite(t).all()) for t in tensors)
 
     def _raise_if_nonfinite(self, flags: torch.Tensor) -> None:

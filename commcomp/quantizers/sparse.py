@@ -36,8 +36,8 @@ class _Sparsifier(Quantizer):
         """How many of n values are sent."""
         if n == 0:
             return 0
-        if self.k is not None:
-            return min(self.k, n)
+        if self.ratio is None:
+            return min(self.k or n, n)
         return min(n, max(1, math.ceil(self.ratio * n)))
 
     @staticmethod
