@@ -130,6 +130,8 @@ def make_state(
         )
     if compressor == "gradiveq":
         check_options("compressor 'gradiveq'", GradiVeQState, options)
+        if options.get("sample_quantizer") is not None:
+            raise ValueError("sample_quantizer is supported by the DDP GradiVeQ hook only, not on Horovod yet")
         return HorovodGradiVeQState(error_feedback=error_feedback, check_finite=check_finite, **options)
     if compressor in quantizers.names():
         return HorovodQuantizerState(
