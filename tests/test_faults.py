@@ -24,52 +24,71 @@ WORKER = str(ROOT / "launch" / "workers" / "train_ckpt.py")
 AVAILABLE, WHY = Cluster.available()
 needs_netns = pytest.mark.skipif(not AVAILABLE, reason=f"emulated cluster unavailable: {WHY}")
 
-STEPS, EVERY, KILL_AFTER = 32, 4, 12  # checkpoints at 4, 8, ..., 28; the kill comes after the one at 12
+# Checkpoints after steps 8, 16 and 24, all in the middle of a compress phase (the schedule refits
+# at steps 5, 13, 21, 29): the resumed run needs the saved basis and error-feedback residuals at once.
+STEPS, EVERY, KILL_AFTER = 32, 8, 16
+ARGS = ["--steps", str(STEPS), "--every", str(EVERY), "--timeout", "20"]
 
 
 def _final(directory: Path) -> list[dict]:
     return [torch.load(directory / f"final.rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@needs_netns
-def test_sigkilled_worker_resumes_from_checkpoint_with_identical_parameters(tmp_path: Path) -> None:
-    """Kill host 1's worker with SIGKILL after the step-12 checkpoint; torchrun (--max-restarts 1)
-    restarts both workers, they load model, optimizer, step and their own GradiVeQ hook state
-    (error-feedback residuals, bases, sampling sums) and finish. The final parameters must equal
-    those of an uninterrupted run bitwise: every step's batch depends only on (rank, step), the
-    checkpoint holds everything a step reads, and a two-rank sum is the same whichever rank comes
-    first, so nothing may differ."""
-    schedule = Schedule(SCHEDULE["warmup_steps"], SCHEDULE["sample_steps"], SCHEDULE["compress_steps"])
-    args = ["--steps", str(STEPS), "--every", str(EVERY), "--timeout", "20"]
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """The same job run straight through (no restarts): each rank's final parameters."""
+    directory = tmp_path_factory.mktemp("uninterrupted")
     with Cluster(hosts=2, rate_mbit=100) as c:
-        launch_torchrun(c, WORKER, [*args, "--dir", str(tmp_path / "straight")], timeout=120, stream=False)
+        launch_torchrun(c, WORKER, [*ARGS, "--dir", str(directory)], timeout=120, stream=False)
+    return _final(directory)
+
+
+@needs_netns
+@pytest.mark.parametrize("host", [1, 0], ids=["host1", "host0-rendezvous"])
+def test_sigkilled_worker_resumes_from_checkpoint_with_identical_parameters(
+    uninterrupted: list[dict], tmp_path: Path, host: int
+) -> None:
+    """SIGKILL the worker on `host` after the step-16 checkpoint; torchrun (--max-restarts 1)
+    restarts both workers, they load model, optimizer, step and their own GradiVeQ hook state
+    (error-feedback residuals, bases, sampling sums) and finish. Host 0 also runs the rendezvous
+    agent, and its worker usually is rank 0, whose process holds the workers' store.
+
+    The final parameters must equal those of the uninterrupted run bitwise: every step's batch
+    depends only on (rank, step), the checkpoint holds everything a step reads, each rank loads
+    the files of its own rank number, and the all-reduce adds the ranks' contributions in an order
+    fixed by the rank numbers and the world size, which the restart does not change."""
+    schedule = Schedule(SCHEDULE["warmup_steps"], SCHEDULE["sample_steps"], SCHEDULE["compress_steps"])
+    with Cluster(hosts=2, rate_mbit=100) as c:
         job = start_torchrun(
             c,
             WORKER,
-            [*args, "--dir", str(tmp_path / "killed"), "--step-delay", "0.15"],
+            [*ARGS, "--dir", str(tmp_path), "--step-delay", "0.15"],
             max_restarts=1,
             timeout=150,
             stream=False,
         )
         with job:
-            # host 1 finishing step KILL_AFTER + 1 means every rank got past checkpoint KILL_AFTER
-            job.wait_for(rf"STEP {KILL_AFTER + 1} rank", hosts=[1], timeout=90)
-            pids = re.findall(r"STEP (\d+) rank \d+ attempt 0 pid (\d+)", job.output(1))
+            # `host` finishing step KILL_AFTER + 1 means every rank got past checkpoint KILL_AFTER
+            job.wait_for(rf"STEP {KILL_AFTER + 1} rank", hosts=[host], timeout=90)
+            pids = re.findall(r"STEP (\d+) rank \d+ attempt 0 pid (\d+)", job.output(host))
             last_step, pid = int(pids[-1][0]), int(pids[-1][1])
             assert last_step < STEPS, "the worker finished before it could be killed; raise --step-delay"
-            os.kill(pid, signal.SIGKILL)  # a real, uncatchable kill of host 1's worker process
+            os.kill(pid, signal.SIGKILL)  # a real, uncatchable kill of that host's worker process
             result = job.wait()
     assert result.returncodes == [0, 0]
     out = "".join(result.outputs)
-    restarted = re.findall(r"START rank \d+ attempt 1 pid \d+ resume (\d+)", result.outputs[1])
-    assert restarted, "host 1's agent did not restart its killed worker"
-    # host 0's worker is restarted too (as a membership change, so its attempt count may stay 0)
+    restarted = re.findall(r"START rank \d+ attempt 1 pid \d+ resume (\d+)", result.outputs[host])
+    assert restarted, f"host {host}'s agent did not restart its killed worker"
+    assert "exitcode: -9" in result.outputs[host]  # torchrun saw its worker die of SIGKILL
+    # the other host's worker is restarted too (if it did not fail itself, as a membership change,
+    # and its attempt count stays 0)
     resumed = [int(s) for s in re.findall(r"START rank \d+ attempt \d+ pid \d+ resume ([1-9]\d*)", out)]
     assert len(resumed) == 2 and len(set(resumed)) == 1 and KILL_AFTER <= resumed[0] < STEPS, resumed
+    assert schedule.phase(resumed[0] - 1) == schedule.phase(resumed[0]) == "compress"  # mid-phase
     refits = [t for t in range(STEPS) if schedule.refit(t)]
     assert any(t < resumed[0] for t in refits) and any(t >= resumed[0] for t in refits)  # bases saved and refitted
-    straight, killed = _final(tmp_path / "straight"), _final(tmp_path / "killed")
-    assert straight[0]["compressed_layers"] > 0  # GradiVeQ really compressed something
+    killed = _final(tmp_path)
+    assert uninterrupted[0]["compressed_layers"] > 0  # GradiVeQ really compressed something
     for r in range(2):
-        assert torch.equal(straight[r]["params"], straight[0]["params"])  # ranks agree
-        assert torch.equal(killed[r]["params"], straight[0]["params"]), f"rank {r}: resumed run differs"
+        assert torch.equal(uninterrupted[r]["params"], uninterrupted[0]["params"])  # ranks agree
+        assert torch.equal(killed[r]["params"], uninterrupted[0]["params"]), f"rank {r}: resumed run differs"

@@ -1,6 +1,6 @@
 """A restartable commcomp training job: DDP + GradiVeQ (error feedback) on MNIST-1D, with checkpoints.
 
-    torchrun --max-restarts 1 ... launch/workers/train_ckpt.py --dir DIR [--steps 32] [--every 4]
+    torchrun --max-restarts 1 ... launch/workers/train_ckpt.py --dir DIR [--steps 32] [--every 8]
                                                                [--step-delay S] [--timeout S]
 
 Every rank trains the same 1-D CNN (commcomp.data.CNN1D) on its own deterministic batch for each
@@ -68,7 +68,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dir", type=Path, required=True, help="checkpoint and output directory (shared)")
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--every", type=int, default=4, help="checkpoint every this many steps")
+    parser.add_argument("--every", type=int, default=8, help="checkpoint every this many steps")
     parser.add_argument("--step-delay", type=float, default=0.0, help="seconds to sleep after each step")
     parser.add_argument("--timeout", type=float, default=None)
     opts = parser.parse_args()
