@@ -9,9 +9,8 @@ the same thing whether or not the job was restarted before it. The GradiVeQ sche
 (warm-up 2, sample 3, compress 5), so bases are refitted every 8 steps.
 
 Every `--every` steps the job checkpoints into DIR, atomically (a temporary file, then os.replace):
-  ckpt-<step>.rank<r>.pt   rank r's model, optimizer, step and GradiVeQ hook state (error-feedback
-                           residuals and sampling statistics differ per rank, so each rank keeps its own)
-                           (the two newest are kept)
+  ckpt-<step>.rank<r>.pt   rank r's model, optimizer, step and GradiVeQ hook state (the error-feedback
+                           residuals differ per rank, so each rank keeps its own); the two newest stay
   latest                   the step of the newest checkpoint that every rank finished writing,
                            written by rank 0 after a barrier
 On start, a rank that finds `latest` loads its own file of that step and continues from there.
@@ -41,7 +40,7 @@ from launch.dist import finish, init_from_env
 
 __all__ = ["atomic_save", "latest_step", "main"]
 
-SCHEDULE = dict(warmup_steps=2, sample_steps=3, compress_steps=5, fit_slices=64, error_feedback=True)
+SCHEDULE: dict[str, Any] = dict(warmup_steps=2, sample_steps=3, compress_steps=5, fit_slices=64, error_feedback=True)
 BATCH = 32
 
 
@@ -86,6 +85,8 @@ def main() -> int:
     net = CNN1D(channels=32).to(info.device)
     ddp = DDP(net)
     state = commcomp.register(ddp, "gradiveq", **SCHEDULE)
+    if not isinstance(state, commcomp.GradiVeQState):
+        raise TypeError(f"expected a GradiVeQState from commcomp.register, got {type(state).__name__}")
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
 
     start = latest_step(opts.dir) or 0
