@@ -1,4 +1,4 @@
-"""Count the bytes PyTorch's own DDP hooks hand to collectives.
+"""Count the bytes PyTorch's own DDP hooks (and MoE layers) hand to collectives.
 
 PyTorch's `fp16_compress_hook` and `powerSGD_hook` call `torch.distributed.all_reduce` through the
 name `dist` in their modules. `count_collectives(module)` puts a `CountingDist` there for the
@@ -44,6 +44,10 @@ class CountingDist:
     def all_gather(self, tensor_list: list[torch.Tensor], tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         self._count(tensor)
         return dist.all_gather(tensor_list, tensor, *args, **kwargs)
+
+    def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self._count(input)
+        return dist.all_to_all_single(output, input, *args, **kwargs)
 
     def broadcast(self, tensor: torch.Tensor, src: int, *args: Any, **kwargs: Any) -> Any:
         group = kwargs.get("group", args[0] if args else None)

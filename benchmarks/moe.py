@@ -41,7 +41,6 @@ from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-from unittest.mock import patch
 
 import torch
 import torch.distributed as dist
@@ -51,9 +50,10 @@ if __package__ in (None, ""):  # run as a script: make `commcomp` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import commcomp.moe.alltoall as commcomp_alltoall
+from benchmarks.counting import CountingDist, count_collectives
 from commcomp.moe import MoE, feed_forward
 
-__all__ = ["fairscale_problem", "main", "measure", "report", "run_moe_benchmark", "spawn"]
+__all__ = ["fairscale_problem", "main", "measure", "report", "run_moe_benchmark", "run_moe_cluster_benchmark", "spawn"]
 
 VARIANTS = {"commcomp": None, "commcomp-fp16": torch.float16, "commcomp-bf16": torch.bfloat16}
 
@@ -67,12 +67,12 @@ def fairscale_problem() -> str | None:
     return None
 
 
-class A2ACounter:
-    """Stands in for `torch.distributed` in a module: counts what all_to_all_single and all_gather
-    are handed (all bytes, and the bytes bound for other ranks), then calls the real collective."""
+class A2ACounter(CountingDist):
+    """`benchmarks.counting.CountingDist` (all bytes handed to a collective, in `bytes_sent`) that
+    also counts, in `remote`, the bytes of all_to_all_single and all_gather bound for other ranks."""
 
     def __init__(self) -> None:
-        self.sent = 0
+        super().__init__()
         self.remote = 0
 
     def all_to_all_single(
@@ -87,21 +87,14 @@ class A2ACounter:
         row = input[0].numel() * input.element_size() if input.dim() and input.shape[0] else 0
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         own = input_split_sizes[rank] * row if input_split_sizes else input.shape[0] // world * row
-        nbytes = input.numel() * input.element_size()
-        self.sent += nbytes
-        self.remote += nbytes - own
-        return dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=group, **kw)
+        self.remote += input.numel() * input.element_size() - own
+        return super().all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=group, **kw)
 
     def all_gather(
         self, tensor_list: list[Tensor], tensor: Tensor, group: dist.ProcessGroup | None = None, **kw: Any
     ) -> Any:
-        nbytes = tensor.numel() * tensor.element_size()
-        self.sent += nbytes
-        self.remote += nbytes * (dist.get_world_size(group) - 1)
-        return dist.all_gather(tensor_list, tensor, group=group, **kw)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(dist, name)
+        self.remote += tensor.numel() * tensor.element_size() * (dist.get_world_size(group) - 1)
+        return super().all_gather(tensor_list, tensor, group=group, **kw)
 
 
 def _layers(experts: int, d_model: int, hidden: int, with_fairscale: bool) -> dict[str, nn.Module]:
@@ -183,18 +176,20 @@ def measure(
                 layer.zero_grad()
                 dist.barrier()
                 counter = A2ACounter()
-                with patch.object(module, "dist", counter):
+                with count_collectives(module, counter=counter):
                     start, cpu_start = time.perf_counter(), time.process_time()
                     y = _step(name, layer, x)
                     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
                 if i == 0:
                     outputs[name] = (y.detach(), x.grad)
-                if isinstance(layer, MoE) and world > 1 and layer.stats.last.bytes_sent != counter.sent:
-                    raise RuntimeError(f"{name}: stats say {layer.stats.last.bytes_sent} bytes, counted {counter.sent}")
+                if isinstance(layer, MoE) and world > 1 and layer.stats.last.bytes_sent != counter.bytes_sent:
+                    raise RuntimeError(
+                        f"{name}: stats say {layer.stats.last.bytes_sent} bytes, counted {counter.bytes_sent}"
+                    )
                 if i >= warmup:
                     times.append(_max_over_ranks(elapsed))
                     cpu_times.append(_max_over_ranks(cpu))
-                    sent.append(counter.sent)
+                    sent.append(counter.bytes_sent)
                     remote.append(counter.remote)
             median = statistics.median(times)
             row = {
@@ -336,8 +331,11 @@ def run_moe_benchmark(
     warmup: int = 2,
     out_dir: str | Path = "results/moe",
     with_fairscale: bool = True,
+    note: str = "",
 ) -> list[dict[str, Any]]:
-    """Spawn each world size on local gloo processes, measure, and write the report; returns the rows."""
+    """Spawn each world size on local gloo processes, measure, and write the report; returns the rows.
+
+    `note` is stored in the report's meta (e.g. why a cluster run fell back to local processes)."""
     problem = fairscale_problem() if with_fairscale else None
     if problem:
         print(f"fairscale left out: {problem}")
@@ -346,27 +344,91 @@ def run_moe_benchmark(
     for world in world_sizes:
         args = (experts, tokens, d_model, hidden, steps, warmup, with_fairscale and problem is None)
         rows += spawn(measure, world, *args)
-    report(rows, out_dir, _meta({**settings, "launcher": "spawn", "world_sizes": list(world_sizes)}))
+    meta = {**settings, "launcher": "spawn", "world_sizes": list(world_sizes), **({"note": note} if note else {})}
+    report(rows, out_dir, _meta(meta))
+    return rows
+
+
+def run_moe_cluster_benchmark(
+    world_sizes: Sequence[int] = (2, 4),
+    experts: Sequence[int] = (4, 8),
+    tokens: int = 1024,
+    d_model: int = 128,
+    hidden: int = 512,
+    steps: int = 5,
+    warmup: int = 1,
+    out_dir: str | Path = "results/moe-cluster",
+    with_fairscale: bool = True,
+    rate_mbit: float = 100.0,
+    timeout: float = 900.0,
+) -> list[dict[str, Any]]:
+    """The same measurements on the emulated multi-host cluster (`launch.Cluster`): for each world
+    size W, W hosts whose links are shaped to `rate_mbit`, one torchrun agent and one rank per host.
+    Each job's rank 0 writes its rows into a temporary directory; they are merged into one report
+    in `out_dir`. Where namespaces cannot be created, runs on local processes instead and says so.
+    Returns the rows."""
+    from launch import Cluster, launch_torchrun
+
+    if not rate_mbit > 0:
+        raise ValueError(f"rate_mbit must be positive, got {rate_mbit!r}")
+    sizes = (tokens, d_model, hidden, steps, warmup)
+    ok, reason = Cluster.available()
+    if not ok:
+        note = f"emulated cluster unavailable ({reason}): ran on local processes instead"
+        print(note)
+        return run_moe_benchmark(world_sizes, experts, *sizes, out_dir, with_fairscale, note=note)
+    problem = fairscale_problem() if with_fairscale else None
+    if problem:
+        print(f"fairscale left out: {problem}")
+    options = ["--tokens", "--d-model", "--hidden", "--steps", "--warmup"]
+    args = ["--torchrun", "--experts", *map(str, experts), *(f"{o}={v}" for o, v in zip(options, sizes, strict=True))]
+    args += ["--no-fairscale"] if not with_fairscale or problem else []
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="commcomp-moe-") as tmp:
+        for world in world_sizes:
+            out = Path(tmp) / f"w{world}"
+            with Cluster(hosts=world, rate_mbit=rate_mbit) as cluster:
+                launch_torchrun(cluster, str(Path(__file__).resolve()), [*args, "--out", str(out)], timeout=timeout)
+            rows += json.loads((out / "moe.json").read_text())["rows"]
+    settings = dict(zip(("tokens", "d_model", "hidden", "steps", "warmup"), sizes, strict=True))
+    launcher = f"torchrun on the emulated cluster: one host per rank, links shaped to {rate_mbit} Mbit/s"
+    report(
+        rows,
+        out_dir,
+        _meta({**settings, "launcher": launcher, "rate_mbit": rate_mbit, "world_sizes": list(world_sizes)}),
+    )
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4], help="local runs (not with --torchrun)")
-    p.add_argument("--experts", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--world-sizes", type=int, nargs="+", help="not with --torchrun; default 1 2 4 (--cluster: 2 4)")
+    p.add_argument("--experts", type=int, nargs="+", help="default 4 8 16 (--cluster: 4 8)")
     p.add_argument("--tokens", type=int, default=1024, help="tokens per rank per step")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--hidden", type=int, default=512, help="expert hidden width")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, help="default 10 (--cluster: 5)")
+    p.add_argument("--warmup", type=int, help="default 2 (--cluster: 1)")
     p.add_argument("--no-fairscale", action="store_true")
     p.add_argument("--torchrun", action="store_true", help="this process is one rank of a torchrun job")
-    p.add_argument("--out", default="results/moe")
+    p.add_argument("--cluster", action="store_true", help="one emulated host (torchrun agent) per rank")
+    p.add_argument("--rate-mbit", type=float, default=100.0, help="link rate of every host with --cluster")
+    p.add_argument("--out", help="default results/moe (--cluster: results/moe-cluster)")
     a = p.parse_args(argv)
+    if a.torchrun and a.cluster:
+        p.error("--torchrun (one rank of a job) and --cluster (start the jobs) exclude each other")
+    small = a.cluster  # the cluster's defaults keep a run to a few minutes
+    world_sizes = a.world_sizes or ([2, 4] if small else [1, 2, 4])
+    a.experts = a.experts or ([4, 8] if small else [4, 8, 16])
+    a.steps = a.steps if a.steps is not None else (5 if small else 10)
+    a.warmup = a.warmup if a.warmup is not None else (1 if small else 2)
+    a.out = a.out or ("results/moe-cluster" if small else "results/moe")
+    sizes = (a.tokens, a.d_model, a.hidden, a.steps, a.warmup)
+    if a.cluster:
+        run_moe_cluster_benchmark(world_sizes, a.experts, *sizes, a.out, not a.no_fairscale, a.rate_mbit)
+        return
     if not a.torchrun:
-        run_moe_benchmark(
-            a.world_sizes, a.experts, a.tokens, a.d_model, a.hidden, a.steps, a.warmup, a.out, not a.no_fairscale
-        )
+        run_moe_benchmark(world_sizes, a.experts, *sizes, a.out, not a.no_fairscale)
         return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=600))
