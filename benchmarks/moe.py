@@ -31,6 +31,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue
 import shutil
 import statistics
 import sys
@@ -245,7 +246,15 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 3600)
     try:
         for p in procs:
             p.start()
-        status, value = results.get(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:  # poll, so that a worker dying before it can report does not leave us waiting
+            try:
+                status, value = results.get(timeout=2)
+                break
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError(f"ranks {dead} exited without a result" if dead else "timed out") from None
         if status != "ok":
             raise RuntimeError(value)
         for p in procs:
