@@ -140,14 +140,15 @@ def test_commcomp_compressor_inside_plain_horovod_optimizer(suite):
         torch.testing.assert_close(fp16, fp32, rtol=0, atol=1e-3)
 
 
+@pytest.mark.timeout(1500)
 def test_mnist1d_gradiveq_within_one_point_of_horovod_fp32(tmp_path):
-    results = launch("mpirun", 4, "convergence", tmp_path, timeout=600)
+    results = launch("mpirun", 4, "convergence", tmp_path, timeout=1200)
     fp32, gradiveq = results[0]["horovod-fp32"], results[0]["gradiveq"]
     print(
         f"MNIST-1D, 4 Horovod ranks: fp32 {fp32['accuracy']:.4f}, gradiveq {gradiveq['accuracy']:.4f}, "
         f"bytes ratio {gradiveq['stats']['total']['compression_ratio']:.2f}x"
     )
     assert all(r[m]["identical"] for r in results for m in ("horovod-fp32", "gradiveq"))
-    assert fp32["accuracy"] > 0.6  # the reference really trained
+    assert fp32["accuracy"] > 0.85  # the reference really trained
     assert gradiveq["accuracy"] >= fp32["accuracy"] - 0.01
     assert gradiveq["stats"]["total"]["compression_ratio"] > 1.0  # fewer bytes than fp32 overall
