@@ -1,2 +1,2 @@
 """commcomp's benchmarks: training comparison (train.py, driven by run.py) and collective bandwidth
-(collectives.py). See docs/sections/benchmarks.md."""
+(collectives.py). See the README, "Benchmarks"."""

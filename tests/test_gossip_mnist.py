@@ -84,7 +84,7 @@ def test_compressed_gossip_matches_allreduce_on_mnist1d() -> None:
     for label in ("choco-qsgd4", "choco-sign", "dcd-qsgd8"):
         assert res[0][label]["consensus"] >= baseline - 0.015, (label, res[0][label], baseline)
         assert all(r[label]["consensus"] == res[0][label]["consensus"] for r in res)  # one consensus model
-    # ECD is run and reported, not held to the bar (see docs/sections/gossip.md)
+    # ECD is run and reported, not held to the bar (see the README, "Decentralized training")
     assert "consensus" in res[0]["ecd-qsgd8"]
     for label in ("choco-qsgd4", "choco-sign", "dcd-qsgd8"):
         assert res[0][label]["bytes_per_step"] < res[0][label]["dense_per_step"]
