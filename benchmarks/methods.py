@@ -232,6 +232,16 @@ METHODS: dict[str, MethodSpec] = {
         _commcomp("topk", {"ratio": 0.01, "error_feedback": True}),
         requires="commcomp.quantizers:topk",
     ),
+    "sign": MethodSpec(
+        "commcomp sign + EF",
+        _commcomp("sign", {"error_feedback": True}),
+        requires="commcomp.quantizers:sign",
+    ),
+    "randk1": MethodSpec(
+        "commcomp random-1% (shared seed, all-reduce) + EF",
+        _commcomp("randk", {"ratio": 0.01, "error_feedback": True}),
+        requires="commcomp.quantizers:randk",
+    ),
     "pqasgd": MethodSpec("commcomp PQASGD p=4 QSGD 4-bit", _pqasgd, requires="commcomp.pqasgd"),
     "choco": MethodSpec(
         "commcomp CHOCO-SGD sign, ring",
