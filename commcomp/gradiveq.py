@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -100,9 +100,7 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if self.warmup < 0 or self.sample < 1 or self.compress < 0:
-            raise ValueError(
-                f"schedule needs warmup_steps >= 0, sample_steps >= 1, compress_steps >= 0; got {self}"
-            )
+            raise ValueError(f"schedule needs warmup_steps >= 0, sample_steps >= 1, compress_steps >= 0; got {self}")
 
     def phase(self, step: int) -> str:
         """'warmup', 'sample' or 'compress' for a 0-based step."""
@@ -148,9 +146,7 @@ class LayerCodec:
         self.sum += x.sum(0)
         self.outer += x.T @ x
 
-    def fit(
-        self, energy_threshold: float, max_components: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def fit(self, energy_threshold: float, max_components: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigendecompose the sample covariance; return (U [K, d], mu [K]) in float64 and reset the sums.
 
         d is the smallest count whose eigenvalues hold >= 1 - energy_threshold of the variance
@@ -216,7 +212,7 @@ class LayerCodec:
         x = coeffs.float() @ u.T + mu / world_size
         return self.plan.join(x.to(rest.dtype), rest)
 
-    def state_dict(self) -> dict[str, object]:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "count": self.count,
             "sum": self.sum,
@@ -226,13 +222,13 @@ class LayerCodec:
             "energy": self.energy,
         }
 
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        self.count = int(state["count"])  # type: ignore[call-overload]
-        self.sum = state["sum"].clone()  # type: ignore[union-attr]
-        self.outer = state["outer"].clone()  # type: ignore[union-attr]
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count = int(state["count"])
+        self.sum = state["sum"].clone()
+        self.outer = state["outer"].clone()
         basis, mean = state["basis"], state["mean"]
         if isinstance(basis, torch.Tensor) and isinstance(mean, torch.Tensor):
-            self.set_basis(basis.clone(), mean.clone(), float(state["energy"]))  # type: ignore[arg-type]
+            self.set_basis(basis.clone(), mean.clone(), float(state["energy"]))
 
 
 class FitOptions(Protocol):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -203,7 +204,7 @@ class GossipAlgorithm(ABC):
         self.stats.decoded(dec.seconds)
         return own, theirs
 
-    def exchange_exact(self, tensors: Tensors) -> list[Tensors]:
+    def exchange_exact(self, tensors: Sequence[torch.Tensor]) -> list[Tensors]:
         """Send `tensors` uncompressed (used once to initialise replicas); return the neighbours'."""
         payloads = [Payload([t.detach().reshape(-1).clone()], t.shape, t.dtype) for t in tensors]
         received = self.transport.exchange(pack_payloads(payloads))

@@ -31,7 +31,9 @@ class Transport(Protocol):
     rank: int
     world_size: int
     topology: Topology
-    bytes_sent: int
+
+    @property
+    def bytes_sent(self) -> int: ...
 
     def exchange(self, data: torch.Tensor) -> list[torch.Tensor]:
         """Send the 1-D uint8 `data` to every neighbour; return what each sent, in
