@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set everything up (scripts/setup.sh) and run the whole test suite: lint, then pytest.
+# Set everything up (scripts/setup.sh) and run the whole test suite: lint (ruff), types (mypy), then pytest.
 # Exits non-zero on any failure, and also when any test was skipped (a skipped component is a failure).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -8,5 +8,7 @@ bash scripts/setup.sh
 export OMP_NUM_THREADS=1
 echo "[test] ruff check"
 .venv/bin/ruff check commcomp launch benchmarks tests
+echo "[test] mypy"
+.venv/bin/mypy
 echo "[test] pytest"
 .venv/bin/pytest -q -ra --durations=15 "$@"
