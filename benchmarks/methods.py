@@ -253,6 +253,21 @@ METHODS: dict[str, MethodSpec] = {
         _gossip("dcd", topology="ring", quantizer="qsgd", bits=8),
         requires="commcomp.gossip",
     ),
+    "choco-qsgd4": MethodSpec(
+        "commcomp CHOCO-SGD QSGD 4-bit, ring",
+        _gossip("choco", topology="ring", quantizer="qsgd", bits=4, consensus_step=0.4),
+        requires="commcomp.gossip",
+    ),
+    "ecd": MethodSpec(
+        "commcomp ECD-PSGD QSGD 8-bit, ring",
+        _gossip("ecd", topology="ring", quantizer="qsgd", bits=8),
+        requires="commcomp.gossip",
+    ),
+    "dpsgd": MethodSpec(
+        "commcomp D-PSGD (uncompressed gossip), ring",
+        _gossip("dpsgd", topology="ring"),
+        requires="commcomp.gossip",
+    ),
 }
 
 
