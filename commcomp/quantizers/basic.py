@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from commcomp.quantizers.base import Payload, Quantizer, check_floating
@@ -43,9 +41,6 @@ class Cast(Quantizer):
 
     def decompress(self, payload: Payload) -> torch.Tensor:
         return payload.tensors[0].to(payload.dtype).view(payload.shape)
-
-    def options(self) -> dict[str, Any]:
-        return {}
 
 
 @QUANTIZERS.register("fp16")
