@@ -1,0 +1,197 @@
+"""Codec speed on one CPU core: encode and decode throughput next to a plain copy, and the hook path.
+
+    python -m benchmarks.codecs                         # 1, 4, 16, 64 MB; hook path at 4 ranks
+    python -m benchmarks.codecs --sizes 4 --reps 3 --codecs qsgd4,topk1
+
+Part 1 (one codec, one dense float32 tensor of the given size): seconds of `compress`, of
+`decompress` of one payload, and of a plain copy of the same tensor into a preallocated buffer
+(`dst.copy_(src)`, memory speed); GB/s = dense bytes / seconds; "x copy" = seconds / copy seconds.
+
+Part 2 (the hook path, one rank's view of an N-rank step): the gradients of the benchmark's mlp
+(784-2048-2048-10, 5.8M values) go through the DDP hook's own codec: encode once (with error
+feedback where the method uses it), then decode what N ranks sent (the all-gathered bytes of N
+ranks, or the all-reduced sum once, or the shared-grid codes once). The collective itself is not
+run: its result is prepared before timing. Reported: encode, decode and total milliseconds and
+total / the copy of the same gradients. The target is total <= 20x copy.
+
+Everything runs in this process with torch.set_num_threads(1). Results: a table and codecs.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from commcomp import quantizers
+
+__all__ = ["CODECS", "MLP_SHAPES", "codec_rows", "format_table", "main"]
+
+# name -> (quantizer, options); "gradiveq" is the GradiVeQ layer codec with a fixed basis
+CODECS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fp16": ("fp16", {}),
+    "bf16": ("bf16", {}),
+    "qsgd2": ("qsgd", {"bits": 2}),
+    "qsgd4": ("qsgd", {"bits": 4}),
+    "qsgd8": ("qsgd", {"bits": 8}),
+    "topk1": ("topk", {"ratio": 0.01}),
+    "randk1": ("randk", {"ratio": 0.01, "rescale": False}),
+    "sign": ("sign", {}),
+    "gradiveq": ("gradiveq", {}),
+}
+GRADIVEQ_K, GRADIVEQ_D = 1024, 64  # slices of 1024 values, 64 components (K/d = 16)
+MLP_SHAPES = [(2048, 784), (2048,), (2048, 2048), (2048,), (10, 2048), (10,)]
+
+
+def seconds(fn: Callable[[], Any], reps: int) -> float:
+    """Median wall-clock seconds of fn() over `reps` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class _GradiVeQ:
+    """GradiVeQ's layer codec on [n / K, K] slices with a fixed orthonormal basis (d = 64)."""
+
+    def __init__(self, n: int) -> None:
+        from commcomp.gradiveq import LayerCodec, plan_slices
+
+        plan = plan_slices((n // GRADIVEQ_K, GRADIVEQ_K), GRADIVEQ_K, GRADIVEQ_K, 1)
+        if plan is None:
+            raise ValueError(f"{n} values are too few for GradiVeQ slices of {GRADIVEQ_K}")
+        self.codec = LayerCodec(plan)
+        basis, _ = torch.linalg.qr(torch.randn(GRADIVEQ_K, GRADIVEQ_D, generator=torch.Generator().manual_seed(0)))
+        self.codec.set_basis(basis.double(), torch.zeros(GRADIVEQ_K, dtype=torch.float64))
+
+    def compress(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.codec.compress(x.view(-1, GRADIVEQ_K), 1)
+
+    def decompress(self, payload: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.codec.decompress(*payload)
+
+
+def codec_rows(names: list[str], sizes_mb: list[float], reps: int) -> list[dict[str, Any]]:
+    """Part 1: encode / decode / copy seconds of each codec at each size."""
+    rows = []
+    for mb in sizes_mb:
+        n = int(mb * 1e6 / 4) // GRADIVEQ_K * GRADIVEQ_K
+        x = torch.randn(n, generator=torch.Generator().manual_seed(0))
+        dst = torch.empty_like(x)
+        copy = seconds(partial(dst.copy_, x), reps)
+        for name in names:
+            quantizer, options = CODECS[name]
+            q: Any = _GradiVeQ(n) if quantizer == "gradiveq" else quantizers.get(quantizer, **options)
+            payload = q.compress(x)
+            enc = seconds(partial(q.compress, x), reps)
+            dec = seconds(partial(q.decompress, payload), reps)
+            rows.append(
+                {
+                    "part": "codec",
+                    "codec": name,
+                    "mb": mb,
+                    "values": n,
+                    "copy_s": copy,
+                    "encode_s": enc,
+                    "decode_s": dec,
+                    "encode_gbs": 4 * n / enc / 1e9,
+                    "decode_gbs": 4 * n / dec / 1e9,
+                    "copy_gbs": 4 * n / copy / 1e9,
+                }
+            )
+            print(
+                f"  [codecs] {mb:g} MB {name}: encode {enc * 1e3:.1f} ms, decode {dec * 1e3:.1f} ms, "
+                f"copy {copy * 1e3:.1f} ms",
+                flush=True,
+            )
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Both parts as aligned text tables."""
+    out = []
+    part1 = [r for r in rows if r["part"] == "codec"]
+    if part1:
+        head = ["MB", "codec", "encode GB/s", "decode GB/s", "copy GB/s", "encode x copy", "decode x copy"]
+        body = [
+            [
+                f"{r['mb']:g}",
+                r["codec"],
+                f"{r['encode_gbs']:.2f}",
+                f"{r['decode_gbs']:.2f}",
+                f"{r['copy_gbs']:.2f}",
+                f"{r['encode_s'] / r['copy_s']:.1f}",
+                f"{r['decode_s'] / r['copy_s']:.1f}",
+            ]
+            for r in part1
+        ]
+        out.append(_align(head, body))
+    part2 = [r for r in rows if r["part"] == "hook"]
+    if part2:
+        head = ["method", "ranks", "encode ms", "decode ms", "total ms", "copy ms", "total x copy", "<= 20x"]
+        body = [
+            [
+                r["method"],
+                str(r["ranks"]),
+                f"{r['encode_s'] * 1e3:.1f}",
+                f"{r['decode_s'] * 1e3:.1f}",
+                f"{r['total_s'] * 1e3:.1f}",
+                f"{r['copy_s'] * 1e3:.2f}",
+                f"{r['x_copy']:.1f}",
+                "yes" if r["x_copy"] <= 20 else "no",
+            ]
+            for r in part2
+        ]
+        out.append(_align(head, body))
+    return "\n\n".join(out)
+
+
+def _align(head: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in [head, *body])
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1,4,16,64", help="dense tensor sizes in MB (part 1)")
+    p.add_argument("--codecs", default=",".join(CODECS), help=f"part 1 codecs, from {', '.join(CODECS)}")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per point (median reported)")
+    p.add_argument("--out", default="", help="output directory (default results/<timestamp>)")
+    args = p.parse_args(argv)
+    names = [c for c in args.codecs.split(",") if c]
+    unknown = sorted(set(names) - set(CODECS))
+    if unknown:
+        raise ValueError(f"unknown codec(s) {unknown}; valid names: {', '.join(CODECS)}")
+    from benchmarks.driver import out_dir
+
+    torch.set_num_threads(1)
+    out = out_dir(args.out)
+    rows = codec_rows(names, [float(s) for s in args.sizes.split(",") if s], args.reps)
+    path = out / "codecs.json"
+    meta = {
+        "command": " ".join(["python -m benchmarks.codecs", *(argv if argv is not None else sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch": torch.__version__,
+        "threads": 1,
+    }
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print("\n" + format_table(rows) + f"\n\nresults: {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
