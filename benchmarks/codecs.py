@@ -5,7 +5,8 @@
 
 Part 1 (one codec, one dense float32 tensor of the given size): seconds of `compress`, of
 `decompress` of one payload, and of a plain copy of the same tensor into a preallocated buffer
-(`dst.copy_(src)`, memory speed); GB/s = dense bytes / seconds; "x copy" = seconds / copy seconds.
+(`dst.copy_(src)`, memory speed), measured next to each row because the machine's load varies;
+GB/s = dense bytes / seconds; "x copy" = seconds / copy seconds.
 
 Part 2 (the hook path, one rank's view of an N-rank step): the gradients of the benchmark's mlp
 (784-2048-2048-10, 5.8M values) go through the DDP hook's own codec: encode once (with error
@@ -36,7 +37,7 @@ if __package__ in (None, ""):  # run as a script
 
 from commcomp import quantizers
 
-__all__ = ["CODECS", "MLP_SHAPES", "codec_rows", "format_table", "main"]
+__all__ = ["CODECS", "HOOK_METHODS", "MLP_SHAPES", "codec_rows", "format_table", "hook_rows", "main"]
 
 # name -> (quantizer, options); "gradiveq" is the GradiVeQ layer codec with a fixed basis
 CODECS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -92,8 +93,8 @@ def codec_rows(names: list[str], sizes_mb: list[float], reps: int) -> list[dict[
         n = int(mb * 1e6 / 4) // GRADIVEQ_K * GRADIVEQ_K
         x = torch.randn(n, generator=torch.Generator().manual_seed(0))
         dst = torch.empty_like(x)
-        copy = seconds(partial(dst.copy_, x), reps)
         for name in names:
+            copy = seconds(partial(dst.copy_, x), reps)  # next to every row: the machine's load varies
             quantizer, options = CODECS[name]
             q: Any = _GradiVeQ(n) if quantizer == "gradiveq" else quantizers.get(quantizer, **options)
             payload = q.compress(x)
@@ -118,6 +119,83 @@ def codec_rows(names: list[str], sizes_mb: list[float], reps: int) -> list[dict[
                 f"copy {copy * 1e3:.1f} ms",
                 flush=True,
             )
+    return rows
+
+
+# method -> (quantizer, options incl. error_feedback) for the hook path
+HOOK_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fp16": ("fp16", {}),
+    "bf16": ("bf16", {}),
+    "qsgd2": ("qsgd", {"bits": 2}),
+    "qsgd4": ("qsgd", {"bits": 4}),
+    "qsgd8": ("qsgd", {"bits": 8}),
+    "topk1+ef": ("topk", {"ratio": 0.01, "error_feedback": True}),
+    "randk1+ef": ("randk", {"ratio": 0.01, "rescale": False, "error_feedback": True}),
+    "sign+ef": ("sign", {"error_feedback": True}),
+    "qsgd4_ar": ("qsgd_ar", {"bits": 4}),
+    "sign_ar+ef": ("sign_ar", {"error_feedback": True}),
+}
+
+
+def _sim_state(quantizer: str, options: dict[str, Any], rank: int, world: int) -> Any:
+    """The hook's own QuantizerState, as rank `rank` of `world` without a process group: the
+    agreement of shared-grid quantizers returns the local statistic (same cost, no collective)."""
+    from commcomp.hooks.quantized import QuantizerState
+
+    class Simulated(QuantizerState):
+        @property
+        def rank(self) -> int:
+            return rank
+
+        @property
+        def world_size(self) -> int:
+            return world
+
+        def agree(self, stats: torch.Tensor, op: str) -> torch.Tensor:
+            del op
+            return stats
+
+    return Simulated(quantizer=quantizer, **options)
+
+
+def hook_rows(names: list[str], world: int, reps: int) -> list[dict[str, Any]]:
+    """Part 2: the hook's codec on the mlp's gradients, one rank's encode and decode of N ranks."""
+    from commcomp.hooks.quantized import QuantizedExchange
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(shape, generator=gen) * 1e-3 for shape in MLP_SHAPES]
+    keys = [f"p{i}" for i in range(len(grads))]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dst = torch.empty_like(flat)
+    rows = []
+    for name in names:
+        copy = seconds(partial(dst.copy_, flat), reps)  # next to every row: the machine's load varies
+        quantizer, options = HOOK_METHODS[name]
+        codecs = [QuantizedExchange(_sim_state(quantizer, options, r, world)) for r in range(world)]
+        sent = [c.encode(keys, [g.clone() for g in grads]) for c in codecs]  # what every rank sends
+        if codecs[0].summed:  # the all-reduce's result: the element-wise sum of every rank's parts
+            received = [torch.stack(parts).sum(0) for parts in zip(*(e.parts for e in sent))]
+        else:  # the all-gather's result: every rank's bytes (the engine strips the flag byte)
+            received = [e.parts[0] for e in sent]
+        mine = codecs[0]
+        enc = seconds(partial(mine.encode, keys, grads), reps)
+        out = [g.clone() for g in grads]
+        encoded = mine.encode(keys, out)
+        dec = seconds(partial(mine.decode, received, encoded), reps)
+        rows.append(
+            {
+                "part": "hook",
+                "method": name,
+                "ranks": world,
+                "values": flat.numel(),
+                "copy_s": copy,
+                "encode_s": enc,
+                "decode_s": dec,
+                "total_s": enc + dec,
+                "x_copy": (enc + dec) / copy,
+            }
+        )
+        print(f"  [codecs] hook {name} at {world} ranks: {(enc + dec) / copy:.1f}x copy", flush=True)
     return rows
 
 
@@ -169,18 +247,23 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1,4,16,64", help="dense tensor sizes in MB (part 1)")
     p.add_argument("--codecs", default=",".join(CODECS), help=f"part 1 codecs, from {', '.join(CODECS)}")
+    p.add_argument("--methods", default=",".join(HOOK_METHODS), help=f"part 2 methods, from {', '.join(HOOK_METHODS)}")
+    p.add_argument("--ranks", type=int, default=4, help="ranks whose payloads the hook path decodes (part 2)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per point (median reported)")
     p.add_argument("--out", default="", help="output directory (default results/<timestamp>)")
     args = p.parse_args(argv)
     names = [c for c in args.codecs.split(",") if c]
-    unknown = sorted(set(names) - set(CODECS))
-    if unknown:
-        raise ValueError(f"unknown codec(s) {unknown}; valid names: {', '.join(CODECS)}")
+    methods = [m for m in args.methods.split(",") if m]
+    for given, valid in ((names, CODECS), (methods, HOOK_METHODS)):
+        unknown = sorted(set(given) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown name(s) {unknown}; valid names: {', '.join(valid)}")
     from benchmarks.driver import out_dir
 
     torch.set_num_threads(1)
     out = out_dir(args.out)
     rows = codec_rows(names, [float(s) for s in args.sizes.split(",") if s], args.reps)
+    rows += hook_rows(methods, args.ranks, args.reps)
     path = out / "codecs.json"
     meta = {
         "command": " ".join(["python -m benchmarks.codecs", *(argv if argv is not None else sys.argv[1:])]),

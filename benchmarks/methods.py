@@ -239,7 +239,7 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "randk1": MethodSpec(
         "commcomp random-1% (shared seed, all-reduce) + EF",
-        _commcomp("randk", {"ratio": 0.01, "error_feedback": True}),
+        _commcomp("randk", {"ratio": 0.01, "rescale": False, "error_feedback": True}),  # EF needs it unscaled
         requires="commcomp.quantizers:randk",
     ),
     "pqasgd": MethodSpec("commcomp PQASGD p=4 QSGD 4-bit", _pqasgd, requires="commcomp.pqasgd"),

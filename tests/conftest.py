@@ -24,6 +24,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # `from harness import run` in every test module
 
 MODULES: dict[str, set[str]] = {
+    "test_allreduce_quantizers": {"multiprocess"},
     "test_benchmarks": {"multiprocess"},
     "test_cluster": {"multiprocess"},
     "test_faults": {"multiprocess", "netns", "slow"},
@@ -38,6 +39,7 @@ MODULES: dict[str, set[str]] = {
 }
 
 TESTS: dict[tuple[str, str], set[str]] = {
+    ("test_allreduce_quantizers", "test_convergence_"): {"slow"},
     ("test_benchmarks", "test_driver_local"): {"slow"},
     ("test_cluster", "test_links_are_shaped"): {"netns"},
     ("test_cluster", "test_teardown_leaves_nothing"): {"netns"},

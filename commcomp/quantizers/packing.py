@@ -110,7 +110,28 @@ def per_value(scales: torch.Tensor, bucket_size: int, n: int) -> torch.Tensor:
     return scales.repeat_interleave(bucket_size)[:n]
 
 
-CHUNK_VALUES = 1 << 16  # values worked on at once by chunked encoders and decoders: stays in cache
+CHUNK_VALUES = 1 << 18  # values worked on at once by chunked encoders and decoders: about 1 MB of float32
+_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _byte_table(bits: int, device: torch.device) -> torch.Tensor:
+    """[256, 8/b] float32: the codes stored in each possible byte (decoding 1- and 2-bit codes by one
+    table lookup per byte is cheaper than 8/b shifts)."""
+    table = _TABLES.get((bits, device))
+    if table is None:
+        per, mask = 8 // bits, (1 << bits) - 1
+        rows = [[(byte >> (j * bits)) & mask for j in range(per)] for byte in range(256)]
+        table = _TABLES[(bits, device)] = torch.tensor(rows, dtype=torch.float32, device=device)
+    return table
+
+
+def float_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """`unpack_bits(packed, bits, n)` as float32 (for decoding): [..., bytes] -> [..., n]."""
+    if bits <= 2:
+        lead = packed.shape[:-1]
+        codes = _byte_table(bits, packed.device).index_select(0, packed.reshape(-1).int())
+        return codes.view(*lead, -1)[..., :n]
+    return unpack_bits(packed, bits, n).float()
 
 
 def chunks(buckets: int, bucket_size: int, ranks: int = 1) -> list[tuple[int, int]]:
@@ -140,7 +161,7 @@ def code_sum(
     ranks, B = packed.shape[0], bucket_size
     for b0, b1 in chunks(weights.shape[1], B, ranks):
         v0, v1 = b0 * B, min(b1 * B, n)
-        codes = unpack_bits(packed[:, v0 * bits // 8 : packed_nbytes(v1, bits)], bits, v1 - v0).float()
+        codes = float_codes(packed[:, v0 * bits // 8 : packed_nbytes(v1, bits)], bits, v1 - v0)
         if v1 - v0 < (b1 - b0) * B:  # the last, partial bucket: pad its codes (their weight is moot)
             codes = torch.nn.functional.pad(codes, (0, (b1 - b0) * B - (v1 - v0)))
         part = codes.view(ranks, b1 - b0, B).mul_(weights[:, b0:b1, None]).sum(0)

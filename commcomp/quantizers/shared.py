@@ -28,10 +28,9 @@ import torch
 
 from commcomp.quantizers.base import Payload
 from commcomp.quantizers.checks import check_bits, check_floating, check_positive_int
-from commcomp.quantizers.packing import bucketize
+from commcomp.quantizers.packing import bucketize, chunks
 from commcomp.quantizers.qsgd import stochastic_codes
 from commcomp.quantizers.registry import QUANTIZERS
-from commcomp.quantizers.sign import bucket_counts
 from commcomp.quantizers.stochastic import StochasticQuantizer
 
 __all__ = ["SharedScaleQSGD", "SharedScaleQuantizer", "SignVote", "wire_dtype"]
@@ -127,16 +126,24 @@ class SharedScaleQSGD(SharedScaleQuantizer):
 
     def local_stats(self, tensor: torch.Tensor) -> torch.Tensor:
         check_floating(tensor, self.name)
-        return bucketize(tensor.detach().reshape(-1).float(), self.bucket_size).abs().amax(1)
+        buckets = bucketize(tensor.detach().reshape(-1).float(), self.bucket_size)
+        maxima = torch.empty(buckets.shape[0], device=tensor.device)
+        for b0, b1 in chunks(buckets.shape[0], self.bucket_size):  # in cache, no full-size temporary
+            torch.amax(buckets[b0:b1].abs(), 1, out=maxima[b0:b1])
+        return maxima
 
     def compress_shared(self, tensor: torch.Tensor, agreed: torch.Tensor, world_size: int) -> Payload:
         check_floating(tensor, self.name)
         x = tensor.detach().reshape(-1).float()
-        n, s = x.numel(), self.levels
+        n, s, B = x.numel(), self.levels, self.bucket_size
+        buckets = bucketize(x, B)
         safe = torch.where(agreed > 0, agreed, torch.ones_like(agreed)).float().unsqueeze(1)
-        ratio = torch.div(bucketize(x, self.bucket_size), safe).mul_(s)  # in [-s, s]
-        codes = stochastic_codes(ratio, s, self.generator(x.device)).view(-1)[:n]
-        levels = codes.to(wire_dtype(s, world_size)).sub_(s)
+        levels = torch.empty(n, dtype=wire_dtype(s, world_size), device=x.device)
+        gen = self.generator(x.device)
+        for b0, b1 in chunks(buckets.shape[0], B):
+            v0, v1 = b0 * B, min(b1 * B, n)
+            ratio = torch.div(buckets[b0:b1], safe[b0:b1]).mul_(s)  # in [-s, s]
+            levels[v0:v1] = stochastic_codes(ratio, s, gen).sub_(s).view(-1)[: v1 - v0]
         return Payload([levels], tensor.shape, tensor.dtype, {"scales": agreed})
 
     def decompress(self, payload: Payload) -> torch.Tensor:
@@ -175,8 +182,14 @@ class SignVote(SharedScaleQuantizer):
     def local_stats(self, tensor: torch.Tensor) -> torch.Tensor:
         check_floating(tensor, self.name)
         x = tensor.detach().reshape(-1).float()
-        B = self.bucket_size  # mean |v| as the sum of |v| / B: never above max |v|, so never inf
-        return bucketize(x.abs().mul_(1.0 / B), B).sum(1).mul_(B / bucket_counts(x.numel(), B, x.device))
+        n, B = x.numel(), self.bucket_size
+        buckets = bucketize(x, B)
+        means = torch.empty(buckets.shape[0], device=x.device)
+        for b0, b1 in chunks(buckets.shape[0], B):  # mean |v| as the sum of |v| / B: never above max |v|
+            torch.sum(buckets[b0:b1].abs().mul_(1.0 / B), 1, out=means[b0:b1])
+        if n % B:  # the last bucket averages only its own values
+            means[-1] *= B / (n % B)
+        return means
 
     def compress_shared(self, tensor: torch.Tensor, agreed: torch.Tensor, world_size: int) -> Payload:
         check_floating(tensor, self.name)

@@ -14,16 +14,7 @@ from commcomp.quantizers.checks import check_floating, check_positive_int
 from commcomp.quantizers.packing import bucketize, chunks, code_sum, pack_bits, packed_nbytes
 from commcomp.quantizers.registry import QUANTIZERS
 
-__all__ = ["Sign", "bucket_counts"]
-
-
-def bucket_counts(n: int, bucket_size: int, device: torch.device) -> torch.Tensor:
-    """How many of n values each bucket holds (bucket_size, except maybe the last), as float32."""
-    buckets = -(-n // bucket_size)
-    counts = torch.full((buckets,), float(bucket_size), device=device)
-    if buckets and n % bucket_size:
-        counts[-1] = n % bucket_size
-    return counts
+__all__ = ["Sign"]
 
 
 @QUANTIZERS.register("sign")

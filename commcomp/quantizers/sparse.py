@@ -117,9 +117,11 @@ class TopK(_Sparsifier):
         return Payload([x[indices], indices.to(torch.int32)], tensor.shape, tensor.dtype)
 
     def decode_sum(self, batch: Payload, out: torch.Tensor) -> torch.Tensor:
-        """One scatter-add of every rank's values at every rank's indices."""
+        """One scatter-add of every rank's values at every rank's indices (accumulating index_put_,
+        which adds in a fixed order also on CUDA, so every rank gets bitwise the same sum)."""
         values, indices = batch.tensors  # [N, k] each
-        return out.zero_().index_add_(0, indices.reshape(-1), values.reshape(-1).float())
+        flat = (indices.reshape(-1).long(),)
+        return out.zero_().index_put_(flat, values.reshape(-1).float(), accumulate=True)
 
 
 @QUANTIZERS.register("randk")
