@@ -491,3 +491,14 @@ def test_shared_quantizers_refuse_compress_without_agreement() -> None:
         assert q.linear
         with pytest.raises(RuntimeError, match="agrees on its grid"):
             q.compress(torch.randn(10))
+
+
+@pytest.mark.parametrize("name,options", CONFIGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_error_is_what_decompress_dropped(name: str, options: dict, dtype: torch.dtype) -> None:
+    q = _make(name, options)
+    x = torch.randn(3, 101).to(dtype)
+    payload = q.compress(x)
+    err = q.error(x, payload)
+    assert err.dtype == dtype and err.shape == x.shape
+    assert torch.equal(err, x - q.decompress(payload).to(dtype))

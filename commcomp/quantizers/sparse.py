@@ -58,6 +58,12 @@ def random_subset(n: int, k: int, generator: torch.Generator, device: torch.devi
     return draws[torch.randperm(draws.numel(), generator=generator, device=device)[:k]]
 
 
+def _without(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor` with the values at the flat `indices` set to zero."""
+    flat = tensor.detach().clone(memory_format=torch.contiguous_format).view(-1)
+    return flat.index_fill_(0, indices.long(), 0).view(tensor.shape)
+
+
 class _Sparsifier(Quantizer):
     """Keeps k of n values: k = ceil(ratio * n) (at least 1 of a non-empty tensor) or a fixed k."""
 
@@ -116,6 +122,10 @@ class TopK(_Sparsifier):
         indices = top_indices(x.abs(), self.count(x.numel()))
         return Payload([x[indices], indices.to(torch.int32)], tensor.shape, tensor.dtype)
 
+    def error(self, tensor: torch.Tensor, payload: Payload) -> torch.Tensor:
+        """The tensor with the sent values zeroed (they were sent exactly)."""
+        return _without(tensor, payload.tensors[1].long())
+
     def decode_sum(self, batch: Payload, out: torch.Tensor) -> torch.Tensor:
         """One scatter-add of every rank's values at every rank's indices (accumulating index_put_,
         which adds in a fixed order also on CUDA, so every rank gets bitwise the same sum)."""
@@ -165,6 +175,12 @@ class RandK(_Sparsifier, StochasticQuantizer):
         x = tensor.detach().reshape(-1)
         indices = self.indices(x.numel(), x.device)
         return Payload([x[indices]], tensor.shape, tensor.dtype, {"indices": indices})
+
+    def error(self, tensor: torch.Tensor, payload: Payload) -> torch.Tensor:
+        if self.rescale:
+            return super().error(tensor, payload)
+        # unscaled: the kept values decode exactly, so the error is the tensor without them
+        return _without(tensor, payload.meta["indices"])
 
     def decode_sum(self, batch: Payload, out: torch.Tensor) -> torch.Tensor:
         """Every rank's values sit at the same coordinates: sum them, scale once, scatter once."""
