@@ -368,13 +368,15 @@ def test_random_subset_distinct_and_uniform() -> None:
     assert big.numel() == big.unique().numel() == 1000
 
 
-def test_uniform_noise() -> None:
-    from commcomp.quantizers.stochastic import uniform_noise
+def test_random_int16_uniform() -> None:
+    from commcomp.quantizers.stochastic import random_int16
 
-    u = uniform_noise(100_001, torch.Generator().manual_seed(0), torch.device("cpu"))
-    assert u.numel() == 100_001 and float(u.min()) >= 0 and float(u.max()) < 1
-    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
-    assert torch.equal(u * 2**15, (u * 2**15).round())  # multiples of 2^-15
+    lanes = random_int16(400_001, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert lanes.numel() == 400_001 and lanes.dtype == torch.int16
+    u = (lanes.double() + 2**15) / 2**16  # every one of the four lanes of a word uniform on [0, 1)
+    for lane in range(4):
+        v = u[lane::4]
+        assert abs(float(v.mean()) - 0.5) < 0.005 and abs(float(v.var()) - 1 / 12) < 0.002, lane
 
 
 def test_contractive_and_omega() -> None:

@@ -17,18 +17,26 @@ from commcomp.quantizers.base import Payload
 from commcomp.quantizers.checks import check_bits, check_floating, check_positive_int
 from commcomp.quantizers.packing import bucketize, chunks, code_sum, pack_float_codes, packed_nbytes
 from commcomp.quantizers.registry import QUANTIZERS
-from commcomp.quantizers.stochastic import NOISE_BITS, StochasticQuantizer, uniform_noise
+from commcomp.quantizers.stochastic import NOISE_BITS, StochasticQuantizer, random_int16
 
 __all__ = ["QSGD", "StochasticQuantizer", "check_positive_int", "stochastic_codes"]
 
 
-def stochastic_codes(ratio: torch.Tensor, levels: int, generator: torch.Generator) -> torch.Tensor:
-    """Round `ratio` (values in [-s, s], s = `levels`) stochastically to integers and shift them by s:
-    codes in [0, 2s] as float32, code = floor(ratio + s + u) with u uniform in [0, 1)
-    (`uniform_noise`), which rounds up with probability frac(ratio): E[code - s] = ratio.
-    Overwrites and returns `ratio`."""
-    noise = uniform_noise(ratio.numel(), generator, ratio.device, scaled=False).view_as(ratio)
-    return ratio.add_(noise, alpha=2.0**-NOISE_BITS).add_(levels).floor_().clamp_(0, 2 * levels)
+def stochastic_codes(
+    values: torch.Tensor, scales: torch.Tensor, levels: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Codes in [0, 2s] (s = `levels`, float32) of `values` [buckets, B] on the grid of step S/s
+    (`scales` [buckets, 1], S >= max |v|): code = floor(s + s * v / S + u), u uniform in [0, 1),
+    which rounds s * v / S up with probability its fractional part, so E[code - s] = s * v / S.
+
+    Three operations a value: one fused s + 0.5 + s * (v / S), one add of 16-bit noise (as
+    (L + 2^15) / 2^16 - 0.5 for L from `random_int16`, exact in float32 below 2^8), one floor. v / S
+    is divided first, so a value equal to S maps exactly to level s, and the code never leaves
+    [0, 2s] (|v / S| <= 1 holds exactly under correctly rounded division).
+    """
+    codes = torch.addcdiv(values.new_full((1,), levels + 0.5), values, scales, value=levels)
+    noise = random_int16(codes.numel(), generator, values.device).view_as(codes)
+    return codes.add_(noise, alpha=2.0**-NOISE_BITS).floor_()
 
 
 @QUANTIZERS.register("qsgd")
@@ -58,8 +66,8 @@ class QSGD(StochasticQuantizer):
             call it), so averaging over N ranks also averages the noise away. With False every
             rank rounds with the same random numbers (still unbiased, but the noise does not average out).
 
-    Computation runs in float32; the output has the input's dtype. Random numbers: 15-bit uniform
-    noise (`uniform_noise`), so a rounding probability is exact to within 2^-15. The generators live
+    Computation runs in float32; the output has the input's dtype. Random numbers: 16-bit uniform
+    noise (`random_int16`), so a rounding probability is exact to within 2^-16. The generators live
     on the input's device, one per stream (see `StochasticQuantizer`); their states are in
     `state_dict()`, so a resumed run rounds exactly as an uninterrupted one.
     """
@@ -107,9 +115,7 @@ class QSGD(StochasticQuantizer):
             part = buckets[b0:b1]
             scale = part.abs().amax(1, keepdim=True) if self.norm == "max" else part.norm(dim=1, keepdim=True)
             scales[b0:b1] = scale.view(-1)
-            # v / S * s (divide first: a value equal to S maps exactly to level s)
-            ratio = torch.div(part, scale.masked_fill_(scale == 0, 1.0)).mul_(s)
-            codes = stochastic_codes(ratio, s, gen).view(-1)[: v1 - v0]
+            codes = stochastic_codes(part, scale.masked_fill_(scale == 0, 1.0), s, gen).view(-1)[: v1 - v0]
             packed[v0 * self.bits // 8 : packed_nbytes(v1, self.bits)] = pack_float_codes(codes, self.bits)
         return Payload([packed, scales], tensor.shape, tensor.dtype)
 

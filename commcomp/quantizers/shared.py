@@ -142,8 +142,7 @@ class SharedScaleQSGD(SharedScaleQuantizer):
         gen = self.generator(x.device)
         for b0, b1 in chunks(buckets.shape[0], B):
             v0, v1 = b0 * B, min(b1 * B, n)
-            ratio = torch.div(buckets[b0:b1], safe[b0:b1]).mul_(s)  # in [-s, s]
-            levels[v0:v1] = stochastic_codes(ratio, s, gen).sub_(s).view(-1)[: v1 - v0]
+            levels[v0:v1] = stochastic_codes(buckets[b0:b1], safe[b0:b1], s, gen).sub_(s).view(-1)[: v1 - v0]
         return Payload([levels], tensor.shape, tensor.dtype, {"scales": agreed})
 
     def decompress(self, payload: Payload) -> torch.Tensor:
