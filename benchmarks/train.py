@@ -116,7 +116,7 @@ def run_method(
             codec.append(now.encode_seconds + now.decode_seconds - last.encode_seconds - last.decode_seconds)
             last = now
             final = step + 1 == steps
-            if workload.eval_every and ((step + 1) % workload.eval_every == 0 or final):
+            if workload.evaluates(step + 1, steps):
                 start = time.perf_counter()
                 curve.append([step + 1, trained, _evaluate(s, xt, yt)])
                 evaluating += time.perf_counter() - start
