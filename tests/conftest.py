@@ -39,7 +39,7 @@ MODULES: dict[str, set[str]] = {
 
 TESTS: dict[tuple[str, str], set[str]] = {
     ("test_benchmarks", "test_driver_local"): {"slow"},
-    ("test_cluster", "test_links_run_at_the_configured_rate"): {"netns"},
+    ("test_cluster", "test_links_are_shaped"): {"netns"},
     ("test_cluster", "test_teardown_leaves_nothing"): {"netns"},
     ("test_cluster", "test_sigterm_tears_down"): {"netns"},
     ("test_cluster", "test_torchrun_across_hosts"): {"netns"},
