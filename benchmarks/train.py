@@ -57,8 +57,8 @@ def _evaluate(s: Setup, x: torch.Tensor, y: torch.Tensor) -> float:
         model = _unwrap(s.model)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = len(x[rank::world])
-    correct = accuracy(model, x[rank::world], y[rank::world]) * mine
-    totals = torch.tensor([correct, float(mine)], dtype=torch.float64)
+    correct = round(accuracy(model, x[rank::world], y[rank::world]) * mine)
+    totals = torch.tensor([correct, mine], dtype=torch.float64)
     dist.all_reduce(totals)  # the ranks' models are identical (or averaged): one score of the whole set
     return float(totals[0] / totals[1])
 

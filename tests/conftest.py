@@ -53,6 +53,8 @@ TESTS: dict[tuple[str, str], set[str]] = {
 }
 
 SINGLE_PROCESS: set[tuple[str, str]] = {
+    ("test_benchmarks", "test_report_"),
+    ("test_benchmarks", "test_workload_"),
     ("test_cluster", "test_bad_arguments"),
     ("test_cluster", "test_init_from_env_single_process"),
     ("test_gradiveq", "test_conv_layout"),
