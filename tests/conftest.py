@@ -25,7 +25,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # `from harness import run` in every test module
 
 MODULES: dict[str, set[str]] = {
-    "test_benchmarks": {"multiprocess", "slow"},
+    "test_benchmarks": {"multiprocess"},
     "test_cluster": {"multiprocess"},
     "test_faults": {"multiprocess", "netns", "slow"},
     "test_gossip": {"multiprocess"},
@@ -43,6 +43,8 @@ MODULES: dict[str, set[str]] = {
 # holds the multi-process tests that the fast lane can leave to CI: it keeps at least one
 # multi-process test of every component (hooks, PQASGD, gossip, Horovod, MoE, cluster, launchers).
 TESTS: dict[tuple[str, str], set[str]] = {
+    ("test_benchmarks", "test_training_records*"): {"slow"},
+    ("test_benchmarks", "test_driver_local*"): {"slow"},
     ("test_cluster", "test_links_are_shaped*"): {"netns"},
     ("test_cluster", "test_teardown_leaves_nothing*"): {"netns"},
     ("test_cluster", "test_sigterm_tears_down*"): {"netns"},
@@ -74,6 +76,8 @@ TESTS: dict[tuple[str, str], set[str]] = {
 
 # single-process tests in modules that are otherwise multi-process
 SINGLE_PROCESS: set[tuple[str, str]] = {
+    ("test_benchmarks", "test_report_*"),
+    ("test_benchmarks", "test_workload_*"),
     ("test_cluster", "test_bad_arguments*"),
     ("test_cluster", "test_init_from_env_single_process*"),
     ("test_gradiveq", "test_conv_layout*"),
