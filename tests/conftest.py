@@ -8,7 +8,8 @@ be read (and changed) in one place:
     horovod       needs Horovod
     netns         needs root and network namespaces (the emulated cluster)
 
-`MODULES` gives every test of a module its markers; `TESTS` adds markers to the tests whose name
+`MODULES` gives every test of a module its markers (a module that imports `harness.run` is
+multi-process even when not listed); `TESTS` adds markers to the tests whose name
 matches a pattern, and `SINGLE_PROCESS` takes `multiprocess` away from the few tests of a
 multi-process module that run in this process only. The fast lane is `-m "not slow"`.
 """
@@ -24,9 +25,12 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # `from harness import run` in every test module
 
+import harness
+
 MODULES: dict[str, set[str]] = {
     "test_benchmarks": {"multiprocess"},
     "test_cluster": {"multiprocess"},
+    "test_ddp_loops": {"multiprocess"},
     "test_faults": {"multiprocess", "netns", "slow"},
     "test_gossip": {"multiprocess"},
     "test_gossip_mnist": {"multiprocess", "slow"},
@@ -96,8 +100,8 @@ def _matches(key: tuple[str, str], module: str, name: str) -> bool:
     return key[0] == module and fnmatch.fnmatchcase(name, key[1])
 
 
-def _markers(module: str, name: str) -> set[str]:
-    marks = set(MODULES.get(module, set()))
+def _markers(module: str, name: str, spawns: bool) -> set[str]:
+    marks = set(MODULES.get(module, set())) | ({"multiprocess"} if spawns else set())
     for key, extra in TESTS.items():
         if _matches(key, module, name):
             marks |= extra
@@ -114,7 +118,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         module = item.path.stem
         modules.add(module)
         seen |= {key for key in (*TESTS, *SINGLE_PROCESS) if _matches(key, module, item.name)}
-        for mark in sorted(_markers(module, item.name)):
+        spawns = getattr(getattr(item, "module", None), "run", None) is harness.run  # a module not listed yet
+        for mark in sorted(_markers(module, item.name, spawns)):
             item.add_marker(getattr(pytest.mark, mark))
     # a renamed test must not drop out of its tier silently
     stale = sorted(k for k in (*TESTS, *SINGLE_PROCESS) if k[0] in modules and k not in seen)
