@@ -272,7 +272,12 @@ def _ddp(rank: int, world: int, method: str | None, steps: int) -> dict[str, flo
         other = p.detach().clone()
         dist.broadcast(other, 0)
         assert torch.equal(other, p.detach())
-    return {"worst": worst, "bytes": 0 if state is None else state.stats.bytes_sent}
+    out = {"worst": worst, "dense_values": sum(p.numel() for p in dense_parameters(net))}
+    if state is not None:
+        stats = state.stats
+        out |= {"sent": stats.total.bytes_sent, "dense": stats.total.dense_bytes, "buckets": state.num_buckets}
+        out |= {"last_sent": stats.last.bytes_sent, "last_dense": stats.last.dense_bytes, "steps": stats.total.steps}
+    return out
 
 
 def _ddp_both(rank: int, world: int, steps: int) -> list[dict[str, float]]:
@@ -281,6 +286,15 @@ def _ddp_both(rank: int, world: int, steps: int) -> list[dict[str, float]]:
 
 def test_ddp_on_dense_part_with_experts_ignored() -> None:
     """DDP (plain, then with the commcomp fp16 hook) on the dense part + expert-parallel MoE, on the
-    same process group, follows single-process training on the global batch."""
-    results = run(_ddp_both, 2, 3)
-    assert all(r[1]["bytes"] > 0 for r in results)
+    same process group, follows single-process training on the global batch; the hook's traffic is
+    exactly the dense gradients in fp16 (the experts never reach DDP)."""
+    world, steps = 2, 3
+    results = run(_ddp_both, world, steps)
+    for _, fp16 in results:
+        values = fp16["dense_values"]  # gradients DDP reduces: everything but this rank's experts
+        assert fp16["steps"] == steps
+        assert (fp16["last_dense"], fp16["dense"]) == (4 * values, steps * 4 * values)  # an fp32 all-reduce of them
+        flags = fp16["buckets"] * world * 2  # one fp16 NaN/Inf slot per rank in each bucket's all-reduce
+        assert fp16["last_sent"] == 2 * values + flags
+        fingerprint = 2 * 8  # once, at the first bucket: the options digest and world size (int64)
+        assert fp16["sent"] == steps * (2 * values + flags) + fingerprint

@@ -52,6 +52,66 @@ def test_capacity_drops_exactly_the_overflow() -> None:
     assert bool(apply_capacity(index, 8, None).all())
 
 
+def one_hot_keep(expert_index: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """The earlier computation: a (K·S, E) one-hot whose running sum gives each pick's place."""
+    one_hot = torch.nn.functional.one_hot(expert_index.t().reshape(-1), num_experts)
+    place = (one_hot.cumsum(0) - 1).mul_(one_hot).sum(1)
+    return (place < capacity).reshape(expert_index.shape[1], -1).t()
+
+
+def test_capacity_equals_the_one_hot_computation() -> None:
+    g = torch.Generator().manual_seed(5)
+    for tokens, experts, k in [(1, 1, 1), (9, 3, 3), (64, 5, 2), (200, 16, 4)]:
+        index = torch.rand(tokens, experts, generator=g).pow(3).topk(k, dim=1).indices
+        for cap in (0, 1, 3, tokens * k):
+            assert torch.equal(apply_capacity(index, experts, cap), one_hot_keep(index, experts, cap))
+
+
+def test_capacity_memory_is_linear_in_picks() -> None:
+    """No allocation scales with tokens x experts: the largest is a few int64 per pick (the sort's
+    scratch included), where a one-hot takes E of them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tokens, experts, k = 2048, 512, 2
+    index = torch.randint(0, experts, (tokens, k), generator=torch.Generator().manual_seed(6))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        apply_capacity(index, experts, 8)
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert largest <= 64 * tokens * k, f"largest allocation {largest} B; a one-hot is {8 * tokens * k * experts} B"
+
+
+def test_noisy_gate_resume_is_exact() -> None:
+    """The gate's noise generator is in the state dict: save, load into a fresh layer, continue ==
+    uninterrupted, bit for bit."""
+
+    def make() -> tuple[MoE, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        moe = MoE(6, 4, gate="noisy_topk", capacity_factor=1.0)
+        return moe, torch.optim.SGD(moe.parameters(), lr=0.1)
+
+    def train(moe: MoE, opt: torch.optim.Optimizer, steps: range) -> None:
+        for step in steps:
+            x = torch.randn(16, 6, generator=torch.Generator().manual_seed(step))
+            y, aux = moe(x)
+            opt.zero_grad()
+            (y.square().mean() + aux).backward()
+            opt.step()
+
+    moe, opt = make()
+    train(moe, opt, range(6))
+    reference = [p.detach().clone() for p in moe.parameters()]
+
+    first, first_opt = make()
+    train(first, first_opt, range(3))
+    saved = {"model": first.state_dict(), "opt": first_opt.state_dict()}
+    resumed, resumed_opt = make()
+    resumed.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["opt"])
+    train(resumed, resumed_opt, range(3, 6))
+    for a, b in zip(reference, resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_switch_and_gshard_weights() -> None:
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(40, 4, generator=g) + torch.tensor([1.5, 0.0, 0.0, -1.0])

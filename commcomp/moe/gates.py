@@ -10,6 +10,8 @@ num_experts, k, capacity_factor, **options)`; `GATES.names()` lists the names:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -41,7 +43,8 @@ class NoisyTopKGate(nn.Module):
         w_importance, w_load: weights of the two balancing losses (0.1 each in the paper's
             language-modelling runs).
         seed: seed of this gate's noise generator (one generator per device). `MoE` uses the
-            rank unless `gate_options` gives a seed, so no two ranks draw the same noise.
+            rank unless `gate_options` gives a seed, so no two ranks draw the same noise. The
+            generators' states are part of `state_dict()`, so a resumed run is exact.
     """
 
     def __init__(
@@ -68,6 +71,17 @@ class NoisyTopKGate(nn.Module):
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
+
+    # The noise generators travel in the module's state_dict (as its "_extra_state" entry), so a
+    # resumed run draws the same noise as an uninterrupted one.
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"seed": self.seed, "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.seed = int(state["seed"])
+        self._generators = {}
+        for device, gen_state in state["generators"].items():
+            self._generator(torch.device(device)).set_state(gen_state)
 
     def forward(self, x: Tensor) -> Routing:
         clean = x @ self.w_gate

@@ -26,7 +26,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -60,12 +59,20 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
 
 
 def apply_capacity(expert_index: Tensor, num_experts: int, capacity: int | None) -> Tensor:
-    """(S, K) bool mask of the picks that fit: choice rank first, then token order, `capacity` per expert."""
+    """(S, K) bool mask of the picks that fit: choice rank first, then token order, `capacity` per expert.
+
+    Memory is O(K·S + E): a stable sort lines the picks up expert by expert in queue order, and a
+    pick's place in its expert's queue is its position in that line minus where the expert's run starts.
+    """
     if capacity is None:
         return torch.ones_like(expert_index, dtype=torch.bool)
     # Queue order is choice-major: flatten (K, S) so all first choices come before second choices.
-    one_hot = F.one_hot(expert_index.t().reshape(-1), num_experts)  # (K·S, E)
-    place = (one_hot.cumsum(0) - 1).mul_(one_hot).sum(1)  # (K·S,) place in the chosen expert's queue
+    flat = expert_index.t().reshape(-1)  # (K·S,) expert of each pick, in queue order
+    order = flat.argsort(stable=True)  # (K·S,) picks grouped by expert, queue order kept within each
+    counts = torch.bincount(flat, minlength=num_experts)  # (E,)
+    starts = counts.cumsum(0) - counts  # (E,) where each expert's run begins in `order`
+    place = torch.empty_like(flat)
+    place[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]  # (K·S,) place in queue
     return (place < capacity).reshape(expert_index.shape[1], -1).t()  # (S, K)
 
 
@@ -98,7 +105,7 @@ def switch_loss(probs: Tensor, first_choice: Tensor, weight: float) -> Tensor:
     num_experts = probs.shape[1]
     if probs.shape[0] == 0:  # no tokens on this rank: nothing to balance
         return probs.new_zeros(())
-    fraction = F.one_hot(first_choice, num_experts).float().mean(0)  # (E,) f_e, not differentiable
+    fraction = torch.bincount(first_choice, minlength=num_experts).float() / probs.shape[0]  # (E,) f_e, no gradient
     mean_prob = probs.float().mean(0)  # (E,) P_e
     return weight * num_experts * (fraction * mean_prob).sum()
 
