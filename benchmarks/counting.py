@@ -69,12 +69,12 @@ def count_collectives(*modules: ModuleType, counter: C | None = None) -> Iterato
     `counter`: the stand-in to install (default a new `CountingDist`); any object that delegates
     what it does not count to `torch.distributed`, e.g. one that also counts all_to_all.
     """
-    counter = counter if counter is not None else CountingDist()  # type: ignore[assignment]
+    installed: C | CountingDist = counter if counter is not None else CountingDist()
     saved = [(m, m.dist) for m in modules]
     try:
         for m in modules:
-            m.dist = counter  # type: ignore[attr-defined]
-        yield counter
+            m.dist = installed  # type: ignore[attr-defined]
+        yield installed
     finally:
         for m, original in saved:
             m.dist = original  # type: ignore[attr-defined]

@@ -34,6 +34,7 @@ __all__ = [
     "Setup",
     "grad_bytes",
     "gradiveq_options",
+    "registered",
     "setup",
     "stats_counters",
     "unavailable",
@@ -69,6 +70,7 @@ class MethodSpec:
     label: str  # what the table shows
     build: Callable[[nn.Module, dict[str, Any], MakeOptimizer], Setup]
     requires: str = ""  # "module" or "module:name" that must import/exist, else skipped
+    refuses: Callable[[], str | None] = lambda: None  # why it cannot run in this process group, or None
 
 
 def grad_bytes(net: nn.Module) -> int:
@@ -149,13 +151,32 @@ def _fp16_hook(options: dict[str, Any]) -> TorchHook:
     return None, default_hooks.fp16_compress_hook, {}
 
 
-def _powersgd_hook(options: dict[str, Any], rank: int | None = None) -> TorchHook:
+def _bf16_hook(options: dict[str, Any]) -> TorchHook:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    return None, default_hooks.bf16_compress_hook, {}
+
+
+def _needs_nccl() -> str | None:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return None
+    return "DDP accepts PyTorch's bf16_compress_hook only with CUDA 11+ and NCCL 2.10+; it refuses gloo/CPU"
+
+
+def _powersgd_hook(options: dict[str, Any], rank: int = 1) -> TorchHook:
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
 
-    rank = int(options.get("powersgd_rank") or 1) if rank is None else rank
     start = max(int(options.get("powersgd_start") or 10), 2)  # PyTorch requires > 1 with error feedback
     state = ps.PowerSGDState(process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=start)
     return state, ps.powerSGD_hook, {"matrix_approximation_rank": rank, "start_powerSGD_iter": start, "buckets": 1}
+
+
+def _powersgd(rank: int) -> MethodSpec:
+    """PyTorch's powerSGD_hook at `rank`, error feedback and warm start on (its defaults), in ONE
+    bucket: with several buckets in flight it issues its collectives from callbacks in different
+    orders on different ranks, which crashes on gloo."""
+    hook = _torch_hook(("default_hooks", "powerSGD_hook"), partial(_powersgd_hook, rank=rank), bucket_cap_mb=1 << 14)
+    return MethodSpec(f"PyTorch powerSGD_hook rank {rank}", hook)
 
 
 # ----- commcomp -----
@@ -173,7 +194,7 @@ def _commcomp(
     method: str,
     fixed: dict[str, Any] | None = None,
     from_options: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-):
+) -> Callable[[nn.Module, dict[str, Any], MakeOptimizer], Setup]:
     """`commcomp.register(ddp_model, method, ...)`."""
 
     def build(net: nn.Module, options: dict[str, Any], make_opt: MakeOptimizer) -> Setup:
@@ -183,6 +204,12 @@ def _commcomp(
         return Setup(model, make_opt(model.parameters()), stats_counters(state.stats), info={"options": kwargs})
 
     return build
+
+
+def registered(label: str, method: str, **options: Any) -> MethodSpec:
+    """A row for `commcomp.register(ddp_model, method, **options)`, skipped while commcomp has no
+    method of that name."""
+    return MethodSpec(label, _commcomp(method, options), requires=f"commcomp:{method}")
 
 
 def _gossip(algorithm: str, **kwargs: Any):
@@ -214,33 +241,26 @@ def _pqasgd(net: nn.Module, options: dict[str, Any], make_opt: MakeOptimizer) ->
     return s
 
 
+# One line per row: a commcomp method registered under a new name is one more `registered(...)` line.
 METHODS: dict[str, MethodSpec] = {
     "fp32": MethodSpec("DDP fp32", _fp32),
     "torch-fp16": MethodSpec("PyTorch fp16_compress_hook", _torch_hook(("default_hooks",), _fp16_hook)),
-    "torch-powersgd": MethodSpec(
-        "PyTorch powerSGD_hook", _torch_hook(("default_hooks", "powerSGD_hook"), _powersgd_hook, bucket_cap_mb=1 << 14)
+    "torch-bf16": MethodSpec(
+        "PyTorch bf16_compress_hook", _torch_hook(("default_hooks",), _bf16_hook), refuses=_needs_nccl
     ),
-    "torch-powersgd-r4": MethodSpec(
-        "PyTorch powerSGD_hook rank 4",
-        _torch_hook(("default_hooks", "powerSGD_hook"), partial(_powersgd_hook, rank=4), bucket_cap_mb=1 << 14),
-    ),
+    "torch-powersgd-r1": _powersgd(1),
+    "torch-powersgd-r4": _powersgd(4),
+    "torch-powersgd-r8": _powersgd(8),
     "gradiveq": MethodSpec("commcomp GradiVeQ", _commcomp("gradiveq", from_options=gradiveq_options)),
-    "fp16": MethodSpec("commcomp fp16", _commcomp("fp16")),
-    "qsgd4": MethodSpec("commcomp QSGD 4-bit", _commcomp("qsgd", {"bits": 4}), requires="commcomp.quantizers:qsgd"),
-    "topk1": MethodSpec(
-        "commcomp top-1% + EF",
-        _commcomp("topk", {"ratio": 0.01, "error_feedback": True}),
-        requires="commcomp.quantizers:topk",
-    ),
-    "sign": MethodSpec(
-        "commcomp sign + EF",
-        _commcomp("sign", {"error_feedback": True}),
-        requires="commcomp.quantizers:sign",
-    ),
-    "randk1": MethodSpec(
-        "commcomp random-1% (shared seed, all-reduce) + EF",
-        _commcomp("randk", {"ratio": 0.01, "rescale": False, "error_feedback": True}),  # EF needs it unscaled
-        requires="commcomp.quantizers:randk",
+    "fp16": registered("commcomp fp16", "fp16"),
+    "bf16": registered("commcomp bf16", "bf16"),
+    "qsgd4": registered("commcomp QSGD 4-bit", "qsgd", bits=4),
+    "qsgd4-ar": registered("commcomp QSGD 4-bit, all-reduced", "qsgd_ar", bits=4),
+    "sign-ar": registered("commcomp sign, majority vote (all-reduced)", "sign_ar"),
+    "topk1": registered("commcomp top-1% + EF", "topk", ratio=0.01, error_feedback=True),
+    "sign": registered("commcomp sign + EF", "sign", error_feedback=True),
+    "randk1": registered(
+        "commcomp random-1% (shared seed, all-reduce) + EF", "randk", ratio=0.01, rescale=False, error_feedback=True
     ),
     "pqasgd": MethodSpec("commcomp PQASGD p=4 QSGD 4-bit", _pqasgd, requires="commcomp.pqasgd"),
     "choco": MethodSpec(
@@ -277,15 +297,16 @@ def unavailable(name: str) -> str | None:
         return f"unknown method {name!r}; valid names: {', '.join(METHODS)}"
     req = METHODS[name].requires
     if not req:
-        return None
+        return METHODS[name].refuses()
     module, _, member = req.partition(":")
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
         return f"{module} is not available ({e})"
-    if member and member not in getattr(mod, "names", lambda: [])():
-        return f"{module} has no {member!r} yet"
-    return None
+    names = getattr(mod, "method_names", None) or getattr(mod, "names", None)
+    if member and (names is None or member not in names()):
+        return f"{module} has no method {member!r} yet"
+    return METHODS[name].refuses()
 
 
 def setup(name: str, net: nn.Module, options: dict[str, Any], make_opt: MakeOptimizer) -> Setup:

@@ -103,7 +103,8 @@ def _layers(experts: int, d_model: int, hidden: int, with_fairscale: bool) -> di
     torch.manual_seed(1234 + dist.get_rank())  # expert weights differ per rank, gate weights are copied
     base = MoE(d_model, experts, lambda: feed_forward(d_model, hidden), gate="gshard", capacity_factor=1.0)
     gate_weight = torch.randn(experts, d_model, generator=torch.Generator().manual_seed(0)) / d_model**0.5
-    base.gate.wg.weight.data.copy_(gate_weight)
+    gate: Any = base.gate  # typed as a plain Module by nn.Module's attribute lookup
+    gate.wg.weight.data.copy_(gate_weight)
     layers: dict[str, nn.Module] = {}
     for name, dtype in VARIANTS.items():
         layer = MoE(
@@ -132,7 +133,8 @@ def _fairscale_module() -> ModuleType:
 def _step(name: str, layer: nn.Module, x: Tensor) -> Tensor:
     """Forward + backward; returns the output. fairscale wants (groups, tokens, M) input."""
     if name == "fairscale":
-        y = layer(x.view(layer.num_local_experts, -1, x.shape[1])).reshape(x.shape)
+        groups: int = layer.num_local_experts  # type: ignore[assignment]  # an int attribute of fairscale's layer
+        y = layer(x.view(groups, -1, x.shape[1])).reshape(x.shape)
         aux = layer.l_aux
     else:
         y, aux = layer(x)
@@ -182,6 +184,7 @@ def measure(
                     y = _step(name, layer, x)
                     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
                 if i == 0:
+                    assert x.grad is not None  # x requires grad and _step ran backward
                     outputs[name] = (y.detach(), x.grad)
                 if isinstance(layer, MoE) and world > 1 and layer.stats.last.bytes_sent != counter.bytes_sent:
                     raise RuntimeError(

@@ -1,74 +1,123 @@
-"""Turn the workers' raw records into the comparison: derived columns, targets, table, plots.
+"""Turn the workers' raw records into the comparison: derived columns, targets, tables, plot.
 
 Derived per row (one method on one workload):
-  step_s         median wall-clock seconds of a training step (first step left out: it builds buckets)
-  mean_s         mean step seconds (first step left out): includes warm-up phases and the periodic
-                 synchronisations of PQASGD, which the median skips
+  step_s         median wall-clock seconds of a training step (first step left out: DDP builds buckets)
+  mean_s         mean step seconds (first step left out): includes warm-up and sampling phases and
+                 PQASGD's periodic synchronisations, which the median skips
   samples_s      global samples per second at the mean step time (batch per rank x ranks / mean_s)
   mb_step        MB this rank handed to collectives per step, mean over the run (warm-up included)
   mb_last        MB of the last step (the method's steady state)
-  ratio          dense bytes / bytes sent over the whole run (1.0 for fp32)
-  enc_ms, dec_ms encode / decode milliseconds per step, mean over the run (GradiVeQ's PCA
-                 statistics and fits count as encode) ("-": the method does not report them)
+  ratio          whole-run byte ratio: dense bytes / bytes sent over the whole run, warm-up, sampling
+                 and refits included (1.0 for fp32)
+  enc_ms, dec_ms encode / decode milliseconds per step, mean over the run ("-": not reported)
   codec_pct      encode + decode as % of the training time of the second half of the run (steady
-                 state: GradiVeQ's warm-up, sampling and first fit are over); codec_pct_all is
-                 the same over the whole run
-  acc            final test accuracy (workloads with evaluation only)
-  ttt_s          training seconds until the test accuracy first reached the workload's target
-                 (fp32's final accuracy minus 1 point); evaluation time is not counted
-  speedup        fp32 mean step time / this method's; ttt_speedup the same for time to target
+                 state: warm-ups, sampling and first fits are over); codec_pct_all: whole run
+  acc, best_acc  final and best test accuracy (workloads with evaluation only)
+  ttt_s          training seconds (evaluation excluded) until the test accuracy first reached the
+                 workload's target: DDP fp32's BEST accuracy minus 1 point
+  x_fp32, x_hook16, x_powersgd
+                 time to target as a fraction of DDP fp32's, of PyTorch's fp16_compress_hook's and
+                 of the best PowerSGD rank's (the PowerSGD row that reached the target first)
+  speedup        fp32 mean step time / this method's (step-time workloads)
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["TARGET_GAP", "derive", "format_table", "plot_training", "targets"]
+__all__ = [
+    "CODEC_LIMIT_PCT",
+    "HOOK16",
+    "TARGET_GAP",
+    "TTT_LIMIT",
+    "byte_ratio",
+    "derive",
+    "format_table",
+    "format_targets",
+    "plot_accuracy",
+    "plot_training",
+    "powersgd_best",
+    "targets",
+    "time_to",
+]
 
-TARGET_GAP = 0.01  # time to target = time to fp32's final accuracy minus 1 point
+Row = dict[str, Any]
+
+TARGET_GAP = 0.01  # target accuracy = fp32's best test accuracy minus 1 point
+TTT_LIMIT = 0.20  # GradiVeQ's time to target, as a fraction of fp32's
+BYTE_RATIO_LIMIT = 8.0  # GradiVeQ's whole-run byte ratio
+CODEC_LIMIT_PCT = 10.0  # encode + decode share of the step, every commcomp method
+HOOK16 = "torch-fp16"  # the 16-bit baseline (PyTorch's bf16 hook refuses gloo/CPU)
+POWERSGD = "torch-powersgd-"  # prefix of the PowerSGD rows (one per rank)
+BASELINES = ("fp32", "torch-", "hvd-fp32", "hvd-fp16")  # not commcomp: no codec % target
 
 
-def _median_step(times: list[float]) -> float:
-    return statistics.median(times[1:] if len(times) > 2 else times)
-
-
-def _time_to(curve: list[list[float]], target: float) -> float | None:
+def time_to(curve: Sequence[Sequence[float]], target: float) -> float | None:
+    """Training seconds at the first evaluation whose accuracy reached `target` (curve rows are
+    [step, training seconds, accuracy]), or None if none did."""
     for _, seconds, acc in curve:
         if acc >= target:
             return seconds
     return None
 
 
-def derive(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def byte_ratio(dense_bytes: int, bytes_sent: int) -> float:
+    """Dense bytes / bytes sent (nan when nothing was sent)."""
+    return dense_bytes / bytes_sent if bytes_sent else math.nan
+
+
+def powersgd_best(rows: Sequence[Row]) -> Row | None:
+    """The PowerSGD row that reached the target first; if none did, the one with the best accuracy."""
+    psgd = [r for r in rows if r["method"].startswith(POWERSGD) and "skipped" not in r]
+    if not psgd:
+        return None
+    reached = [r for r in psgd if r.get("ttt_s") is not None]
+    if reached:
+        return min(reached, key=lambda r: r["ttt_s"])
+    return max(psgd, key=lambda r: r.get("best_acc") or 0.0)
+
+
+def _fraction(mine: float | None, theirs: float | None) -> float | None:
+    return mine / theirs if mine is not None and theirs else None
+
+
+def derive(rows: list[Row]) -> list[Row]:
     """Add the derived columns to every row that ran (rows are modified and returned)."""
     ran = [r for r in rows if "skipped" not in r]
     for r in ran:
         steps = r["steps"]
         times, sent = r["step_seconds"], r["bytes_per_step_series"]
-        r["step_s"] = _median_step(times)
-        r["mean_s"] = statistics.mean(times[1:] if len(times) > 2 else times)
+        later = times[1:] if len(times) > 2 else times
+        r["step_s"], r["mean_s"] = statistics.median(later), statistics.mean(later)
         r["mb_step"] = r["bytes_sent"] / steps / 1e6
         r["mb_last"] = sent[-1] / 1e6
-        r["ratio"] = r["dense_bytes"] / r["bytes_sent"] if r["bytes_sent"] else math.nan
+        r["ratio"] = byte_ratio(r["dense_bytes"], r["bytes_sent"])
         r["enc_ms"] = 1e3 * r["encode_seconds"] / steps
         r["dec_ms"] = 1e3 * r["decode_seconds"] / steps
         r["codec_pct_all"] = 100 * (r["encode_seconds"] + r["decode_seconds"]) / sum(times)
-        half = steps // 2  # steady state: the second half of the run (warm-up, sampling and first fit are over)
+        half = steps // 2
         r["codec_pct"] = 100 * sum(r["codec_seconds_series"][half:]) / sum(times[half:])
         r["samples_s"] = r["batch_size"] * r["world_size"] / r["mean_s"]
         r["acc"] = r["final_accuracy"]
+        r.setdefault("best_acc", max((a for _, _, a in r["curve"]), default=None))
     for workload in {r["workload"] for r in ran}:
         mine = [r for r in ran if r["workload"] == workload]
-        base = next((r for r in mine if r["method"] == "fp32"), None)
-        target = base["acc"] - TARGET_GAP if base and base["curve"] and base["acc"] is not None else None
-        base_ttt = _time_to(base["curve"], target) if base and target is not None else None
+        by = {r["method"]: r for r in mine}
+        base = by.get("fp32")
+        target = base["best_acc"] - TARGET_GAP if base and base.get("best_acc") is not None else None
         for r in mine:
             r["target_acc"] = target
-            r["ttt_s"] = _time_to(r["curve"], target) if target is not None else None
+            r["ttt_s"] = time_to(r["curve"], target) if target is not None else None
             r["speedup"] = base["mean_s"] / r["mean_s"] if base else math.nan
-            r["ttt_speedup"] = base_ttt / r["ttt_s"] if base_ttt and r["ttt_s"] else math.nan
+        best = powersgd_best(mine)
+        refs = {"x_fp32": base, "x_hook16": by.get(HOOK16), "x_powersgd": best}
+        for r in mine:
+            r["powersgd_best"] = r is best
+            for key, ref in refs.items():
+                r[key] = _fraction(r["ttt_s"], ref["ttt_s"]) if ref else None
     return rows
 
 
@@ -78,48 +127,68 @@ def _fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
-COLUMNS = [
-    ("method", "method", "s"),
+# (key, title, format) per column; "label" is the method's description.
+ACCURACY_COLUMNS = [
+    ("label", "method", "s"),
+    ("step_s", "step s", ".3f"),
+    ("ttt_s", "time to target s", ".1f"),
+    ("x_fp32", "x fp32", ".2f"),
+    ("x_hook16", "x 16-bit hook", ".2f"),
+    ("x_powersgd", "x PowerSGD best", ".2f"),
+    ("best_acc", "best acc", ".3f"),
+    ("acc", "final acc", ".3f"),
+    ("ratio", "byte ratio", ".1f"),
+    ("codec_pct", "codec %", ".1f"),
+]
+STEP_COLUMNS = [
+    ("label", "method", "s"),
     ("step_s", "step s", ".3f"),
     ("mean_s", "mean s", ".3f"),
     ("samples_s", "samples/s", ".0f"),
     ("mb_step", "MB/step", ".3f"),
     ("mb_last", "MB last", ".3f"),
-    ("ratio", "ratio", ".1f"),
+    ("ratio", "byte ratio", ".1f"),
     ("enc_ms", "enc ms", ".1f"),
     ("dec_ms", "dec ms", ".1f"),
     ("codec_pct", "codec %", ".1f"),
-    ("acc", "acc", ".3f"),
-    ("ttt_s", "t->target s", ".1f"),
-    ("speedup", "x fp32 mean", ".2f"),
-    ("ttt_speedup", "x fp32 ttt", ".2f"),
+    ("speedup", "x fp32 step", ".2f"),
 ]
 
 
-def format_table(rows: list[dict[str, Any]], workload: str) -> str:
-    """A plain-text table of one workload's rows."""
+def _cells(r: Row, columns: list[tuple[str, str, str]]) -> list[str]:
+    cells = []
+    for key, _, spec in columns:
+        if key == "label":
+            cells.append(str(r.get("label", r["method"])) + (" = PowerSGD best" if r.get("powersgd_best") else ""))
+        elif key == "ttt_s" and r.get("target_acc") is not None and r["ttt_s"] is None:
+            cells.append("never")
+        else:
+            cells.append(_fmt(r.get(key), spec))
+    return cells
+
+
+def format_table(rows: list[Row], workload: str, markdown: bool = False) -> str:
+    """One workload's rows as an aligned plain-text (or markdown) table; skipped rows say why."""
     mine = [r for r in rows if r["workload"] == workload]
-    head = [title for _, title, _ in COLUMNS]
-    body = []
-    for r in mine:
-        if "skipped" in r:
-            body.append([r["method"], f"skipped: {r['skipped']}"] + [""] * (len(COLUMNS) - 2))
-        else:
-            body.append([_fmt(r.get(key), spec) for key, _, spec in COLUMNS])
-    full = [head, *(row for row in body if not row[1].startswith("skipped"))]
-    widths = [max(len(row[i]) for row in full) for i in range(len(head))]
-    lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths)))]
-    for row in body:
-        if row[1].startswith("skipped"):
-            lines.append(f"{row[0].ljust(widths[0])}  {row[1]}")
-        else:
-            lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    return "\n".join(lines)
+    evaluated = any(r.get("curve") for r in mine)
+    columns = ACCURACY_COLUMNS if evaluated else STEP_COLUMNS
+    head = [title for _, title, _ in columns]
+    body = [_cells(r, columns) for r in mine if "skipped" not in r]
+    skipped = [f"{r.get('label', r['method'])}: skipped ({r['skipped']})" for r in mine if "skipped" in r]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines + ([""] if skipped else []) + [f"- {s}" for s in skipped])
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    lines = [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in [head, *body]
+    ]
+    return "\n".join(lines + skipped)
 
 
-def targets(rows: list[dict[str, Any]], collectives: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Issue 7's targets, each with PASS/MISS/N/A, the measured value and the limit."""
-    out: list[dict[str, Any]] = []
+def targets(rows: list[Row], collectives: list[Row] | None = None) -> list[Row]:
+    """The targets, each with PASS/MISS/N/A, the measured value, the limit and how it was measured."""
+    out: list[Row] = []
 
     def add(name: str, value: float | None, limit: float, ok: bool | None, detail: str) -> None:
         status = "N/A" if ok is None else ("PASS" if ok else "MISS")
@@ -127,55 +196,126 @@ def targets(rows: list[dict[str, Any]], collectives: list[dict[str, Any]] | None
 
     by = {(r["workload"], r["method"]): r for r in rows if "skipped" not in r}
     fp32, gq = by.get(("cnn", "fp32")), by.get(("cnn", "gradiveq"))
-    psgd = [r for (w, m), r in by.items() if w == "cnn" and m.startswith("torch-powersgd")]
-    if fp32 and gq:
-        base, mine = _time_to(fp32["curve"], fp32["target_acc"]), gq["ttt_s"]
-        ratio = mine / base if mine is not None and base else None
-        detail = f"GradiVeQ {_fmt(mine, '.1f')} s vs DDP fp32 {_fmt(base, '.1f')} s to {fp32['target_acc']:.3f}"
-        add("GradiVeQ time to target <= 0.25 x DDP fp32", ratio, 0.25, None if ratio is None else ratio <= 0.25, detail)
-        if ratio is None and mine is None:
-            out[-1]["status"] = "MISS"
-            out[-1]["detail"] = detail + f" (GradiVeQ never reached it: final accuracy {gq['acc']:.3f})"
-        if psgd:
-            best = min(psgd, key=lambda r: r["ttt_s"] if r["ttt_s"] is not None else math.inf)
-            theirs = best["ttt_s"]
-            ok = mine is not None and (theirs is None or mine < theirs)
-            rel = mine / theirs if mine is not None and theirs else None
-            add(
-                "GradiVeQ ahead of PowerSGD to the same target",
-                rel,
-                1.0,
-                ok,
-                f"GradiVeQ {_fmt(mine, '.1f')} s vs PowerSGD {_fmt(theirs, '.1f')} s",
-            )
-    measured = [c for c in collectives or [] if c.get("wire_efficiency") is not None]
-    if measured:
-        largest = max(c["payload_mb"] for c in measured)
-        for c in measured:
-            if c["method"] != "fp32" and c["payload_mb"] == largest:
-                add(
-                    f"collective >= 85% of link rate in bytes sent ({c['method']}, {largest:g} MB payload)",
-                    c["wire_efficiency"],
-                    0.85,
-                    c["wire_efficiency"] >= 0.85,
-                    f"{c['wire_bytes'] / 1e6:.2f} MB on the wire in {c['seconds'] - c['codec_seconds']:.3f} s "
-                    f"of communication ({c['codec_seconds']:.3f} s encode/decode besides)",
-                )
-    for (workload, method), r in sorted(by.items()):
-        if method.startswith("torch-") or method == "fp32" or math.isnan(r["codec_pct"]):
-            continue
-        add(
-            f"encode+decode <= 10% of step time ({workload}, {method})",
-            r["codec_pct"] / 100,
-            0.10,
-            None if math.isnan(r["codec_pct"]) else r["codec_pct"] <= 10,
-            f"second half of the run; over the whole run {r['codec_pct_all']:.1f}%",
+    if fp32 and gq and fp32.get("target_acc") is not None:
+        _gradiveq_targets(
+            add, gq, fp32, by.get(("cnn", HOOK16)), powersgd_best([r for r in rows if r["workload"] == "cnn"])
         )
+    _codec_target(add, list(by.values()))
+    _collective_targets(add, collectives or [])
     return out
 
 
-def plot_training(rows: list[dict[str, Any]], path: str) -> None:
-    """accuracy vs training time (cnn), step time and MB per step per method (every workload)."""
+def _gradiveq_targets(add: Any, gq: Row, fp32: Row, hook: Row | None, psgd: Row | None) -> None:
+    mine = gq["ttt_s"]
+    note = f"; options {gq['options']}, not the defaults" if gq.get("options") else ""
+    never = f" (GradiVeQ never reached it: best {gq['best_acc']:.3f}, final {gq['acc']:.3f})" if mine is None else ""
+    base = fp32["ttt_s"]
+    add(
+        f"GradiVeQ (defaults) time to target <= {TTT_LIMIT:.2f} x DDP fp32's",
+        gq["x_fp32"],
+        TTT_LIMIT,
+        mine is not None and base is not None and mine <= TTT_LIMIT * base,
+        f"GradiVeQ {_fmt(mine, '.1f')} s, DDP fp32 {_fmt(base, '.1f')} s to {fp32['target_acc']:.3f}{never}{note}",
+    )
+    for other, name, key in ((hook, "the 16-bit hook", "x_hook16"), (psgd, "PowerSGD best", "x_powersgd")):
+        if other is None:
+            add(f"GradiVeQ (defaults) ahead of {name}", None, 1.0, None, f"{name} was not run{note}")
+            continue
+        theirs = other["ttt_s"]
+        ok = mine is not None and (theirs is None or mine < theirs)
+        detail = f"GradiVeQ {_fmt(mine, '.1f')} s, {other.get('label', other['method'])} {_fmt(theirs, '.1f')} s"
+        add(f"GradiVeQ (defaults) ahead of {name}", gq[key], 1.0, ok, detail + never + note)
+    add(
+        f"GradiVeQ (defaults) whole-run byte ratio >= {BYTE_RATIO_LIMIT:g}x",
+        gq["ratio"],
+        BYTE_RATIO_LIMIT,
+        gq["ratio"] >= BYTE_RATIO_LIMIT,
+        f"{gq['dense_bytes'] / 1e6:.1f} MB dense / {gq['bytes_sent'] / 1e6:.1f} MB sent over {gq['steps']} steps{note}",
+    )
+
+
+def _codec_target(add: Any, rows: list[Row]) -> None:
+    measured = [r for r in rows if not r["method"].startswith(BASELINES) and not math.isnan(r["codec_pct"])]
+    if not measured:
+        return
+    worst = max(measured, key=lambda r: r["codec_pct"])
+    over = [
+        f"{r['workload']} {r['method']} {r['codec_pct']:.1f}%" for r in measured if r["codec_pct"] > CODEC_LIMIT_PCT
+    ]
+    add(
+        f"codec % <= {CODEC_LIMIT_PCT:g}% for every commcomp method",
+        worst["codec_pct"],
+        CODEC_LIMIT_PCT,
+        not over,
+        f"{len(measured)} rows; worst {worst['workload']} {worst['method']} {worst['codec_pct']:.1f}%"
+        + (f"; over the limit: {', '.join(over)}" if over else ""),
+    )
+
+
+def _collective_targets(add: Any, collectives: list[Row]) -> None:
+    measured = [c for c in collectives if c.get("wire_efficiency") is not None]
+    if not measured:
+        return
+    largest = max(c["payload_mb"] for c in measured)
+    for c in measured:
+        if c["method"] != "fp32" and c["payload_mb"] == largest:
+            add(
+                f"collective >= 85% of link rate in bytes sent ({c['method']}, {largest:g} MB payload)",
+                c["wire_efficiency"],
+                0.85,
+                c["wire_efficiency"] >= 0.85,
+                f"{c['wire_bytes'] / 1e6:.2f} MB on the wire in {c['seconds'] - c['codec_seconds']:.3f} s "
+                f"of communication ({c['codec_seconds']:.3f} s encode/decode besides)",
+            )
+
+
+def format_targets(goals: list[Row], markdown: bool = False) -> str:
+    lines = []
+    for g in goals:
+        value = "-" if g["value"] is None else f"{g['value']:.3f}"
+        text = f"{g['target']}: {value} (limit {g['limit']:g}) - {g['detail']}"
+        lines.append(f"- **{g['status']}** {text}" if markdown else f"  {g['status']:4}  {text}")
+    return "\n".join(lines)
+
+
+def _accuracy_panels(axes: Sequence[Any], ran: list[Row]) -> None:
+    """Test accuracy against training seconds (axes[0]) and, if given, against steps (axes[1])."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.set_prop_cycle(color=[plt.get_cmap("tab20")(i) for i in range(20)])  # more than the default 10 colours
+    for r in ran:
+        if r["curve"]:
+            step, seconds, acc = zip(*r["curve"])
+            for ax, x in zip(axes, (seconds, step)):
+                ax.plot(x, acc, label=r.get("label", r["method"]))
+    target = next((r["target_acc"] for r in ran if r.get("target_acc") is not None), None)
+    for ax in axes:
+        if target is not None:
+            ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target:.3f}")
+    axes[0].set(xlabel="training seconds (evaluation excluded)", ylabel="test accuracy", title="accuracy vs time")
+    axes[0].legend(fontsize=7)
+    if len(axes) > 1:
+        axes[1].set(xlabel="step", ylabel="test accuracy", title="accuracy vs step")
+
+
+def plot_accuracy(rows: list[Row], path: str) -> None:
+    """Test accuracy against training time, one line per method, the target dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    _accuracy_panels([ax], [r for r in rows if "skipped" not in r])
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_training(rows: list[Row], path: str) -> None:
+    """Accuracy vs training time and vs step (workloads with evaluation), step time and MB per step
+    per method (every workload)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,24 +324,7 @@ def plot_training(rows: list[dict[str, Any]], path: str) -> None:
     ran = [r for r in rows if "skipped" not in r]
     workloads = sorted({r["workload"] for r in ran})
     fig, axes = plt.subplots(1 + len(workloads), 2, figsize=(13, 4 * (1 + len(workloads))), squeeze=False)
-    for ax in axes[0]:
-        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # more methods than the default 10 colours
-    ax = axes[0][0]
-    for r in ran:
-        if r["curve"]:
-            c = list(zip(*r["curve"]))
-            ax.plot(c[1], c[2], label=r["method"])
-    target = next((r["target_acc"] for r in ran if r.get("target_acc") is not None), None)
-    if target is not None:
-        ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="target")
-    ax.set(xlabel="training seconds", ylabel="test accuracy", title="accuracy vs time")
-    ax.legend(fontsize=7)
-    ax = axes[0][1]
-    for r in ran:
-        if r["curve"]:
-            c = list(zip(*r["curve"]))
-            ax.plot(c[0], c[2], label=r["method"])
-    ax.set(xlabel="step", ylabel="test accuracy", title="accuracy vs step")
+    _accuracy_panels(axes[0], ran)
     for i, w in enumerate(workloads, start=1):
         mine = [r for r in ran if r["workload"] == w]
         names = [r["method"] for r in mine]

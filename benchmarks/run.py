@@ -1,23 +1,29 @@
-"""The main benchmark: the training comparison on an emulated cluster, with its table, JSON and plots.
+"""The main benchmark: the training comparison on an emulated cluster, with its tables, JSON and plots.
 
-    python -m benchmarks.run                      # 4 hosts at 100 Mbit/s, every method, ~10 minutes
+    python -m benchmarks.run                      # 4 hosts at 100 Mbit/s, the default rows, < 10 minutes
+    python -m benchmarks.run --methods all        # every method (much longer)
     python -m benchmarks.run --hosts 2 --rate-mbit 1000 --methods fp32,gradiveq
-    python -m benchmarks.run --local              # local processes, no shaping
+    python -m benchmarks.run --local --workloads cnn --steps 40   # local processes, no shaping
 
-Phases: (1) train.py under torchrun on every host: the MNIST-1D CNN (accuracy, time to target)
-and the 5.8M-parameter MLP (step time, throughput) with each method; (2) train_horovod.py under
-mpirun when Horovod is installed: Horovod fp32/fp16 and commcomp's compressors on Horovod, on the
-MLP; (3) a short collective-bandwidth pass (collectives.py) for the wire-efficiency target.
-Where network namespaces cannot be created (not root, no iproute2) it says so and runs on local
-processes without shaping. Results go to --out (default results/<UTC time>, linked from
-results/latest): results.json, training.png, collectives.png, table.txt.
+Phases: (1) train.py under torchrun on every host: the MNIST-1D CNN trained to a plateau (time to
+accuracy) and the 5.8M-parameter MLP (step time), each with every method; (2) train_horovod.py
+under mpirun when Horovod is installed: Horovod fp32/fp16 and commcomp's GradiVeQ on Horovod, on
+the MLP; (3) a short collective-bandwidth pass (collectives.py). Where network namespaces cannot be
+created (not root, no iproute2) it says so and runs on local processes without shaping. Results go
+to --out (default results/<UTC time>, linked from results/latest): results.json, table.txt,
+results.md, training.png, accuracy.png, collectives.png. With --results-md PATH (scripts/bench.sh
+passes docs/results.md) the markdown report is also written to PATH, with accuracy.png beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
+import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,31 +34,34 @@ if __package__ in (None, ""):  # run as a script
 
 from benchmarks import report
 from benchmarks.driver import HERE, add_cluster_options, follow, out_dir, pick_hosts, torchrun
-from benchmarks.train import DEFAULT_METHODS, add_method_options
+from benchmarks.train import add_method_options
 from launch.hosts import Hosts
 
 __all__ = ["main"]
-
-DEFAULT_STEPS = "cnn=80,mlp=4"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cluster_options(p)
     p.add_argument("--workloads", default="cnn,mlp", help="comma-separated: cnn, mlp")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated training methods")
-    p.add_argument("--steps", default=DEFAULT_STEPS, help="steps per method, e.g. 300 or cnn=200,mlp=8")
+    p.add_argument(
+        "--methods", default="", help="comma-separated training methods, or 'all' (default: each workload's list)"
+    )
+    p.add_argument("--steps", default="", help="steps per method, e.g. 300 or cnn=200,mlp=8 (default per workload)")
     p.add_argument("--width", default="", help="model width per workload, e.g. cnn=256,mlp=2048")
     p.add_argument("--horovod", default="auto", choices=["auto", "on", "off"], help="the Horovod rows")
     p.add_argument("--horovod-steps", type=int, default=3, help="MLP steps per Horovod method")
     p.add_argument("--collectives", default="16", help="payload MB for the wire-efficiency pass ('' skips it)")
+    p.add_argument(
+        "--results-md", default="", help="also write the markdown report here, e.g. docs/results.md ('' does not)"
+    )
     add_method_options(p)
     return p.parse_args(argv)
 
 
 def _method_args(args: argparse.Namespace) -> list[str]:
     out = []
-    for key in ("powersgd_rank", "powersgd_start", "seed", *(k for k in vars(args) if k.startswith("gradiveq_"))):
+    for key in ("powersgd_start", "seed", *(k for k in vars(args) if k.startswith("gradiveq_"))):
         value = getattr(args, key)
         if value is not None:
             out += [f"--{key.replace('_', '-')}", str(value)]
@@ -130,50 +139,115 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             phases["collectives"] = time.monotonic() - started
     report.derive(rows)
     goals = report.targets(rows, collectives)
-    elapsed = time.monotonic() - started
-    text = _summary(rows, collectives, goals, where, elapsed)
-    print("\n" + text)
     meta = {
         "where": where,
         "hosts": args.hosts,
         "rate_mbit": hosts.rate_mbit,
-        "command": " ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
-        "elapsed_seconds": elapsed,
+        "command": "python -m benchmarks.run " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "elapsed_seconds": time.monotonic() - started,
         "phase_end_seconds": phases,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
-        "cores": os.cpu_count(),
+        **machine(),
     }
+    text = summary(rows, collectives, goals, meta)
+    print("\n" + text)
     result = {"meta": meta, "rows": rows, "collectives": collectives, "targets": goals}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "table.txt").write_text(text + "\n")
+    (out / "results.md").write_text(summary(rows, collectives, goals, meta, markdown=True) + "\n")
     report.plot_training(rows, str(out / "training.png"))
+    report.plot_accuracy(rows, str(out / "accuracy.png"))
     if collectives:
         from benchmarks.collectives import plot
 
         plot(collectives, str(out / "collectives.png"))
-    print(f"\nresults: {out}/results.json, table.txt, training.png{', collectives.png' if collectives else ''}")
+    if args.results_md:
+        md = Path(args.results_md)
+        md.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "accuracy.png", md.with_suffix(".png"))
+        md.write_text(summary(rows, collectives, goals, meta, markdown=True, plot=md.with_suffix(".png").name) + "\n")
+        print(f"wrote {md} and {md.with_suffix('.png')}")
+    print(f"\nresults: {out}/results.json, table.txt, results.md, training.png, accuracy.png", flush=True)
     return result
 
 
-def _summary(
-    rows: list[dict[str, Any]], collectives: list[dict[str, Any]], goals: list[dict[str, Any]], where: str, s: float
+def machine() -> dict[str, Any]:
+    """What ran the benchmark: cores, CPU model, torch and Python versions."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "python": platform.python_version()}
+
+
+NOTES = [
+    "Time to target: training seconds (evaluation excluded) until the test accuracy first reached the target,"
+    " DDP fp32's best test accuracy minus 1 point; 'never': not within the run. x fp32, x 16-bit hook,"
+    " x PowerSGD best: that time as a fraction of DDP fp32's, PyTorch fp16_compress_hook's and the best"
+    " PowerSGD rank's (below 1 is faster).",
+    "16-bit hook: PyTorch's fp16_compress_hook. Its bf16_compress_hook is not measured here: DDP refuses it"
+    " on gloo/CPU (it needs CUDA 11+ and NCCL 2.10+).",
+    "PowerSGD: PyTorch's powerSGD_hook with error feedback and warm start, plain all-reduce for the first"
+    " steps, one bucket (with several buckets it crashes on gloo); 'PowerSGD best' is the rank that reached"
+    " the target first.",
+    "Byte ratio: dense bytes / bytes handed to collectives over the whole run (warm-up and sampling included)."
+    " Codec %: encode + decode share of the step time over the second half of the run ('-': not reported;"
+    " PyTorch's hooks decode inside callbacks that also wait for the network).",
+]
+
+
+def summary(
+    rows: list[dict[str, Any]],
+    collectives: list[dict[str, Any]],
+    goals: list[dict[str, Any]],
+    meta: dict[str, Any],
+    markdown: bool = False,
+    plot: str = "accuracy.png",
 ) -> str:
-    parts = [f"Training comparison on {where} ({s / 60:.1f} min in all)"]
+    """The report: where and what ran, one table per workload, the collectives, the targets."""
+    machine_line = (
+        f"{meta['cores']} cores ({meta['cpu']}), torch {meta['torch']}, Python {meta['python']}, load average "
+        f"{meta['load_average_before'][0]:.1f} before and {meta['load_average_after'][0]:.1f} after"
+    )
+    run_line = f"{meta['where']}, {meta['elapsed_seconds'] / 60:.1f} min in all"
+    if markdown:
+        parts = [
+            "# Benchmark results",
+            "",
+            "Written by the benchmark itself (`benchmarks/run.py`); rerun it to refresh, do not edit.",
+            "",
+            f"- Command: `{meta['command']}`",
+            f"- Date: {meta['date_utc']}",
+            f"- Run: {run_line}",
+            f"- Machine: {machine_line}",
+        ]
+    else:
+        parts = [f"Training comparison on {run_line}", f"{meta['date_utc']}; {machine_line}"]
     for w in sorted({r["workload"] for r in rows}):
-        target = next((r.get("target_acc") for r in rows if r["workload"] == w and r.get("target_acc")), None)
+        target = next((r["target_acc"] for r in rows if r["workload"] == w and r.get("target_acc")), None)
         extra = f", target accuracy {target:.3f}" if target else ""
-        parts += ["", f"[{w}]{extra}", report.format_table(rows, w)]
+        title = f"## {w}{extra}" if markdown else f"[{w}]{extra}"
+        parts += ["", title, "", report.format_table(rows, w, markdown)]
+        if markdown and target:
+            parts += ["", f"![test accuracy against training time]({plot})"]
     if collectives:
         from benchmarks.collectives import format_table
 
-        parts += ["", "[collectives]", format_table(collectives)]
-    parts += ["", "Targets:"]
-    for g in goals:
-        value = "-" if g["value"] is None else f"{g['value']:.3f}"
-        parts.append(f"  {g['status']:4}  {g['target']}: {value} (limit {g['limit']}) - {g['detail']}")
-    if os.getloadavg()[0] > (os.cpu_count() or 1):
-        parts.append(f"\nnote: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: timings are perturbed")
+        table = format_table(collectives)
+        parts += ["", "## collectives", "", "```", table, "```"] if markdown else ["", "[collectives]", table]
+    parts += ["", "## Targets" if markdown else "Targets:", "", report.format_targets(goals, markdown)]
+    if markdown:
+        parts += ["", "## Notes", "", *(f"- {n}" for n in NOTES)]
+    if max(meta["load_average_before"][0], meta["load_average_after"][0]) > (meta["cores"] or 1):
+        parts.append(f"\nnote: load average above {meta['cores']} cores: timings are perturbed")
     return "\n".join(parts)
 
 

@@ -5,11 +5,13 @@ Run on every host (one process per host or per GPU), e.g. under torchrun::
     torchrun --nproc-per-node 4 benchmarks/train.py --workloads cnn --methods fp32,gradiveq --out r.json
 
 `benchmarks/run.py` does this on an emulated cluster and prints the table. Every method starts from
-the same initial weights and sees the same batches (per-rank generators seeded identically for
-every method). Per step it records the wall-clock step time (forward, backward with its
-communication, optimizer step), the bytes this rank handed to collectives and the encode/decode
-seconds; every `eval_every` steps, outside the timed region, the test accuracy (of the ranks'
-average model for methods whose ranks hold different models). Rank 0 writes the JSON.
+the same initial weights, sees the same batches (per-rank generators seeded identically for every
+method) and follows the same learning-rate schedule. Per step it records the wall-clock step time
+(forward, backward with its communication, optimizer step), the bytes this rank handed to
+collectives and the encode/decode seconds. Every `eval_every` steps it measures the test accuracy
+(of the ranks' average model for methods whose ranks hold different models), outside the timed
+region: the clock that gives the time to target only runs during training steps, and the ranks
+line up (the evaluation's all-reduce) before the next step starts. Rank 0 writes the JSON.
 """
 
 from __future__ import annotations
@@ -36,21 +38,7 @@ from benchmarks.workloads import WORKLOADS, Workload, get_workload
 from commcomp.data import accuracy, shard
 from commcomp.stats import sync_device
 
-__all__ = ["DEFAULT_METHODS", "add_method_options", "main", "run_method", "run_workload"]
-
-DEFAULT_METHODS = [
-    "fp32",
-    "torch-fp16",
-    "torch-powersgd",
-    "torch-powersgd-r4",
-    "gradiveq",
-    "fp16",
-    "qsgd4",
-    "topk1",
-    "pqasgd",
-    "choco",
-    "dcd",
-]
+__all__ = ["add_method_options", "main", "method_list", "run_method", "run_workload"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -58,16 +46,21 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _evaluate(s: Setup, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Test accuracy on rank 0 (of the ranks' average model where they differ); a collective."""
+    """Test accuracy over all of (x, y) (of the ranks' average model where they differ), each rank
+    scoring its share; a collective, so it also lines the ranks up: no rank's next timed step
+    waits for another's evaluation."""
     if s.consensus:
         from commcomp.gossip.consensus import consensus_model
 
         model = consensus_model(s.model)
     else:
         model = _unwrap(s.model)
-    acc = accuracy(model, x, y) if dist.get_rank() == 0 else float("nan")
-    dist.barrier()  # nobody's next step waits for rank 0's evaluation inside its timed region
-    return acc
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = len(x[rank::world])
+    correct = round(accuracy(model, x[rank::world], y[rank::world]) * mine)
+    totals = torch.tensor([correct, mine], dtype=torch.float64)
+    dist.all_reduce(totals)  # the ranks' models are identical (or averaged): one score of the whole set
+    return float(totals[0] / totals[1])
 
 
 def run_method(
@@ -81,8 +74,12 @@ def run_method(
     net = workload.model().to(device)
     options = {**workload.method_defaults, **{k: v for k, v in options.items() if v is not None}}
 
+    optimizers: list[torch.optim.Optimizer] = []  # the SGD inside whatever the method wraps around it
+
     def make_opt(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=workload.lr, momentum=workload.momentum)
+        opt = torch.optim.SGD(params, lr=workload.lr, momentum=workload.momentum)
+        optimizers.append(opt)
+        return opt
 
     s = setup(name, net, options, make_opt)
     opt = s.optimizer
@@ -95,12 +92,15 @@ def run_method(
         sent: list[int] = []
         codec: list[float] = []  # encode + decode seconds per step
         curve: list[list[float]] = []  # [step, cumulative training seconds, test accuracy]
-        trained = 0.0
+        trained = evaluating = 0.0  # seconds in training steps / in evaluations (not counted as training)
         last = s.counters()
         progress_every = max(1, steps // 4)
         for step in range(steps):
             idx = torch.randint(len(x), (workload.batch_size,), generator=gen).to(device)
             xb, yb = x[idx], y[idx]
+            for o in optimizers:
+                for group in o.param_groups:
+                    group["lr"] = workload.lr_at(step, steps)
             sync_device(xb)
             start = time.perf_counter()
             opt.zero_grad()
@@ -116,12 +116,14 @@ def run_method(
             codec.append(now.encode_seconds + now.decode_seconds - last.encode_seconds - last.decode_seconds)
             last = now
             final = step + 1 == steps
-            if workload.eval_every and ((step + 1) % workload.eval_every == 0 or final):
+            if workload.evaluates(step + 1, steps):
+                start = time.perf_counter()
                 curve.append([step + 1, trained, _evaluate(s, xt, yt)])
+                evaluating += time.perf_counter() - start
             if rank == 0 and ((step + 1) % progress_every == 0 or final):
                 acc = f", test acc {curve[-1][2]:.3f}" if curve else ""
                 print(f"  [{workload.name}] {name}: step {step + 1}/{steps}, {dt:.3f} s/step{acc}", flush=True)
-        final_acc = curve[-1][2] if curve else None  # workloads without evaluation: step time only
+        accs = [acc for _, _, acc in curve]  # workloads without evaluation: step time only
         c = s.counters()
         return {
             "method": name,
@@ -138,10 +140,12 @@ def run_method(
             "encode_seconds": c.encode_seconds,
             "decode_seconds": c.decode_seconds,
             "train_seconds": trained,
+            "eval_seconds": evaluating,
             "curve": curve,
-            "final_accuracy": final_acc,
+            "final_accuracy": accs[-1] if accs else None,
+            "best_accuracy": max(accs) if accs else None,
             "info": s.info,
-            "options": {k: v for k, v in options.items() if k.startswith(name.split("-")[-1])},
+            "options": {k: v for k, v in options.items() if k.split("_")[0] in name},  # e.g. gradiveq_*
         }
     finally:
         s.stack.close()
@@ -157,15 +161,16 @@ def run_workload(workload: Workload, methods: list[str], steps: int, options: di
         if why:
             if dist.get_rank() == 0:
                 print(f"  [{workload.name}] {name}: skipped ({why})", flush=True)
-            rows.append({"method": name, "workload": workload.name, "skipped": why})
+            label = METHODS[name].label if name in METHODS else name
+            rows.append({"method": name, "label": label, "workload": workload.name, "skipped": why})
             continue
         rows.append(run_method(name, workload, data, steps, options))
     return rows
 
 
 def add_method_options(p: argparse.ArgumentParser) -> None:
-    """Options passed to the methods (shared with the driver)."""
-    p.add_argument("--powersgd-rank", type=int, default=None, help="PowerSGD's matrix approximation rank (1)")
+    """Options passed to the methods (shared with the driver). Unset ones take the workload's
+    setting (`Workload.method_defaults`), else the method's own default."""
     p.add_argument("--powersgd-start", type=int, default=None, help="steps of plain all-reduce before PowerSGD")
     p.add_argument("--gradiveq-warmup-steps", type=int, default=None, help="GradiVeQ uncompressed warm-up steps")
     p.add_argument("--gradiveq-sample-steps", type=int, default=None, help="GradiVeQ sampling steps per cycle")
@@ -175,12 +180,23 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def parse_args(
-    argv: list[str] | None = None, methods: list[str] = DEFAULT_METHODS, workloads: str = "cnn,mlp"
-) -> argparse.Namespace:
+def method_list(text: str, workload: Workload) -> list[str]:
+    """'' -> the workload's default methods, 'all' -> every method, else the comma-separated names."""
+    if not text:
+        return list(workload.methods)
+    if text == "all":
+        return list(METHODS)
+    return [m for m in text.split(",") if m]
+
+
+def parse_args(argv: list[str] | None = None, methods: str = "", workloads: str = "cnn,mlp") -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default=workloads, help=f"comma-separated, from {', '.join(WORKLOADS)}")
-    p.add_argument("--methods", default=",".join(methods), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument(
+        "--methods",
+        default=methods,
+        help=f"comma-separated, from {', '.join(METHODS)}; 'all'; default: each workload's own list",
+    )
     p.add_argument("--steps", default="", help="steps per method, e.g. 300 or cnn=300,mlp=8 (default per workload)")
     p.add_argument("--width", default="", help="model width per workload, e.g. cnn=256,mlp=2048")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -204,22 +220,23 @@ def per_workload(text: str, names: list[str]) -> dict[str, int]:
     return out
 
 
-def main(argv: list[str] | None = None, methods: list[str] = DEFAULT_METHODS, workloads: str = "cnn,mlp") -> None:
-    """Parse the command line, initialise torch.distributed from the launcher's environment, run."""
+def main(argv: list[str] | None = None, methods: str = "", workloads: str = "cnn,mlp") -> None:
+    """Parse the command line, initialise torch.distributed from the launcher's environment, run.
+    `methods`, `workloads`: the defaults of --methods and --workloads."""
     args = parse_args(argv, methods, workloads)
     from launch.dist import finish, init_from_env
 
     info = init_from_env()
     torch.set_num_threads(args.threads)
     names = [w for w in args.workloads.split(",") if w]
-    methods = [m for m in args.methods.split(",") if m]
     steps, widths = per_workload(args.steps, names), per_workload(args.width, names)
     options = {k: v for k, v in vars(args).items() if k not in ("workloads", "methods", "steps", "width", "out")}
     options["device"] = str(info.device)
     rows: list[dict[str, Any]] = []
     for name in names:
         workload = get_workload(name, widths.get(name))
-        rows += run_workload(workload, methods, steps.get(name, workload.default_steps), options)
+        todo = method_list(args.methods, workload)
+        rows += run_workload(workload, todo, steps.get(name, workload.default_steps), options)
     if info.rank == 0 and args.out:
         meta = {"world_size": info.world_size, "backend": info.backend, "device": str(info.device)}
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}))

@@ -26,7 +26,7 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> None:
     hvd.init()
-    train.main(argv, methods=["hvd-fp32", "hvd-fp16", "hvd-gradiveq"], workloads="mlp")
+    train.main(argv, methods="hvd-fp32,hvd-fp16,hvd-gradiveq", workloads="mlp")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,20 @@
-"""Smoke tests of the benchmark scripts on local processes with tiny settings.
+"""Tests of the benchmark code: the report's arithmetic and verdicts on constructed records, the
+workload's schedules, and the worker and driver on local processes with tiny settings.
 
-The byte counts in the records are checked against a direct computation from the model: plain DDP
-hands every gradient value (4 bytes) to its all-reduce once per step, PyTorch's fp16 hook half of
-that; GradiVeQ's dense bytes are the gradient bytes and its compressed steps send fewer.
+The constructed records have known answers worked out by hand (a time to target read off a known
+curve, a byte ratio from known counters, PASS/MISS from rows built to pass or to miss). The worker's
+byte counts are checked against a direct computation from the model: plain DDP hands every
+gradient value (4 bytes) to its all-reduce once per step, PyTorch's fp16 hook half of that.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import run
@@ -31,12 +36,173 @@ OPTIONS = {
     "seed": 3,
 }
 
+# ----- the report on constructed records -----
 
-def _train(rank: int, world_size: int, methods: list[str]) -> list[dict]:
-    from benchmarks.train import run_workload
+
+def _row(method: str, curve: list[list[float]], steps: int = 4, **extra: Any) -> dict[str, Any]:
+    """A worker record with one-second steps, 100 dense bytes per step and no codec time."""
+    row = {
+        "method": method,
+        "label": method,
+        "workload": "cnn",
+        "world_size": 4,
+        "batch_size": 8,
+        "steps": steps,
+        "step_seconds": [1.0] * steps,
+        "bytes_per_step_series": [100] * steps,
+        "codec_seconds_series": [0.0] * steps,
+        "bytes_sent": 100 * steps,
+        "dense_bytes": 100 * steps,
+        "encode_seconds": 0.0,
+        "decode_seconds": 0.0,
+        "curve": curve,
+        "final_accuracy": curve[-1][2] if curve else None,
+        "options": {},
+    }
+    row.update(extra)
+    return row
+
+
+def test_report_time_to() -> None:
+    curve = [[10, 2.0, 0.5], [20, 4.5, 0.8], [30, 7.0, 0.79], [40, 9.0, 0.9]]
+    assert report.time_to(curve, 0.8) == 4.5  # the first evaluation at or above the target
+    assert report.time_to(curve, 0.85) == 9.0
+    assert report.time_to(curve, 0.95) is None
+    assert report.time_to([], 0.1) is None
+
+
+def test_report_derive() -> None:
+    fp32 = _row("fp32", [[1, 1.0, 0.5], [2, 2.0, 0.9], [3, 3.0, 0.92], [4, 4.0, 0.91]])
+    hook = _row("torch-fp16", [[2, 1.0, 0.5], [4, 2.0, 0.915]])
+    slow = _row("torch-powersgd-r1", [[4, 1.0, 0.6]])
+    fast = _row("torch-powersgd-r4", [[2, 0.5, 0.7], [4, 1.0, 0.911]])
+    # 4 steps, 400 dense bytes, 50 sent: ratio 8; 0.5 s of codec in each 1 s step of the second half
+    mine = _row(
+        "gradiveq",
+        [[2, 0.25, 0.6], [4, 0.5, 0.93]],
+        bytes_sent=50,
+        bytes_per_step_series=[20, 10, 10, 10],
+        encode_seconds=0.6,
+        decode_seconds=0.4,
+        codec_seconds_series=[0.0, 0.0, 0.5, 0.5],
+    )
+    skipped = {"method": "qsgd4-ar", "workload": "cnn", "skipped": "not there"}
+    rows = report.derive([fp32, hook, slow, fast, mine, skipped])
+    assert fp32["target_acc"] == pytest.approx(0.91)  # best (0.92, not the final 0.91) minus 1 point
+    assert [r["ttt_s"] for r in rows[:5]] == [3.0, 2.0, None, 1.0, 0.5]
+    assert report.powersgd_best(rows) is fast and fast["powersgd_best"] and not slow["powersgd_best"]
+    assert mine["x_fp32"] == pytest.approx(0.5 / 3.0)
+    assert mine["x_hook16"] == pytest.approx(0.5 / 2.0)
+    assert mine["x_powersgd"] == pytest.approx(0.5 / 1.0)
+    assert slow["x_fp32"] is None  # never reached: no ratio
+    assert mine["ratio"] == 8.0 and fp32["ratio"] == 1.0
+    assert mine["mb_step"] == pytest.approx(50 / 4 / 1e6) and mine["mb_last"] == pytest.approx(10 / 1e6)
+    assert mine["codec_pct"] == pytest.approx(50.0) and mine["codec_pct_all"] == pytest.approx(25.0)
+    assert mine["best_acc"] == 0.93 and fp32["best_acc"] == 0.92 and fp32["acc"] == 0.91
+    assert report.byte_ratio(400, 0) != report.byte_ratio(400, 0)  # nan: nothing sent
+
+
+def test_report_powersgd_best_when_none_reaches() -> None:
+    rows = [_row("torch-powersgd-r1", [[4, 1.0, 0.3]]), _row("torch-powersgd-r8", [[4, 1.0, 0.6]])]
+    for r in rows:
+        r["ttt_s"], r["best_acc"] = None, r["curve"][-1][2]
+    assert report.powersgd_best(rows) is rows[1]  # the best accuracy
+    assert report.powersgd_best([_row("fp32", [])]) is None
+
+
+def _verdicts(gq_curve: list[list[float]], gq_bytes: int, gq_codec: float) -> dict[str, str]:
+    fp32 = _row("fp32", [[5, 5.0, 0.8], [10, 10.0, 0.9]], steps=10)
+    hook = _row("torch-fp16", [[10, 5.0, 0.9]], steps=10)
+    psgd = _row("torch-powersgd-r8", [[10, 3.0, 0.9]], steps=10)
+    gq = _row(
+        "gradiveq",
+        gq_curve,
+        steps=10,
+        bytes_sent=gq_bytes,
+        encode_seconds=gq_codec * 10,
+        codec_seconds_series=[gq_codec] * 10,
+    )
+    rows = report.derive([fp32, hook, psgd, gq])
+    goals = report.targets(rows)
+    return {g["target"].split(" (defaults) ")[-1].split(" <=")[0]: g["status"] for g in goals}
+
+
+def test_report_targets_pass_and_miss() -> None:
+    # fp32 reaches its target (0.89) in 10 s: GradiVeQ at 1.5 s is 0.15x, ahead of 5 s and 3 s,
+    # sends 1000 dense bytes / 100 = 10x, codec 0.05 s of each 1 s step = 5%
+    good = _verdicts([[10, 1.5, 0.9]], 100, 0.05)
+    assert good == {
+        "time to target": "PASS",
+        "ahead of the 16-bit hook": "PASS",
+        "ahead of PowerSGD best": "PASS",
+        "whole-run byte ratio >= 8x": "PASS",
+        "codec %": "PASS",
+    }
+    # 2.5 s (0.25x) still ahead of both, 500 bytes (2x), codec 20%
+    slow = _verdicts([[10, 2.5, 0.9]], 500, 0.2)
+    assert slow["time to target"] == "MISS" and slow["ahead of PowerSGD best"] == "PASS"
+    assert slow["whole-run byte ratio >= 8x"] == "MISS" and slow["codec %"] == "MISS"
+    # 4 s: behind PowerSGD (3 s), ahead of the hook (5 s)
+    behind = _verdicts([[10, 4.0, 0.9]], 100, 0.0)
+    assert behind["ahead of PowerSGD best"] == "MISS" and behind["ahead of the 16-bit hook"] == "PASS"
+    # never reaches the target: every time target misses
+    never = _verdicts([[10, 1.0, 0.5]], 100, 0.0)
+    assert [never[k] for k in ("time to target", "ahead of the 16-bit hook", "ahead of PowerSGD best")] == ["MISS"] * 3
+
+
+def test_report_tables() -> None:
+    rows = report.derive(
+        [
+            _row("fp32", [[4, 4.0, 0.9]]),
+            _row("gradiveq", [[4, 2.0, 0.5]]),
+            {"method": "qsgd4-ar", "label": "QSGD", "workload": "cnn", "skipped": "not installed"},
+        ]
+    )
+    md = report.format_table(rows, "cnn", markdown=True).splitlines()
+    assert md[0].startswith("| method | step s | time to target s | x fp32 |") and len(md) == 2 + 2 + 2
+    assert md[3].split(" | ")[2] == "never" and md[-1] == "- QSGD: skipped (not installed)"
+    text = report.format_table(rows, "cnn").splitlines()
+    assert len({len(line) for line in text[:3]}) == 1  # aligned columns
+
+
+# ----- the workload's schedules -----
+
+
+def test_workload_schedules() -> None:
+    w = get_workload("cnn")
+    steps = w.default_steps
+    lrs = [w.lr_at(s, steps) for s in range(steps)]
+    warm = round(w.warmup_fraction * steps)
+    assert lrs[warm - 1] == pytest.approx(w.lr) and lrs[0] == pytest.approx(w.lr / warm)
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1 :]))  # cosine: never rises after warm-up
+    assert lrs[-1] < 0.001 * w.lr
+    done = [d for d in range(1, steps + 1) if w.evaluates(d, steps)]
+    assert done[-1] == steps
+    second_half = [d for d in done if d >= steps / 2]
+    assert max(b - a for a, b in itertools.pairwise(second_half)) <= w.eval_every  # resolves time to target
+    assert not get_workload("mlp").evaluates(4, 4)
+
+
+# ----- the worker and the driver on local processes -----
+
+
+def _train(rank: int, world_size: int, methods: list[str]) -> list[dict[str, Any]]:
+    import torch
+
+    from benchmarks.methods import setup
+    from benchmarks.train import _evaluate, run_workload
+    from commcomp.data import accuracy
 
     workload = get_workload("cnn", WIDTH)
-    return run_workload(workload, methods, STEPS, dict(OPTIONS))
+    rows = run_workload(workload, methods, STEPS, dict(OPTIONS))
+    # the evaluation (ranks split the test set) scores the whole set as one process would
+    torch.manual_seed(0)
+    net = workload.model()
+    s = setup("fp32", net, {}, lambda p: torch.optim.SGD(p, lr=0.1))
+    _, _, xt, yt = workload.data()
+    rows.append({"evaluated": _evaluate(s, xt, yt), "reference": accuracy(net, xt, yt)})
+    s.stack.close()
+    return rows
 
 
 def _grad_values() -> int:
@@ -44,47 +210,60 @@ def _grad_values() -> int:
 
 
 def test_training_records_and_bytes() -> None:
-    methods = ["fp32", "torch-fp16", "gradiveq", "torch-powersgd"]
-    ranks = run(_train, 2, methods, timeout=120)
+    methods = ["fp32", "torch-fp16", "gradiveq", "torch-powersgd-r1", "torch-bf16"]
+    ranks = run(_train, 2, methods, timeout=180)
+    check = ranks[0].pop()
+    assert check["evaluated"] == check["reference"]
     rows = report.derive(ranks[0])
     values = _grad_values()
     by = {r["method"]: r for r in rows}
     assert list(by) == methods
-    for r in rows:
-        for key in ("step_s", "mb_step", "ratio", "acc", "ttt_s", "speedup", "codec_pct", "curve", "target_acc"):
-            assert key in r, (r["method"], key)
+    assert "refuses gloo" in by["torch-bf16"]["skipped"]
+    ran = [r for r in rows if "skipped" not in r]
+    for r in ran:
         assert len(r["step_seconds"]) == len(r["bytes_per_step_series"]) == STEPS
         assert 0.0 <= r["acc"] <= 1.0
         assert r["dense_bytes"] == STEPS * 4 * values  # every method replaces the same fp32 all-reduce
+        # the clock of the curve is the sum of the step times up to each evaluation: evaluation excluded
+        for step, seconds, _ in r["curve"]:
+            assert seconds == pytest.approx(sum(r["step_seconds"][: int(step)]))
     assert by["fp32"]["bytes_per_step_series"] == [4 * values] * STEPS
+    assert by["fp32"]["ratio"] == 1.0 and by["torch-fp16"]["ratio"] == 2.0
     assert by["torch-fp16"]["bytes_per_step_series"] == [2 * values] * STEPS
     gq = by["gradiveq"]["bytes_per_step_series"]
-    assert gq[:3] == [gq[0], gq[1], gq[1]] and gq[1] >= 4 * values  # warm-up (+ option check), sampling
-    assert max(gq[4:]) < 4 * values / 2, gq  # compressed steps (step 3 also broadcasts the fitted bases)
-    psgd = by["torch-powersgd"]["bytes_per_step_series"]  # plain all-reduce (default_hooks) until step 3
+    assert max(gq[4:]) < 4 * values / 2, gq  # compressed steps
+    assert by["gradiveq"]["ratio"] == pytest.approx(STEPS * 4 * values / sum(gq))
+    psgd = by["torch-powersgd-r1"]["bytes_per_step_series"]  # plain all-reduce (default_hooks) until step 3
     assert psgd[:3] == [4 * values] * 3 and max(psgd[3:]) < 4 * values / 2, psgd
-    assert by["fp32"]["speedup"] == pytest.approx(1.0)
-    # symmetric methods: every rank hands over the same bytes (GradiVeQ's broadcast counts on its source only)
+    # symmetric methods: every rank hands over the same bytes
     assert [r["bytes_per_step_series"] for r in ranks[1][:2]] == [r["bytes_per_step_series"] for r in ranks[0][:2]]
-    assert json.loads(json.dumps(rows, default=str))  # the record is JSON
 
 
 def test_driver_local(tmp_path: Path) -> None:
     from benchmarks import run as driver
 
-    out = tmp_path / "out"
+    out, md = tmp_path / "out", tmp_path / "docs" / "results.md"
     result = driver.main(
         [
-            *("--local", "--hosts", "2", "--workloads", "cnn", "--methods", "fp32,gradiveq"),
+            *("--local", "--hosts", "2", "--workloads", "cnn", "--methods", "fp32,torch-fp16,gradiveq"),
             *("--steps", "4", "--width", f"cnn={WIDTH}", "--horovod", "off", "--collectives", "1"),
             *("--gradiveq-warmup-steps", "1", "--gradiveq-sample-steps", "1", "--out", str(out)),
+            *("--results-md", str(md)),
         ]
     )
     saved = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in saved["rows"]] == ["fp32", "gradiveq"]
-    assert {c["method"] for c in saved["collectives"]} >= {"fp32", "fp16", "gradiveq"}
+    assert [r["method"] for r in saved["rows"]] == ["fp32", "torch-fp16", "gradiveq"]
+    assert saved["meta"]["cores"] >= 1 and saved["meta"]["torch"]
     fp32_coll = next(c for c in saved["collectives"] if c["method"] == "fp32")
     assert fp32_coll["bytes_sent"] == fp32_coll["dense_bytes"]
-    assert {g["target"].split(" ")[0] for g in result["targets"]} >= {"GradiVeQ", "encode+decode"}
-    for name in ("table.txt", "training.png", "collectives.png"):
+    names = {g["target"] for g in result["targets"]}
+    assert any(n.startswith("GradiVeQ (defaults) time to target") for n in names)
+    assert any(n.startswith("codec %") for n in names)
+    text = md.read_text()
+    assert "--results-md" in text and "| DDP fp32 |" in text and "## Targets" in text
+    gq = next(r for r in saved["rows"] if r["method"] == "gradiveq")
+    assert "not the defaults" in next(g["detail"] for g in result["targets"] if "byte ratio" in g["target"])
+    assert math.isclose(gq["ratio"], gq["dense_bytes"] / gq["bytes_sent"])
+    for name in ("table.txt", "training.png", "accuracy.png", "collectives.png", "results.md"):
         assert (out / name).stat().st_size > 0
+    assert md.with_suffix(".png").stat().st_size > 0
