@@ -5,8 +5,9 @@
 
 Part 1 (one codec, one dense float32 tensor of the given size): seconds of `compress`, of
 `decompress` of one payload, and of a plain copy of the same tensor into a preallocated buffer
-(`dst.copy_(src)`, memory speed), measured next to each row because the machine's load varies;
-GB/s = dense bytes / seconds; "x copy" = seconds / copy seconds.
+(`dst.copy_(src)`, memory speed), run round-robin with the codec so both see the same load;
+every time is the fastest of --reps runs. GB/s = dense bytes / seconds; "x copy" = seconds / copy
+seconds.
 
 Part 2 (the hook path, one rank's view of an N-rank step): the gradients of the benchmark's mlp
 (784-2048-2048-10, 5.8M values) go through the DDP hook's own codec: encode once (with error
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -55,15 +55,22 @@ GRADIVEQ_K, GRADIVEQ_D = 1024, 64  # slices of 1024 values, 64 components (K/d =
 MLP_SHAPES = [(2048, 784), (2048,), (2048, 2048), (2048,), (10, 2048), (10,)]
 
 
-def seconds(fn: Callable[[], Any], reps: int) -> float:
-    """Median wall-clock seconds of fn() over `reps` runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+def seconds(fns: list[Callable[[], Any]], reps: int) -> list[float]:
+    """The fastest wall-clock seconds of each of `fns` over `reps` rounds, after one warm-up round.
+
+    The functions run round-robin (copy, encode, decode, copy, ...), so the baseline and the codec
+    see the same machine load; the minimum is the run least disturbed by other processes on a
+    shared machine.
+    """
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    best = [float("inf")] * len(fns)
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 class _GradiVeQ:
@@ -94,12 +101,12 @@ def codec_rows(names: list[str], sizes_mb: list[float], reps: int) -> list[dict[
         x = torch.randn(n, generator=torch.Generator().manual_seed(0))
         dst = torch.empty_like(x)
         for name in names:
-            copy = seconds(partial(dst.copy_, x), reps)  # next to every row: the machine's load varies
             quantizer, options = CODECS[name]
             q: Any = _GradiVeQ(n) if quantizer == "gradiveq" else quantizers.get(quantizer, **options)
             payload = q.compress(x)
-            enc = seconds(partial(q.compress, x), reps)
-            dec = seconds(partial(q.decompress, payload), reps)
+            copy, enc, dec = seconds(
+                [partial(dst.copy_, x), partial(q.compress, x), partial(q.decompress, payload)], reps
+            )
             rows.append(
                 {
                     "part": "codec",
@@ -169,7 +176,6 @@ def hook_rows(names: list[str], world: int, reps: int) -> list[dict[str, Any]]:
     dst = torch.empty_like(flat)
     rows = []
     for name in names:
-        copy = seconds(partial(dst.copy_, flat), reps)  # next to every row: the machine's load varies
         quantizer, options = HOOK_METHODS[name]
         codecs = [QuantizedExchange(_sim_state(quantizer, options, r, world)) for r in range(world)]
         sent = [c.encode(keys, [g.clone() for g in grads]) for c in codecs]  # what every rank sends
@@ -178,10 +184,11 @@ def hook_rows(names: list[str], world: int, reps: int) -> list[dict[str, Any]]:
         else:  # the all-gather's result: every rank's bytes (the engine strips the flag byte)
             received = [e.parts[0] for e in sent]
         mine = codecs[0]
-        enc = seconds(partial(mine.encode, keys, grads), reps)
         out = [g.clone() for g in grads]
         encoded = mine.encode(keys, out)
-        dec = seconds(partial(mine.decode, received, encoded), reps)
+        copy, enc, dec = seconds(
+            [partial(dst.copy_, flat), partial(mine.encode, keys, grads), partial(mine.decode, received, encoded)], reps
+        )
         rows.append(
             {
                 "part": "hook",

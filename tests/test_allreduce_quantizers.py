@@ -5,8 +5,6 @@
 - convergence at 8 ranks: qsgd_ar reaches the all-gathered qsgd's accuracy with fewer wire bytes.
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 import torch
@@ -136,7 +134,7 @@ def _hook_worker(rank: int, world: int) -> list[dict[str, Any]]:
             all_params = [torch.empty_like(mine) for _ in range(world)]
             dist.all_gather(all_params, mine)
             identical &= all(torch.equal(t, all_params[0]) for t in all_params)
-            q = qs[0]
+            q = quantizers.get(name, **options)  # a fresh one: the reference quantizers keep their streams
             codes = sum(
                 q.compress_shared(p.detach(), q.local_stats(p.detach()), world).nbytes for p in net.parameters()
             )

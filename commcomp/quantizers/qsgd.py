@@ -29,14 +29,13 @@ def stochastic_codes(
     (`scales` [buckets, 1], S >= max |v|): code = floor(s + s * v / S + u), u uniform in [0, 1),
     which rounds s * v / S up with probability its fractional part, so E[code - s] = s * v / S.
 
-    Three operations a value: one fused s + 0.5 + s * (v / S), one add of 16-bit noise (as
-    (L + 2^15) / 2^16 - 0.5 for L from `random_int16`, exact in float32 below 2^8), one floor. v / S
-    is divided first, so a value equal to S maps exactly to level s, and the code never leaves
-    [0, 2s] (|v / S| <= 1 holds exactly under correctly rounded division).
+    Four operations a value: one fused s + 0.5 + s * v / S, one add of 16-bit noise (as
+    (L + 2^15) / 2^16 - 0.5 for L from `random_int16`, exact in float32 below 2^8), one floor and
+    a clamp to [0, 2s] (s * v / S may exceed s by a last-bit rounding when |v| = S).
     """
     codes = torch.addcdiv(values.new_full((1,), levels + 0.5), values, scales, value=levels)
     noise = random_int16(codes.numel(), generator, values.device).view_as(codes)
-    return codes.add_(noise, alpha=2.0**-NOISE_BITS).floor_()
+    return codes.add_(noise, alpha=2.0**-NOISE_BITS).floor_().clamp_(0, 2 * levels)
 
 
 @QUANTIZERS.register("qsgd")
