@@ -12,8 +12,8 @@ import torch.distributed as dist
 from torch import nn
 
 from commcomp import quantizers
+from commcomp.gradiveq import GradiVeQState, gradiveq_hook
 from commcomp.hooks.base import METHODS, HookState, NonFiniteGradientError
-from commcomp.hooks.gradiveq import GradiVeQState, gradiveq_hook
 from commcomp.hooks.quantized import QuantizerState, quantizer_hook
 from commcomp.registry import check_options
 

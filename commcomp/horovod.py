@@ -20,7 +20,6 @@ Only the global process set is supported. Call `hvd.init()` before building any 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import horovod.torch as hvd
@@ -29,12 +28,13 @@ from horovod.torch.optimizer import _DistributedOptimizer
 
 from commcomp import quantizers
 from commcomp.comm import Collectives
+from commcomp.exchange import ExchangeCodec, InFlight, finish, nbytes, send
+from commcomp.gradiveq import GradiVeQState
 from commcomp.hooks.base import HookState
-from commcomp.hooks.gradiveq import GradiVeQState
 from commcomp.hooks.quantized import QuantizerState, flatten_summable, unflatten_summable
 from commcomp.quantizers import Payload, Quantizer
 from commcomp.registry import check_options
-from commcomp.stats import CommStats, timer
+from commcomp.stats import CommStats
 
 __all__ = [
     "HOROVOD_METHODS",
@@ -48,10 +48,6 @@ __all__ = [
     "make_optimizer",
     "make_state",
 ]
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 class HorovodCollectives:
@@ -73,17 +69,17 @@ class HorovodCollectives:
         return f"{self.prefix}.{kind}.{self._calls}"
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.bytes_sent += _nbytes(tensor)
+        self.bytes_sent += nbytes(tensor)
         return hvd.allreduce_(tensor, op=hvd.Sum, name=self._name("allreduce"))
 
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        self.bytes_sent += _nbytes(tensor)
+        self.bytes_sent += nbytes(tensor)
         gathered = hvd.allgather(tensor.contiguous().unsqueeze(0), name=self._name("allgather"))
         return list(gathered.unbind(0))
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         if self.rank == src:
-            self.bytes_sent += _nbytes(tensor)
+            self.bytes_sent += nbytes(tensor)
         return hvd.broadcast_(tensor, src, name=self._name("broadcast"))
 
 
@@ -143,115 +139,52 @@ def make_state(
 # ----------------------------------------------------------------------------- one step's traffic
 
 
-@dataclass
-class _InFlight:
-    """One parameter's gradient on its way: the Horovod handle and what decoding it needs."""
+class HorovodPending:
+    """A Horovod collective in flight (the `commcomp.exchange.Pending` of `HorovodWire`)."""
 
-    key: str
-    grad: torch.Tensor
-    handle: int
-    layout: Any  # GradiVeQ: its Share; quantizers: this rank's Payload (the layout of every rank's)
-    residual: torch.Tensor | None = None  # quantizers' error feedback (GradiVeQ keeps it in the Share)
+    def __init__(self, handle: int, summed: bool) -> None:
+        self.handle, self.summed = handle, summed
+
+    def wait(self) -> torch.Tensor | list[torch.Tensor]:
+        out = hvd.synchronize(self.handle)
+        return out if self.summed else list(out.unbind(0))
+
+
+class HorovodWire:
+    """`commcomp.exchange.Wire` on Horovod: allreduce (op=Sum) or allgather, asynchronous, by name."""
+
+    def start(self, flat: torch.Tensor, summed: bool, name: str) -> HorovodPending:
+        if summed:
+            return HorovodPending(hvd.allreduce_async_(flat, name=name, op=hvd.Sum), True)
+        return HorovodPending(hvd.allgather_async(flat.unsqueeze(0), name=name), False)
 
 
 class _Traffic:
-    """What the optimizer does per step: begin (checks, refit), send one gradient, finish (decode)."""
+    """One Horovod step through the exchange engine: `begin` (checks, the step's codec, GradiVeQ's
+    refit), `send` one gradient (from the backward hooks), `finish` (wait, decode, commit, end the step).
+    The whole step is one group of the state's bucket bookkeeping, so the step counter advances
+    through `HookState.end_bucket` as under DDP."""
 
     def __init__(self, state: HookState) -> None:
         self.state = state
+        self.wire = HorovodWire()
+        self.codec: ExchangeCodec | None = None
 
     def begin(self, params: list[tuple[str, torch.Size]], like: torch.Tensor) -> None:
-        if not like.is_floating_point():
-            raise TypeError(f"{type(self.state).__name__}: gradients must be floating point, got {like.dtype}")
-        if not self.state._verified:
-            self.state.stats.sent(self.state._verify_options(like.device))
+        self.state.begin(like, 0, True)
+        self.codec = self.state.exchange_codec(sorted(params), like)
 
-    def send(self, key: str, grad: torch.Tensor) -> _InFlight:
-        raise NotImplementedError
-
-    def receive(self, item: _InFlight, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(finite flags, decoded average gradient) from the collective's result."""
-        raise NotImplementedError
-
-    def conclude(self, items: list[_InFlight]) -> None:
-        """After every gradient decoded cleanly (GradiVeQ: feed the PCA; both: keep residuals)."""
-        raise NotImplementedError
-
-    def finish(self, items: list[_InFlight]) -> None:
-        """Wait for every collective, decode into the gradients, raise on every rank if any rank had
-        NaN/Inf; the step counts as done either way (as in the DDP hooks)."""
-        state = self.state
-        try:
-            outs = [hvd.synchronize(item.handle) for item in items]  # all finished before any raise
-            with timer(outs[0]) as dec:
-                received = [self.receive(item, out) for item, out in zip(items, outs)]
-            flags = torch.stack([f.to(torch.float32) for f, _ in received]).sum(0)
-            state.raise_if_nonfinite(flags, 0)
-            for item, (_, grad) in zip(items, received):
-                item.grad.copy_(grad.view_as(item.grad))
-            state.stats.decoded(dec.seconds)
-            self.conclude(items)
-        finally:
-            state.step += 1
-            state.stats.end_step()
-
-
-class _GradiVeQTraffic(_Traffic):
-    state: GradiVeQState
-
-    def begin(self, params: list[tuple[str, torch.Size]], like: torch.Tensor) -> None:
-        super().begin(params, like)
-        state = self.state
-        self.phase = state.schedule.phase(state.step)
-        codecs = [state.codec(key, shape) for key, shape in sorted(params)]
-        if self.phase == "compress" and state.schedule.refit(state.step):
-            state.refit([c for c in codecs if c is not None], like)
-
-    def send(self, key: str, grad: torch.Tensor) -> _InFlight:
-        state = self.state
-        with timer(grad) as enc:
-            share = state.encode(key, grad, self.phase)
-            flat = torch.cat([*share.parts, state.finite_flags([grad], grad)])
-        state.stats.encoded(enc.seconds)
-        state.stats.sent(_nbytes(flat), dense=_nbytes(grad))
-        handle = hvd.allreduce_async_(flat, name=f"commcomp.{key}", op=hvd.Sum)
-        return _InFlight(key, grad, handle, share)
-
-    def receive(self, item: _InFlight, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.state.world_size
-        return out[-n:], self.state.decode(item.layout, out[:-n], item.grad)
-
-    def conclude(self, items: list[_InFlight]) -> None:
-        self.state.commit([i.key for i in items], [i.grad for i in items], [i.layout for i in items], self.phase)
-
-
-class _QuantizerTraffic(_Traffic):
-    state: QuantizerState
-
-    def send(self, key: str, grad: torch.Tensor) -> _InFlight:
-        state = self.state
-        with timer(grad) as enc:
-            payload, residual = state.encode(key, grad)
-            flat = state.pack([payload], state.finite_flags([grad], grad))
-        state.stats.encoded(enc.seconds)
-        state.stats.sent(_nbytes(flat), dense=_nbytes(grad))
+    def send(self, key: str, grad: torch.Tensor) -> InFlight[HorovodPending]:
+        if self.codec is None:
+            raise RuntimeError("commcomp.horovod: a gradient was sent before the step began")
         name = f"commcomp.{key}"
-        if state.quantizer.linear:
-            handle = hvd.allreduce_async_(flat, name=name, op=hvd.Sum)
-        else:
-            handle = hvd.allgather_async(flat.unsqueeze(0), name=name)
-        return _InFlight(key, grad, handle, payload, residual)
+        return send(self.state, self.codec, [key], [grad], self.wire, like=grad, dense_bytes=nbytes(grad), name=name)
 
-    def receive(self, item: _InFlight, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        state = self.state
-        received: torch.Tensor | list[torch.Tensor] = out if state.quantizer.linear else list(out.unbind(0))
-        return state.received_flags(received), state.decode_received(received, [item.layout])[0]
-
-    def conclude(self, items: list[_InFlight]) -> None:
-        if self.state.memory is not None:
-            for item in items:
-                if item.residual is not None:
-                    self.state.memory.set(item.key, item.residual)
+    def finish(self, items: list[InFlight[HorovodPending]]) -> None:
+        """Wait for every collective, raise on every rank if any rank had NaN/Inf, decode into the
+        gradients; the step counts as done either way (as in the DDP hooks)."""
+        self.codec = None
+        finish(self.state, list(items))
 
 
 # ----------------------------------------------------------------------------- the optimizer
@@ -294,7 +227,7 @@ class _CommcompMethods(torch.optim.Optimizer):
         return self._traffic.state.stats
 
     # --- Horovod's per-parameter send, called from the backward hooks ---
-    def _allreduce_grad_async(self, p: torch.Tensor) -> tuple[_InFlight, None]:
+    def _allreduce_grad_async(self, p: torch.Tensor) -> tuple[InFlight[HorovodPending], None]:
         if p.grad is None:  # as Horovod: a rank without this gradient still sends (zeros)
             p.grad = torch.zeros_like(p)
         if p.grad.is_sparse:
@@ -381,7 +314,7 @@ def DistributedOptimizer(
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
             raise ValueError(f"named_parameters must be (name, parameter) pairs, got {item!r:.80}")
     state = make_state(compressor, error_feedback=error_feedback, check_finite=check_finite, **options)
-    traffic = _GradiVeQTraffic(state) if isinstance(state, GradiVeQState) else _QuantizerTraffic(state)
+    traffic = _Traffic(state)
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), {**vars(_DistributedOptimizer), **_OVERRIDES})
     return cls(optimizer.param_groups, named, traffic)
 

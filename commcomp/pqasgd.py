@@ -16,12 +16,12 @@ after every `optimizer.step()` (or pass the optimizer and it is called for you),
      exactly (all-reduce of those values); the other coordinates stay local.
 
 All communication goes through a `commcomp.comm.Collectives` (default: torch.distributed), so the
-Horovod integration can pass its own. Paper: ALGORITHMS.md section 2.
+Horovod integration can pass its own. Paper: "A Linear Speedup Analysis of Distributed Deep Learning
+with Sparse and Quantized Communication" (Jiang & Agrawal, NeurIPS 2018).
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 from collections.abc import Sequence
@@ -32,6 +32,8 @@ from torch import nn
 
 from commcomp import quantizers
 from commcomp.comm import Collectives, TorchCollectives
+from commcomp.consistency import bad_ranks, flag_slots, has_nonfinite, verify_options
+from commcomp.flat import flatten, unflatten
 from commcomp.quantizers import Payload, Quantizer, StochasticQuantizer, pack_payloads, unpack_payloads
 from commcomp.quantizers.registry import QUANTIZERS
 from commcomp.quantizers.sparse import RandK
@@ -54,7 +56,7 @@ class PQASGD:
             (through a post-step hook; `close()` removes it). Otherwise call `step()` yourself.
         period: p, local steps between synchronisations (p = 1 synchronises after every step).
         quantizer: a registered quantizer name or instance for the model changes (default "qsgd";
-            it should be unbiased, see ALGORITHMS.md). Not allowed together with `density`.
+            it should be unbiased). Not allowed together with `density`.
         warmup_steps: steps of exact full averaging before the periodic phase starts.
         process_group: torch.distributed group (None: the world); not with `collectives`.
         collectives: a `commcomp.comm.Collectives` to use instead (e.g. Horovod's).
@@ -106,13 +108,13 @@ class PQASGD:
         self.seed = int(seed)
         self.check_finite = check_finite
         self.quantizer: Quantizer | None = None
-        self.sampler: RandK | None = None
+        self.coordinate_sampler: RandK | None = None  # density: picks the coordinates averaged
         if density is not None:
             if quantizer is not None or quantizer_options:
                 raise ValueError("density (sparse parameter averaging) sends exact values: do not pass a quantizer")
             if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
                 raise ValueError(f"density must be in (0, 1], got {density!r}")
-            self.sampler = RandK(ratio=float(density), seed=self.seed, rescale=False)
+            self.coordinate_sampler = RandK(ratio=float(density), seed=self.seed, rescale=False)
         else:
             quantizer = "qsgd" if quantizer is None else quantizer
             if isinstance(quantizer, str) and "seed" in inspect.signature(QUANTIZERS.factory(quantizer)).parameters:
@@ -139,8 +141,8 @@ class PQASGD:
         if self.steps <= self.warmup_steps:
             self._average_exactly()
         elif (self.steps - self.warmup_steps) % self.period == 0:
-            if self.sampler is not None:
-                self._average_sparsely(self.sampler)
+            if self.coordinate_sampler is not None:
+                self._average_sparsely(self.coordinate_sampler)
             elif self.quantizer is not None:
                 self._average_quantized(self.quantizer)
         self.stats.sent(0, self._dense)
@@ -150,10 +152,10 @@ class PQASGD:
     def synchronised(self) -> bool:
         """True if the last step ended with a synchronisation (all models identical)."""
         done = self.steps - self.warmup_steps
-        return self.steps > 0 and (done <= 0 or (self.sampler is None and done % self.period == 0))
+        return self.steps > 0 and (done <= 0 or (self.coordinate_sampler is None and done % self.period == 0))
 
     def _average_exactly(self) -> None:
-        flat = torch.cat([p.detach().reshape(-1) for p in self.params])
+        flat = flatten([p.detach() for p in self.params])
         total = self._all_reduce_checked(flat)
         for p, xb, avg in zip(self.params, self.x_bar, self._split(total.div_(self.comm.world_size))):
             p.copy_(avg)
@@ -169,7 +171,7 @@ class PQASGD:
                 payloads.append(q.compress(p.detach() - xb))
             device = self.params[0].device
             flag = torch.tensor([self._nonfinite(self.params)], dtype=torch.uint8, device=device)
-            flat = torch.cat([pack_payloads(payloads).to(device), flag])
+            flat = flatten([pack_payloads(payloads).to(device), flag])
         self.stats.encoded(enc.seconds)
         self.stats.sent(flat.numel() * flat.element_size())
         gathered = self.comm.all_gather(flat)
@@ -187,32 +189,29 @@ class PQASGD:
         for name, p in zip(self.names, self.params):
             sampler.set_stream(name)
             payloads.append(sampler.compress(p.detach()))
-        values = torch.cat([pl.tensors[0] for pl in payloads])
+        values = flatten([pl.tensors[0] for pl in payloads])
         total = self._all_reduce_checked(values).div_(self.comm.world_size)
-        offset = 0
-        for p, xb, pl in zip(self.params, self.x_bar, payloads):
+        chosen_values = unflatten(total, [pl.tensors[0].shape for pl in payloads])
+        for p, xb, pl, chosen in zip(self.params, self.x_bar, payloads, chosen_values):
             idx = pl.meta["indices"]
-            chosen = total[offset : offset + idx.numel()]
-            offset += idx.numel()
             p.view(-1)[idx] = chosen
             xb.view(-1)[idx] = chosen
 
     # ----- collectives with a NaN/Inf check riding along -----
     def _all_reduce_checked(self, flat: torch.Tensor) -> torch.Tensor:
         """Sum `flat` over ranks with one slot per rank appended that flags non-finite values."""
-        flags = torch.zeros(self.comm.world_size, dtype=flat.dtype, device=flat.device)
-        flags[self.comm.rank] = self._nonfinite([flat])
-        buf = torch.cat([flat, flags])
+        flags = flag_slots(self._nonfinite([flat]), self.comm.rank, self.comm.world_size, flat.dtype, flat.device)
+        buf = flatten([flat, flags])
         self.stats.sent(buf.numel() * buf.element_size())
         total = self.comm.all_reduce_sum(buf)
         self._raise_if_nonfinite(total[-self.comm.world_size :])
         return total[: flat.numel()]
 
     def _nonfinite(self, tensors: Sequence[torch.Tensor]) -> bool:
-        return self.check_finite and not all(bool(torch.isfinite(t).all()) for t in tensors)
+        return self.check_finite and has_nonfinite(tensors)
 
     def _raise_if_nonfinite(self, flags: torch.Tensor) -> None:
-        bad = torch.nonzero(flags).flatten().tolist()
+        bad = bad_ranks(flags)
         if bad:
             raise NonFiniteModelError(
                 f"PQASGD: NaN or Inf in the model of rank(s) {bad} at step {self.steps}; nothing was averaged"
@@ -233,21 +232,12 @@ class PQASGD:
         }
 
     def _check_same_everywhere(self) -> None:
-        text = json.dumps(self.options(), sort_keys=True, default=str)
-        digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
-        mine = torch.tensor([digest], dtype=torch.int64, device=self.params[0].device)
-        self.stats.sent(mine.numel() * mine.element_size())
-        everyone = self.comm.all_gather(mine)
-        odd = [r for r, t in enumerate(everyone) if not torch.equal(t, everyone[0])]
-        if odd:
-            raise ValueError(
-                f"PQASGD: the options or parameter shapes differ across ranks (ranks {odd} differ from rank 0); "
-                f"this rank has {text}"
-            )
+        """Raise on every rank if the options or parameter shapes differ across ranks."""
+        self.stats.sent(verify_options("PQASGD", self.options(), self.comm, self.params[0].device))
 
     @torch.no_grad()
     def _broadcast_params(self) -> None:
-        flat = torch.cat([p.detach().reshape(-1) for p in self.params])
+        flat = flatten([p.detach() for p in self.params])
         if self.comm.rank == 0:
             self.stats.sent(flat.numel() * flat.element_size())
         flat = self.comm.broadcast(flat, 0)
@@ -255,8 +245,7 @@ class PQASGD:
             p.copy_(v)
 
     def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        sizes = [p.numel() for p in self.params]
-        return [v.view_as(p) for v, p in zip(flat.split(sizes), self.params)]
+        return unflatten(flat, [p.shape for p in self.params])
 
     def close(self) -> None:
         """Remove the optimizer post-step hook (if one was installed)."""
@@ -272,7 +261,7 @@ class PQASGD:
             "steps": self.steps,
             "x_bar": [xb.detach().cpu().clone() for xb in self.x_bar],
             "quantizer": None if self.quantizer is None else self.quantizer.state_dict(),
-            "sampler": None if self.sampler is None else self.sampler.state_dict(),
+            "coordinate_sampler": None if self.coordinate_sampler is None else self.coordinate_sampler.state_dict(),
             "stats": self.stats.state_dict(),
             "options": self.options(),
         }
@@ -288,8 +277,8 @@ class PQASGD:
             xb.copy_(saved)
         if self.quantizer is not None:
             self.quantizer.load_state_dict(state["quantizer"])
-        if self.sampler is not None:
-            self.sampler.load_state_dict(state["sampler"])
+        if self.coordinate_sampler is not None:
+            self.coordinate_sampler.load_state_dict(state["coordinate_sampler"])
         self.stats.load_state_dict(state["stats"])
 
 

@@ -306,7 +306,7 @@ class Cluster(Hosts):
         c = cls.__new__(cls)
         c.hosts, c.name, c.prefix, c._up, c._jobs, c.owner = hosts, name, name_prefix, True, 0, os.getpid()
         addr = _cmd("ip", "-n", c.netns(0), "-o", "-4", "addr", "show", HOST_IFACE).stdout.split()[3]
-        c.network = ipaddress.ip_interface(addr).network
+        c.network = ipaddress.IPv4Interface(addr).network  # `-4`: IPv4 only
         qdisc = _cmd("tc", "-n", c.netns(0), "qdisc", "show", "dev", HOST_IFACE).stdout
         rate = re.search(r"rate (\d+(?:\.\d+)?)([KMG]?)bit", qdisc)
         scale = {"": 1e-6, "K": 1e-3, "M": 1.0, "G": 1e3}

@@ -8,13 +8,15 @@ be read (and changed) in one place:
     horovod       needs Horovod
     netns         needs root and network namespaces (the emulated cluster)
 
-`MODULES` gives every test of a module its markers; `TESTS` adds markers to the tests whose name
-starts with a prefix, and `SINGLE_PROCESS` takes `multiprocess` away from the few tests of a
+`MODULES` gives every test of a module its markers (a module that imports `harness.run` is
+multi-process even when not listed); `TESTS` adds markers to the tests whose name
+matches a pattern, and `SINGLE_PROCESS` takes `multiprocess` away from the few tests of a
 multi-process module that run in this process only. The fast lane is `-m "not slow"`.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import sys
 import warnings
@@ -23,9 +25,12 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # `from harness import run` in every test module
 
+import harness
+
 MODULES: dict[str, set[str]] = {
     "test_benchmarks": {"multiprocess"},
     "test_cluster": {"multiprocess"},
+    "test_ddp_loops": {"multiprocess"},
     "test_faults": {"multiprocess", "netns", "slow"},
     "test_gossip": {"multiprocess"},
     "test_gossip_mnist": {"multiprocess", "slow"},
@@ -37,44 +42,70 @@ MODULES: dict[str, set[str]] = {
     "test_quantized_hook": {"multiprocess"},
 }
 
+# (module, pattern) -> extra markers; the pattern is matched (fnmatch) against the test's name with
+# its parameters, e.g. "test_resume_is_exact[qsgd-options0]". Besides the convergence runs, "slow"
+# holds the multi-process tests that the fast lane can leave to CI: it keeps at least one
+# multi-process test of every component (hooks, PQASGD, gossip, Horovod, MoE, cluster, launchers).
 TESTS: dict[tuple[str, str], set[str]] = {
-    ("test_benchmarks", "test_driver_local"): {"slow"},
-    ("test_cluster", "test_links_are_shaped"): {"netns"},
-    ("test_cluster", "test_teardown_leaves_nothing"): {"netns"},
-    ("test_cluster", "test_sigterm_tears_down"): {"netns"},
-    ("test_cluster", "test_torchrun_across_hosts"): {"netns"},
-    ("test_cluster", "test_torchrun_max_restarts"): {"netns", "slow"},
-    ("test_cluster", "test_mpirun_across_hosts"): {"netns"},
-    ("test_cluster", "test_horovod_under_mpirun"): {"netns", "horovod"},
-    ("test_cluster", "test_cut_link_fails"): {"netns"},
-    ("test_gradiveq", "test_mnist1d_"): {"slow"},
-    ("test_horovod", "test_mnist1d_"): {"slow"},
-    ("test_pqasgd", "test_convergence_"): {"slow"},
+    ("test_benchmarks", "test_training_records*"): {"slow"},
+    ("test_benchmarks", "test_driver_local*"): {"slow"},
+    ("test_cluster", "test_links_are_shaped*"): {"netns"},
+    ("test_cluster", "test_teardown_leaves_nothing*"): {"netns"},
+    ("test_cluster", "test_sigterm_tears_down*"): {"netns"},
+    ("test_cluster", "test_torchrun_across_hosts*"): {"netns"},
+    ("test_cluster", "test_torchrun_max_restarts*"): {"netns", "slow"},
+    ("test_cluster", "test_mpirun_across_hosts*"): {"netns"},
+    ("test_cluster", "test_horovod_under_mpirun*"): {"netns", "horovod"},
+    ("test_cluster", "test_cut_link_fails*"): {"netns", "slow"},
+    ("test_cluster", "test_local_fallback*"): {"slow"},
+    ("test_gossip", "test_mpi_transport*"): {"slow"},
+    ("test_gradiveq", "test_mnist1d_*"): {"slow"},
+    ("test_gradiveq", "test_checkpoint_resume*"): {"slow"},
+    ("test_gradiveq", "test_nan_gradients*"): {"slow"},
+    ("test_gradiveq", "test_gradient_as_bucket_view*"): {"slow"},
+    ("test_gradiveq", "test_options_differing*"): {"slow"},
+    ("test_gradiveq", "test_lambda_zero*"): {"slow"},
+    ("test_gradiveq", "test_sampling_steps*"): {"slow"},
+    ("test_horovod", "test_mnist1d_*"): {"slow"},
+    ("test_horovod", "*mpirun*"): {"slow"},  # the fast lane runs the Horovod suite under horovodrun only
+    ("test_horovod", "test_same_parameters_as_the_ddp_hook*"): {"slow"},
+    ("test_moe_dist", "test_ddp_on_dense_part*"): {"slow"},
+    ("test_pqasgd", "test_convergence_*"): {"slow"},
+    ("test_pqasgd", "test_resume_is_exact*"): {"slow"},
+    ("test_pqasgd", "test_clear_errors*"): {"slow"},
+    ("test_pqasgd", "test_sparse_parameter*"): {"slow"},
+    ("test_pqasgd", "test_identity_equals*"): {"slow"},
+    ("test_quantized_hook", "test_resume_is_exact*"): {"slow"},
 }
 
+# single-process tests in modules that are otherwise multi-process
 SINGLE_PROCESS: set[tuple[str, str]] = {
-    ("test_benchmarks", "test_report_"),
-    ("test_benchmarks", "test_workload_"),
-    ("test_cluster", "test_bad_arguments"),
-    ("test_cluster", "test_init_from_env_single_process"),
-    ("test_gradiveq", "test_conv_layout"),
-    ("test_gradiveq", "test_paper_slice_length"),
-    ("test_gradiveq", "test_linear_rows"),
-    ("test_gradiveq", "test_energy_kept"),
-    ("test_gradiveq", "test_linearity"),
-    ("test_gradiveq", "test_round_trip"),
-    ("test_gradiveq", "test_schedule_phases"),
-    ("test_gradiveq", "test_bad_options"),
-    ("test_pqasgd", "test_bad_arguments"),
+    ("test_benchmarks", "test_report_*"),
+    ("test_benchmarks", "test_workload_*"),
+    ("test_cluster", "test_bad_arguments*"),
+    ("test_cluster", "test_init_from_env_single_process*"),
+    ("test_gradiveq", "test_conv_layout*"),
+    ("test_gradiveq", "test_paper_slice_length*"),
+    ("test_gradiveq", "test_linear_rows*"),
+    ("test_gradiveq", "test_energy_kept*"),
+    ("test_gradiveq", "test_linearity*"),
+    ("test_gradiveq", "test_round_trip*"),
+    ("test_gradiveq", "test_schedule_phases*"),
+    ("test_gradiveq", "test_bad_options*"),
+    ("test_pqasgd", "test_bad_arguments*"),
 }
 
 
-def _markers(module: str, name: str) -> set[str]:
-    marks = set(MODULES.get(module, set()))
-    for (mod, prefix), extra in TESTS.items():
-        if mod == module and name.startswith(prefix):
+def _matches(key: tuple[str, str], module: str, name: str) -> bool:
+    return key[0] == module and fnmatch.fnmatchcase(name, key[1])
+
+
+def _markers(module: str, name: str, spawns: bool) -> set[str]:
+    marks = set(MODULES.get(module, set())) | ({"multiprocess"} if spawns else set())
+    for key, extra in TESTS.items():
+        if _matches(key, module, name):
             marks |= extra
-    if any(mod == module and name.startswith(prefix) for mod, prefix in SINGLE_PROCESS):
+    if any(_matches(key, module, name) for key in SINGLE_PROCESS):
         marks.discard("multiprocess")
     return marks
 
@@ -85,17 +116,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     modules = set()
     for item in items:
         module = item.path.stem
-        name = getattr(item, "originalname", item.name)  # without the [parameters]
         modules.add(module)
-        for key in (*TESTS, *SINGLE_PROCESS):
-            if key[0] == module and name.startswith(key[1]):
-                seen.add(key)
-        for mark in sorted(_markers(module, name)):
+        seen |= {key for key in (*TESTS, *SINGLE_PROCESS) if _matches(key, module, item.name)}
+        spawns = getattr(getattr(item, "module", None), "run", None) is harness.run  # a module not listed yet
+        for mark in sorted(_markers(module, item.name, spawns)):
             item.add_marker(getattr(pytest.mark, mark))
     # a renamed test must not drop out of its tier silently
     stale = sorted(k for k in (*TESTS, *SINGLE_PROCESS) if k[0] in modules and k not in seen)
     if stale and not any("::" in a for a in config.args):
-        listed = ", ".join(f"{m}.py::{p}*" for m, p in stale)
+        listed = ", ".join(f"{m}.py::{p}" for m, p in stale)
         warnings.warn(f"tests/conftest.py names tests that no longer exist: {listed}", stacklevel=1)
 
 

@@ -14,8 +14,6 @@ the same thing. Every rank must call `step()` the same number of times (each one
 
 from __future__ import annotations
 
-import hashlib
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from commcomp import quantizers
+from commcomp.consistency import options_text, verify_options_with_root
 from commcomp.gossip.transport import TorchTransport, Transport
 from commcomp.quantizers import Payload, Quantizer, pack_payloads, unpack_payloads
 from commcomp.stats import CommStats, timer
@@ -59,10 +58,6 @@ def make_transport(
     if topology is not None or options:
         raise ValueError("a Transport instance carries its own topology; do not pass topology as well")
     return transport
-
-
-def _fingerprint(options: dict[str, Any]) -> str:
-    return json.dumps(options, sort_keys=True, default=str)
 
 
 class GossipAlgorithm(ABC):
@@ -226,18 +221,7 @@ class GossipAlgorithm(ABC):
     # ----- checks -----
     def _verify_options(self) -> None:
         """Raise on every rank if any rank's options differ from rank 0's (two small collectives)."""
-        text = _fingerprint(self.options())
-        digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "little")
-        device = self.params[0].device
-        root = self.transport.broadcast(torch.tensor([digest], dtype=torch.int64, device=device), 0)
-        flags = torch.zeros(self.transport.world_size, dtype=torch.int64, device=device)
-        flags[self.rank] = int(int(root.item()) != digest)
-        odd = torch.nonzero(self.transport.all_reduce_sum(flags)).flatten().tolist()
-        if odd:
-            raise ValueError(
-                f"{type(self).__name__}: options differ across ranks (ranks {odd} differ from rank 0); "
-                f"this rank has {text}"
-            )
+        verify_options_with_root(type(self).__name__, self.options(), self.transport, self.params[0].device)
 
     # ----- evaluation -----
     def consensus_model(self) -> nn.Module:
@@ -258,7 +242,7 @@ class GossipAlgorithm(ABC):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if _fingerprint(state["options"]) != _fingerprint(self.options()):
+        if options_text(state["options"]) != options_text(self.options()):
             raise ValueError(
                 f"state_dict was saved with options {state['options']}, this {self.name} has {self.options()}"
             )

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from commcomp.comm import Collectives, TorchCollectives
+from commcomp.flat import flatten, unflatten
 from commcomp.gossip.transport import Transport
 
 __all__ = ["consensus_model"]
@@ -30,10 +31,7 @@ def consensus_model(model: nn.Module, comm: Transport | Collectives | dist.Proce
     tensors = [t for t in (*copy_.parameters(), *copy_.buffers()) if t.is_floating_point()]
     if not tensors:
         return copy_
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
-    flat = comm.all_reduce_sum(flat) / comm.world_size
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
+    flat = comm.all_reduce_sum(flatten([t.detach() for t in tensors], torch.float64)) / comm.world_size
+    for t, mean in zip(tensors, unflatten(flat, [t.shape for t in tensors])):
+        t.copy_(mean)
     return copy_

@@ -9,8 +9,6 @@ match expected size"). Callbacks only decode.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from commcomp import consistency
 from commcomp.comm import Collectives, TorchCollectives
+from commcomp.exchange import ExchangeCodec, TorchWire, finish, nbytes, send
 from commcomp.registry import Registry, check_options
 from commcomp.stats import CommStats
 
@@ -28,6 +28,7 @@ __all__ = [
     "Hook",
     "HookState",
     "NonFiniteGradientError",
+    "exchange_hook",
     "register_method",
     "register_simple_method",
 ]
@@ -91,37 +92,35 @@ class HookState:
         """Options that must agree on every rank."""
         return {"class": type(self).__name__, "check_finite": self.check_finite}
 
-    def _verify_options(self, device: torch.device) -> int:
-        """All-gather a fingerprint of `options()` and raise on every rank if any rank differs."""
-        text = json.dumps(self.options(), sort_keys=True, default=str)
-        digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
-        mine = torch.tensor([digest, self.world_size], dtype=torch.int64, device=device)
-        comm = self.collectives()
-        everyone = comm.all_gather(mine)
-        odd = [r for r, t in enumerate(everyone) if not torch.equal(t, everyone[0])]
-        if odd:
-            raise ValueError(
-                f"{type(self).__name__}: the options differ across ranks (ranks {odd} differ from rank 0); "
-                f"this rank has {text}"
-            )
+    def verify_options(self, device: torch.device) -> None:
+        """Compare `options()` (and the world size) across ranks, raising on every rank if any rank
+        differs (one all-gather on `collectives()`); runs once, at the first bucket."""
+        comm, name = self.collectives(), type(self).__name__
+        self.stats.sent(consistency.verify_options(name, self.options(), comm, device, [self.world_size]))
         self._verified = True
-        return comm.bytes_sent
 
     # ----- bucket bookkeeping -----
     def begin_bucket(self, bucket: dist.GradBucket) -> None:
         """Checks at the top of every hook call; verifies options on the very first one."""
-        buf = bucket.buffer()
-        if not buf.is_floating_point():
-            raise TypeError(f"{type(self).__name__}: gradients must be floating point, got {buf.dtype}")
+        self.begin(bucket.buffer(), bucket.index(), bucket.is_last())
+
+    def begin(self, like: torch.Tensor, index: int, last: bool) -> None:
+        """Start group `index` of a step (`last`: the step's final group) with gradients like `like`.
+
+        DDP calls this per bucket (through `begin_bucket`); the Horovod optimizer once per step.
+        Every group that began must end with `end_bucket()`.
+        """
+        if not like.is_floating_point():
+            raise TypeError(f"{type(self).__name__}: gradients must be floating point, got {like.dtype}")
         if not self._verified:
-            self.stats.sent(self._verify_options(buf.device))
-        if bucket.index() == 0:
+            self.verify_options(like.device)
+        if index == 0:
             self._last_seen = False
         with self._lock:
             self._pending += 1
-        if bucket.is_last():
+        if last:
             self._last_seen = True
-            self.num_buckets = bucket.index() + 1
+            self.num_buckets = index + 1
 
     def end_bucket(self) -> None:
         """Called when a bucket's result is ready; the step ends after the last bucket decodes."""
@@ -133,21 +132,27 @@ class HookState:
                 self.step += 1
                 self.stats.end_step()
 
-    def finite_flags(self, tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        """One slot per rank, 1 in this rank's slot if any of `tensors` holds NaN/Inf (appended to a
-        summed collective, so every rank learns which ranks are bad)."""
-        flags = torch.zeros(self.world_size, dtype=like.dtype, device=like.device)
-        if self.check_finite and not all(bool(torch.isfinite(t).all()) for t in tensors):
-            flags[self.rank] = 1
-        return flags
+    def nonfinite(self, tensors: list[torch.Tensor]) -> bool:
+        """True if checking is on and any of `tensors` holds NaN/Inf (this rank's flag)."""
+        return self.check_finite and consistency.has_nonfinite(tensors)
 
     def raise_if_nonfinite(self, flags: torch.Tensor, bucket_index: int) -> None:
-        bad = torch.nonzero(flags).flatten().tolist()
+        """Raise `NonFiniteGradientError` (on every rank: all see the same flags) if a rank is flagged."""
+        bad = consistency.bad_ranks(flags)
         if bad:
             raise NonFiniteGradientError(
                 f"{type(self).__name__}: NaN or Inf in the gradients of rank(s) {bad} "
                 f"(bucket {bucket_index}, step {self.step}); no update was applied from them"
             )
+
+    # ----- the exchange -----
+    def exchange_codec(self, params: list[tuple[str, torch.Size]], like: torch.Tensor) -> ExchangeCodec:
+        """The codec for this step's group of gradients `params` (name, shape), in sending order.
+
+        Called in the hook body before anything is sent, so a subclass may issue blocking collectives
+        here (GradiVeQ refits its bases).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not send through the exchange engine")
 
     # ----- checkpointing -----
     def state_dict(self) -> dict[str, Any]:
@@ -168,6 +173,28 @@ class HookState:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+
+def exchange_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """The DDP hook of every exchange-engine state: one bucket through `commcomp.exchange`.
+
+    The state's codec, the flags and the collective are issued here (the hook body); the callback
+    only decodes.
+    """
+    state.begin_bucket(bucket)
+    buf, grads = bucket.buffer(), bucket.gradients()
+    keys = [state.param_key(p) for p in bucket.parameters()]
+    codec = state.exchange_codec([(k, g.shape) for k, g in zip(keys, grads)], buf)
+    wire = TorchWire(state.process_group)
+    item = send(state, codec, keys, grads, wire, like=buf, dense_bytes=nbytes(buf), name=f"bucket{bucket.index()}")
+    index = bucket.index()
+
+    def decode(fut: torch.futures.Future[Any]) -> torch.Tensor:
+        del fut  # the same future as item.pending's
+        finish(state, [item], index)
+        return buf
+
+    return item.pending.future.then(decode)
 
 
 # name -> factory(model, process_group, **options) -> (state, hook)

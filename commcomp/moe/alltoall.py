@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from commcomp.comm import TorchCollectives
+from commcomp.consistency import gather_ints
 from commcomp.stats import CommStats
 
 __all__ = [
@@ -56,12 +58,9 @@ def check_peers(
     ranks raise a ValueError naming this rank), so a bad input on one rank never leaves the others
     waiting in the next collective.
     """
-    _, world = group_rank_and_size(group)
-    mine = torch.tensor([int(problem is not None), *fields.values()], dtype=torch.int64, device=device)
-    everyone = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(everyone, mine, group=group)
-    _sent(stats, mine)
-    table = torch.stack(everyone).tolist()  # (W, 1 + fields)
+    comm = TorchCollectives(group)
+    table = gather_ints(comm, [int(problem is not None), *fields.values()], device)  # (W, 1 + fields)
+    stats.sent(comm.bytes_sent, comm.bytes_sent)
     if problem is not None:
         raise problem
     bad = [r for r, row in enumerate(table) if row[0]]

@@ -1,6 +1,8 @@
 """GradiVeQ: PCA-based vector quantization of gradient slices (Yu et al., NeurIPS 2018).
 
-Pure tensor code; the DDP hook (commcomp.hooks.gradiveq) and the Horovod optimizer do the talking.
+Pure tensor code (no communication): slicing plans and the per-layer codec. The hook
+(`commcomp.gradiveq.hook`) and the Horovod optimizer do the talking; `commcomp.gradiveq.refit`
+holds the collectives that share a fitted basis.
 
 Letters (as in the paper): K slice length, d principal components kept, S slices of one gradient,
 N ranks, M values in a gradient. A gradient is laid out as a vector, cut into S = M // K slices of K
@@ -18,13 +20,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from commcomp.comm import Collectives
-
-__all__ = ["LayerCodec", "Schedule", "SlicePlan", "plan_slices"]
+__all__ = ["LayerCodec", "SlicePlan", "plan_slices"]
 
 
 @dataclass(frozen=True)
@@ -87,31 +87,6 @@ def plan_slices(
     if numel // k < 1:
         return None
     return SlicePlan(shape, k, numel // k, conv)
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Warm-up steps sent uncompressed, then cycles of `sample` uncompressed steps whose averaged
-    gradients feed the PCA and `compress` compressed steps (a refit at the start of each)."""
-
-    warmup: int
-    sample: int
-    compress: int
-
-    def __post_init__(self) -> None:
-        if self.warmup < 0 or self.sample < 1 or self.compress < 0:
-            raise ValueError(f"schedule needs warmup_steps >= 0, sample_steps >= 1, compress_steps >= 0; got {self}")
-
-    def phase(self, step: int) -> str:
-        """'warmup', 'sample' or 'compress' for a 0-based step."""
-        if step < self.warmup:
-            return "warmup"
-        t = (step - self.warmup) % (self.sample + self.compress)
-        return "sample" if t < self.sample else "compress"
-
-    def refit(self, step: int) -> bool:
-        """True on the first compressed step of a cycle."""
-        return step >= self.warmup and (step - self.warmup) % (self.sample + self.compress) == self.sample
 
 
 class LayerCodec:
@@ -229,48 +204,3 @@ class LayerCodec:
         basis, mean = state["basis"], state["mean"]
         if isinstance(basis, torch.Tensor) and isinstance(mean, torch.Tensor):
             self.set_basis(basis.clone(), mean.clone(), float(state["energy"]))
-
-
-class FitOptions(Protocol):
-    energy_threshold: float
-    max_components: int | None
-
-
-def refit_bases(
-    codecs: list[LayerCodec], comm: Collectives, src: int, options: FitOptions, device: torch.device
-) -> None:
-    """Fit every codec's basis on rank `src`, broadcast (d, energy, U, mu) to all ranks, and check that
-    every rank holds the same bits (an all-gathered checksum); raise on every rank if not.
-
-    Every rank must call this with the same codecs in the same order (their sample counts agree
-    because the sampled gradients were the all-reduced ones). Bases travel as float32, the precision
-    compression computes in, and every rank (src included) keeps that rounded copy.
-    """
-    codecs = [c for c in codecs if c.count >= 2]
-    if not codecs:
-        return
-    is_src = comm.rank == src
-    fits = [c.fit(options.energy_threshold, options.max_components) for c in codecs] if is_src else []
-    if not is_src:
-        for c in codecs:
-            c.reset()
-    dims = torch.tensor([u.shape[1] for u, _ in fits] if is_src else [0] * len(codecs), device=device)
-    dims = comm.broadcast(dims, src)
-    sizes = [c.plan.K * (int(d) + 1) for c, d in zip(codecs, dims)]
-    if is_src:
-        energies = torch.tensor([c.energy for c in codecs], dtype=torch.float64)
-        flat = torch.cat([energies, *[torch.cat([u.reshape(-1), mu]) for u, mu in fits]])
-        flat = flat.to(device=device, dtype=torch.float32)
-    else:
-        flat = torch.empty(len(codecs) + sum(sizes), dtype=torch.float32, device=device)
-    flat = comm.broadcast(flat, src)
-    energies, *blocks = flat.split([len(codecs), *sizes])
-    for c, d, e, block in zip(codecs, dims.tolist(), energies.tolist(), blocks):
-        k = c.plan.K
-        c.set_basis(block[: k * d].view(k, d).double(), block[k * d :].double(), e)
-    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=device).remainder_(9973)
-    checksum = (flat.double() * weights).sum().reshape(1)
-    everyone = comm.all_gather(checksum)
-    odd = [r for r, t in enumerate(everyone) if not torch.equal(t, everyone[src])]
-    if odd:
-        raise RuntimeError(f"GradiVeQ bases differ on ranks {odd} from rank {src} after the broadcast; stopping")

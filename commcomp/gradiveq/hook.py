@@ -1,6 +1,6 @@
 """The GradiVeQ DDP communication hook.
 
-Per bucket and step, by the schedule (commcomp.gradiveq.Schedule):
+Per bucket and step, by the schedule (`commcomp.gradiveq.Schedule`):
   1. warm-up / sampling steps: all-reduce the gradients as they are (divided by N first); on
      sampling steps every rank adds the averaged gradients' slices to its PCA statistics;
   2. first compressed step of a cycle: rank `src_rank` fits each layer's basis in float64 and
@@ -9,7 +9,9 @@ Per bucket and step, by the schedule (commcomp.gradiveq.Schedule):
   3. compressed steps: every rank sends U^T (g_n/N - mu/N) per slice; one all-reduce sums the
      coefficients (with the uncompressed leftovers and small layers riding in the same buffer);
      every rank decodes U c + mu.
-All collectives are issued from the hook body, in bucket order; callbacks only decode.
+All collectives are issued from the hook body, in bucket order (the refit by `exchange_codec`, the
+all-reduce by `commcomp.exchange`); callbacks only decode. `GradiVeQExchange` is the per-step codec
+the exchange engine runs, for DDP buckets and Horovod tensors alike.
 Paper: https://arxiv.org/abs/1811.03617
 """
 
@@ -20,29 +22,33 @@ import torch
 import torch.distributed as dist
 
 from commcomp.error_feedback import ErrorFeedback
-from commcomp.gradiveq import LayerCodec, Schedule, plan_slices, refit_bases
-from commcomp.hooks.base import HookState, register_simple_method
-from commcomp.hooks.quantized import QuantizerState, send_quantized
+from commcomp.exchange import Encoded, ExchangeCodec
+from commcomp.gradiveq.codec import LayerCodec, plan_slices
+from commcomp.gradiveq.refit import refit_bases
+from commcomp.gradiveq.schedule import Schedule
+from commcomp.hooks.base import HookState, exchange_hook, register_simple_method
+from commcomp.hooks.quantized import QuantizedExchange, QuantizerState
 from commcomp.quantizers import Quantizer
 from commcomp.stats import timer
 
-__all__ = ["GradiVeQState", "Share", "gradiveq_hook"]
+__all__ = ["GradiVeQExchange", "GradiVeQState", "Share", "gradiveq_hook"]
 
 
 @dataclass
 class Share:
-    """One gradient's part of a summed buffer: the tensors to sum, how to decode their sum (codec
-    None: sent as it is), and the error-feedback residual to keep once the step decodes cleanly."""
+    """One gradient's part of a summed buffer: the tensors to sum ([coefficients, leftover values]
+    when compressed, [values] when dense), how to decode their sum (codec None: sent as it is), and
+    the error-feedback residual to keep once the step decodes cleanly."""
 
     parts: list[torch.Tensor]
     codec: LayerCodec | None
-    coeffs: int  # coefficient values (0 when dense)
-    rest: int  # values sent as they are
+    num_coeffs: int  # how many coefficient values (0 when dense)
+    num_plain: int  # how many values are sent as they are
     residual: torch.Tensor | None
 
     @property
     def numel(self) -> int:
-        return self.coeffs + self.rest
+        return self.num_coeffs + self.num_plain
 
 
 class GradiVeQState(HookState):
@@ -115,7 +121,8 @@ class GradiVeQState(HookState):
         self.codecs: dict[str, LayerCodec | None] = {}  # None: sent uncompressed
         self.memory = ErrorFeedback() if error_feedback else None
         self._loaded_codecs: dict[str, Any] = {}
-        self.sampler = (
+        # the quantizer sampling steps are sent through (None: sent uncompressed)
+        self.sampling: QuantizerState | None = (
             None
             if sample_quantizer is None
             else QuantizerState(
@@ -141,7 +148,7 @@ class GradiVeQState(HookState):
             "max_components": self.max_components,
             "error_feedback": self.memory is not None,
             "src_rank": self.src_rank,
-            "sampler": None if self.sampler is None else self.sampler.options(),
+            "sample_quantizer": None if self.sampling is None else self.sampling.options(),
         }
 
     def codec(self, key: str, shape: torch.Size) -> LayerCodec | None:
@@ -153,7 +160,18 @@ class GradiVeQState(HookState):
             self.codecs[key] = codec
         return self.codecs[key]
 
-    # ----- one gradient's way through a summing collective (shared with commcomp.horovod) -----
+    # ----- the exchange (DDP buckets and Horovod steps alike) -----
+    def exchange_codec(self, params: list[tuple[str, torch.Size]], like: torch.Tensor) -> ExchangeCodec:
+        """This step's codec for `params`; on the first compressed step of a cycle, refit their bases
+        first (blocking collectives, issued here in the hook body)."""
+        codecs = [self.codec(key, shape) for key, shape in params]
+        phase = self.schedule.phase(self.step)
+        if phase == "compress" and self.schedule.refit(self.step):
+            self.refit([c for c in codecs if c is not None], like)
+        if phase == "sample" and self.sampling is not None:  # the paper's quantized sampling steps
+            return GradiVeQExchange(self, phase, QuantizedExchange(self.sampling))
+        return GradiVeQExchange(self, phase)
+
     def refit(self, codecs: list[LayerCodec], like: torch.Tensor) -> None:
         """Step 2: fit on `src_rank`, broadcast, check (blocking collectives on `self.collectives()`)."""
         with timer(like) as fit_time:
@@ -184,12 +202,12 @@ class GradiVeQState(HookState):
             return Share([h.reshape(-1)], None, 0, h.numel(), torch.zeros_like(h))
         return Share([h.reshape(-1)], None, 0, h.numel(), None)
 
-    def decode(self, share: Share, summed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """The summed share (share.numel values) -> the averaged gradient, shaped like `like`."""
+    def decode(self, share: Share, summed: list[torch.Tensor]) -> torch.Tensor:
+        """The summed parts of a share -> the averaged gradient (flat when the share was dense)."""
         if share.codec is None:
-            return summed.view_as(like)
-        coeffs = summed[: share.coeffs].view(-1, share.codec.d)
-        return share.codec.decompress(coeffs, summed[share.coeffs :])
+            return summed[0]
+        coeffs, plain = summed
+        return share.codec.decompress(coeffs.view(-1, share.codec.d), plain)
 
     def commit(self, keys: list[str], grads: list[torch.Tensor], shares: list[Share], phase: str) -> None:
         """After a clean decode: on sampling steps feed the averaged gradients to the PCA statistics;
@@ -222,43 +240,43 @@ class GradiVeQState(HookState):
             self.memory.load_state_dict(state["residuals"])
 
 
+class GradiVeQExchange:
+    """`ExchangeCodec` of one GradiVeQ step in phase `phase`: every gradient's `Share` summed in one
+    all-reduce, or, on sampling steps with a sample quantizer, the gradients sent through `sampling`.
+    Committing feeds the PCA on sampling steps and keeps error-feedback residuals."""
+
+    def __init__(self, state: GradiVeQState, phase: str, sampling: QuantizedExchange | None = None) -> None:
+        self.state, self.phase, self.sampling = state, phase, sampling
+
+    @property
+    def summed(self) -> bool:
+        return True if self.sampling is None else self.sampling.summed
+
+    def encode(self, keys: list[str], grads: list[torch.Tensor]) -> Encoded:
+        if self.sampling is not None:
+            return self.sampling.encode(keys, grads)
+        shares = [self.state.encode(key, g, self.phase) for key, g in zip(keys, grads)]
+        return Encoded(keys, grads, [part for s in shares for part in s.parts], shares)
+
+    def decode(self, received: list[torch.Tensor], encoded: Encoded) -> list[torch.Tensor]:
+        if self.sampling is not None:
+            return self.sampling.decode(received, encoded)
+        out, pieces = [], iter(received)
+        for share in encoded.context:
+            out.append(self.state.decode(share, [next(pieces) for _ in share.parts]))
+        return out
+
+    def commit(self, encoded: Encoded) -> None:
+        if self.sampling is not None:
+            self.sampling.commit(encoded)
+            self.state.commit(encoded.keys, encoded.grads, [], self.phase)
+        else:
+            self.state.commit(encoded.keys, encoded.grads, encoded.context, self.phase)
+
+
 def gradiveq_hook(state: GradiVeQState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook running GradiVeQ; use with `model.register_comm_hook(state, gradiveq_hook)`."""
-    state.begin_bucket(bucket)
-    buf, n, index = bucket.buffer(), state.world_size, bucket.index()
-    grads = bucket.gradients()
-    keys = [state.param_key(p) for p in bucket.parameters()]
-    codecs = [state.codec(k, g.shape) for k, g in zip(keys, grads)]
-    phase = state.schedule.phase(state.step)
-    if phase == "compress" and state.schedule.refit(state.step):
-        state.refit([c for c in codecs if c is not None], buf)
-    if phase == "sample" and state.sampler is not None:  # the paper's quantized sampling steps
-        return send_quantized(state.sampler, state, bucket, keys, lambda: state.commit(keys, grads, [], phase))
-
-    # step 3 (compressed) or step 1 (dense): build one flat buffer, all-reduce it, decode
-    with timer(buf) as enc:
-        shares = [state.encode(key, g, phase) for key, g in zip(keys, grads)]
-        flat = torch.cat([*(part for s in shares for part in s.parts), state.finite_flags(grads, buf)])
-    state.stats.encoded(enc.seconds)
-    state.stats.sent(flat.numel() * flat.element_size(), dense=buf.numel() * buf.element_size())
-    fut = dist.all_reduce(flat, group=state.process_group, async_op=True).get_future()
-
-    def decode(fut: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
-        try:
-            out = fut.value()[0]
-            state.raise_if_nonfinite(out[-n:], index)
-            with timer(out) as dec:
-                offset = 0
-                for share, g in zip(shares, grads):
-                    g.copy_(state.decode(share, out[offset : offset + share.numel], g))
-                    offset += share.numel
-            state.stats.decoded(dec.seconds)
-            state.commit(keys, grads, shares, phase)
-            return buf
-        finally:
-            state.end_bucket()
-
-    return fut.then(decode)
+    return exchange_hook(state, bucket)
 
 
 register_simple_method("gradiveq", GradiVeQState, gradiveq_hook)

@@ -1,0 +1,127 @@
+"""Cross-rank consistency: the options fingerprint and the NaN/Inf flags.
+
+Two things must never differ silently between ranks:
+
+- Options. Every component (DDP hook states, Horovod, PQASGD, gossip) describes what must agree in
+  an `options()` dict; `options_digest` turns it into one 56-bit number (the first 7 bytes of the
+  SHA-256 of its canonical JSON), and `verify_options` (an all-gather) or
+  `verify_options_with_root` (a broadcast and an all-reduce, for transports without all-gather)
+  compare it across ranks and raise a ValueError on every rank if any rank differs.
+- Other per-rank facts (the MoE layer's sizes) are compared the same way with `gather_ints`.
+- Finite values. A rank whose tensors hold NaN/Inf sets a flag that rides along with the data in
+  the same collective: one slot per rank in a summed buffer (`flag_slots`), or one byte per rank in
+  a gathered one. Every rank then sees the same flags and raises together (`bad_ranks`), so a bad
+  rank never leaves the others waiting in the next collective.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+__all__ = [
+    "Gathers",
+    "RootChecks",
+    "bad_ranks",
+    "flag_slots",
+    "gather_ints",
+    "has_nonfinite",
+    "options_digest",
+    "options_text",
+    "verify_options",
+    "verify_options_with_root",
+]
+
+
+class Gathers(Protocol):
+    """What `verify_options` needs: `commcomp.comm.Collectives` and Horovod's collectives have it."""
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]: ...
+
+
+class RootChecks(Protocol):
+    """What `verify_options_with_root` needs (a gossip `Transport` has it)."""
+
+    rank: int
+    world_size: int
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor: ...
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def options_text(options: dict[str, Any]) -> str:
+    """The canonical text of an options dict (sorted keys; non-JSON values by `str`)."""
+    return json.dumps(options, sort_keys=True, default=str)
+
+
+def options_digest(options: dict[str, Any]) -> int:
+    """The options' fingerprint: the first 7 bytes of SHA-256 of `options_text` (fits an int64)."""
+    return int.from_bytes(hashlib.sha256(options_text(options).encode()).digest()[:7], "little")
+
+
+def _differ(owner: str, odd: list[int], options: dict[str, Any]) -> ValueError:
+    return ValueError(
+        f"{owner}: the options differ across ranks (ranks {odd} differ from rank 0); "
+        f"this rank has {options_text(options)}"
+    )
+
+
+def gather_ints(comm: Gathers, values: Sequence[int], device: torch.device) -> list[list[int]]:
+    """Every rank's `values` (one int64 row each, the same length everywhere), in rank order."""
+    mine = torch.tensor(list(values), dtype=torch.int64, device=device)
+    return [row.tolist() for row in comm.all_gather(mine)]
+
+
+def verify_options(
+    owner: str, options: dict[str, Any], comm: Gathers, device: torch.device, extra: Sequence[int] = ()
+) -> int:
+    """All-gather `[digest, *extra]` and raise ValueError on every rank if any rank's row differs
+    from rank 0's. `owner` names the component in the message. Returns the bytes this rank sent."""
+    row = [options_digest(options), *extra]
+    table = gather_ints(comm, row, device)
+    odd = [r for r, other in enumerate(table) if other != table[0]]
+    if odd:
+        raise _differ(owner, odd, options)
+    return 8 * len(row)  # int64 values
+
+
+def verify_options_with_root(owner: str, options: dict[str, Any], comm: RootChecks, device: torch.device) -> None:
+    """Broadcast rank 0's digest, all-reduce one mismatch flag per rank, and raise ValueError on every
+    rank if any rank differs (two small collectives, for transports without all-gather)."""
+    digest = options_digest(options)
+    root = comm.broadcast(torch.tensor([digest], dtype=torch.int64, device=device), 0)
+    flags = torch.zeros(comm.world_size, dtype=torch.int64, device=device)
+    flags[comm.rank] = int(int(root.item()) != digest)
+    odd = bad_ranks(comm.all_reduce_sum(flags))
+    if odd:
+        raise _differ(owner, odd, options)
+
+
+# ----------------------------------------------------------------------------- NaN / Inf flags
+
+
+def has_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
+    """True if any of `tensors` holds a NaN or an infinity."""
+    return not all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def flag_slots(bad: bool, rank: int, world_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One slot per rank, 1 in this rank's slot if `bad`: appended to a summed buffer, so after the
+    sum every rank knows which ranks were bad."""
+    flags = torch.zeros(world_size, dtype=dtype, device=device)
+    if bad:
+        flags[rank] = 1
+    return flags
+
+
+def bad_ranks(flags: torch.Tensor) -> list[int]:
+    """The ranks whose flag is set (summed slots, or one gathered flag per rank)."""
+    return [int(r) for r in torch.nonzero(flags).flatten().tolist()]

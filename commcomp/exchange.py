@@ -1,0 +1,202 @@
+"""The exchange engine: one group of gradients through compress -> collective -> decompress.
+
+Every integration runs the same sequence, written once here:
+
+  `send` (in the hook body, or Horovod's backward hook):
+     1. encode: the codec turns the gradients into the tensors to send (`Encoded.parts`);
+     2. flags: this rank's NaN/Inf flag rides along in the same buffer (`commcomp.consistency`);
+     3. stats: the bytes of the buffer handed over are counted (and what fp32 would have been);
+     4. collective: the wire starts a summing all-reduce or an all-gather and returns at once.
+  `finish` (in the DDP callback, or Horovod's `synchronize()`):
+     5. wait for every collective of the group, then raise on every rank if any rank was flagged;
+     6. decode into the gradients;
+     7. commit: the codec keeps what it learns only from a clean step (error-feedback residuals,
+        PCA statistics);
+     8. end: the host state's bookkeeping (`HookState.end_bucket`) closes the step after its last group.
+
+The pieces plugged in:
+
+- `ExchangeCodec` says what is sent and how it is decoded. `summed=True`: every part is summed
+  element-wise over ranks (one dtype, e.g. GradiVeQ coefficients or fp16 values; a codec may add any
+  extra tensors it wants summed, it gets them back at decode in the order sent). `summed=False`: the
+  parts are this rank's packed bytes (uint8), all-gathered; decode gets every rank's bytes.
+- `Wire` issues the collective: `TorchWire` on a torch.distributed group (DDP), the Horovod wire in
+  `commcomp.horovod`.
+- The host is the `HookState` owning the step: its rank and world size, `check_finite`, stats, the
+  NaN/Inf policy (`raise_if_nonfinite`) and bucket bookkeeping.
+
+Ordering rule: `send` is called from hook bodies only, in the same order on every rank; `finish`
+(called from callbacks) never issues a collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from commcomp.consistency import flag_slots
+from commcomp.flat import flatten, unflatten
+from commcomp.stats import timer
+
+if TYPE_CHECKING:
+    from commcomp.hooks.base import HookState
+
+__all__ = ["Encoded", "ExchangeCodec", "InFlight", "Pending", "TorchWire", "Wire", "finish", "nbytes", "send"]
+
+Received = torch.Tensor | list[torch.Tensor]  # a summed buffer, or every rank's buffer in rank order
+
+
+def nbytes(tensor: torch.Tensor) -> int:
+    """Bytes of a tensor as handed to a collective."""
+    return tensor.numel() * tensor.element_size()
+
+
+@dataclass
+class Encoded:
+    """One group of gradients, encoded: what to send and what decoding and committing need.
+
+    keys, grads: the gradients' stable names and the tensors decoding writes into.
+    parts: the tensors to send (summed: one dtype; gathered: uint8 bytes).
+    context: the codec's own record (GradiVeQ's shares, a quantizer's payload templates, residuals).
+    """
+
+    keys: list[str]
+    grads: list[torch.Tensor]
+    parts: list[torch.Tensor]
+    context: Any = None
+
+
+class ExchangeCodec(Protocol):
+    """A compressor as the engine sees it (see the module docstring)."""
+
+    @property
+    def summed(self) -> bool:
+        """True: the parts are summed by an all-reduce; False: this rank's bytes are all-gathered."""
+        ...
+
+    def encode(self, keys: list[str], grads: list[torch.Tensor]) -> Encoded: ...
+
+    def decode(self, received: list[torch.Tensor], encoded: Encoded) -> list[torch.Tensor]:
+        """The averaged gradients (any shape with the gradients' numel), from the summed parts in
+        the order sent (summed) or from every rank's payload bytes in rank order (gathered)."""
+        ...
+
+    def commit(self, encoded: Encoded) -> None:
+        """Called once the group decoded cleanly on every rank."""
+        ...
+
+
+class Pending(Protocol):
+    def wait(self) -> Received:
+        """The collective's result (blocking if it is not finished)."""
+        ...
+
+
+P = TypeVar("P", bound=Pending, covariant=True)
+
+
+class Wire(Protocol[P]):
+    def start(self, flat: torch.Tensor, summed: bool, name: str) -> P:
+        """Start a summing all-reduce (`summed`) or an all-gather of `flat`; return at once."""
+        ...
+
+
+@dataclass
+class TorchPending:
+    """A torch.distributed collective in flight; `future` is what a DDP hook chains on."""
+
+    future: torch.futures.Future[Any]
+    gathered: list[torch.Tensor] | None = None
+
+    def wait(self) -> Received:
+        self.future.wait()
+        return self.future.value()[0] if self.gathered is None else self.gathered
+
+
+class TorchWire:
+    """`Wire` on a torch.distributed process group (None: the whole world), asynchronous."""
+
+    def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
+        self.process_group = process_group
+
+    def start(self, flat: torch.Tensor, summed: bool, name: str) -> TorchPending:
+        del name  # torch.distributed matches collectives by order, not by name
+        if summed:
+            return TorchPending(dist.all_reduce(flat, group=self.process_group, async_op=True).get_future())
+        gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size(self.process_group))]
+        work = dist.all_gather(gathered, flat, group=self.process_group, async_op=True)
+        return TorchPending(work.get_future(), gathered)
+
+
+@dataclass
+class InFlight(Generic[P]):
+    """One group on its way: its codec, its encoding, and the collective's handle."""
+
+    codec: ExchangeCodec
+    encoded: Encoded
+    pending: P
+    sent_parts: list[torch.Size] = field(default_factory=list)  # shapes of the parts, to cut the sum
+
+
+def send(
+    host: HookState,
+    codec: ExchangeCodec,
+    keys: list[str],
+    grads: list[torch.Tensor],
+    wire: Wire[P],
+    *,
+    like: torch.Tensor,
+    dense_bytes: int,
+    name: str = "",
+) -> InFlight[P]:
+    """Steps 1-4: encode, append the NaN/Inf flag, count the bytes, start the collective.
+
+    `like` gives the device (and, for an empty summed encoding, the dtype) of the buffer;
+    `dense_bytes` is what an uncompressed fp32/fp16 all-reduce of the same gradients would hand over.
+    """
+    with timer(like) as enc:
+        encoded = codec.encode(keys, grads)
+        bad = host.nonfinite(grads)
+        if codec.summed:
+            dtypes = {p.dtype for p in encoded.parts}
+            if len(dtypes) > 1:
+                raise TypeError(f"summed parts must share one dtype, got {sorted(map(str, dtypes))}")
+            wire_dtype = dtypes.pop() if dtypes else like.dtype
+            flags = flag_slots(bad, host.rank, host.world_size, wire_dtype, like.device)
+        else:
+            flags = torch.tensor([int(bad)], dtype=torch.uint8, device=like.device)
+        flat = flatten([*encoded.parts, flags])
+    host.stats.encoded(enc.seconds)
+    host.stats.sent(nbytes(flat), dense=dense_bytes)
+    pending = wire.start(flat, codec.summed, name)
+    return InFlight(codec, encoded, pending, [p.shape for p in encoded.parts])
+
+
+def _split(item: InFlight[Any], received: Received, world_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(what the codec decodes, per-rank flags) of one received buffer."""
+    if isinstance(received, torch.Tensor):
+        return unflatten(received[:-world_size], item.sent_parts), received[-world_size:]
+    return [t[:-1] for t in received], torch.stack([t[-1] for t in received])
+
+
+def finish(host: HookState, items: list[InFlight[Any]], index: int = 0) -> None:
+    """Steps 5-8 for `items` (one DDP bucket, or every tensor of a Horovod step; not empty): wait for
+    all, raise on every rank if any rank was flagged, decode into the gradients, commit, end the group.
+    The group ends (`end_bucket`) even when it raises, so the step counter stays in step."""
+    try:
+        received = [item.pending.wait() for item in items]  # every collective done before any raise
+        with timer(items[0].encoded.grads[0]) as dec:
+            split = [_split(item, r, host.world_size) for item, r in zip(items, received)]
+            flags = torch.stack([f.to(torch.float32) for _, f in split]).sum(0)
+            host.raise_if_nonfinite(flags, index)
+            for item, (payload, _) in zip(items, split):
+                for grad, value in zip(item.encoded.grads, item.codec.decode(payload, item.encoded)):
+                    grad.copy_(value.view_as(grad))
+        host.stats.decoded(dec.seconds)
+        for item in items:
+            item.codec.commit(item.encoded)
+    finally:
+        host.end_bucket()
