@@ -238,7 +238,10 @@ def summary(
         parts = [f"Training comparison on {run_line}", f"{meta['date_utc']}; {machine_line}"]
     for w in sorted({r["workload"] for r in rows}):
         target = next((r["target_acc"] for r in rows if r["workload"] == w and r.get("target_acc")), None)
+        floor = next((r["floor_x_fp32"] for r in rows if r["workload"] == w and r.get("floor_x_fp32")), None)
         extra = f", target accuracy {target:.3f}" if target else ""
+        if target and floor:
+            extra += f" (a step that sends nothing takes {floor:.2f}x DDP fp32's step)"
         title = f"## {w}{extra}" if markdown else f"[{w}]{extra}"
         parts += ["", title, "", report.format_table(rows, w, markdown)]
         if markdown and target:
