@@ -112,7 +112,7 @@ def derive(rows: list[Row]) -> list[Row]:
             r["target_acc"] = target
             r["ttt_s"] = time_to(r["curve"], target) if target is not None else None
             r["speedup"] = base["mean_s"] / r["mean_s"] if base else math.nan
-        best = powersgd_best(mine)
+        best = powersgd_best(mine) if target is not None else None  # time-to-accuracy workloads only
         refs = {"x_fp32": base, "x_hook16": by.get(HOOK16), "x_powersgd": best}
         for r in mine:
             r["powersgd_best"] = r is best
@@ -283,7 +283,8 @@ def _accuracy_panels(axes: Sequence[Any], ran: list[Row]) -> None:
     import matplotlib.pyplot as plt
 
     for ax in axes:
-        ax.set_prop_cycle(color=[plt.get_cmap("tab20")(i) for i in range(20)])  # more than the default 10 colours
+        colours = [plt.get_cmap("tab10")(i) for i in range(10)]
+        ax.set_prop_cycle(color=colours * 2, linestyle=["-"] * 10 + ["--"] * 10)  # 20 methods told apart
     for r in ran:
         if r["curve"]:
             step, seconds, acc = zip(*r["curve"])

@@ -217,12 +217,17 @@ def summary(
         f"{meta['cores']} cores ({meta['cpu']}), torch {meta['torch']}, Python {meta['python']}, load average "
         f"{meta['load_average_before'][0]:.1f} before and {meta['load_average_after'][0]:.1f} after"
     )
-    run_line = f"{meta['where']}, {meta['elapsed_seconds'] / 60:.1f} min in all"
+    phases, last = [], 0.0
+    for name, end in meta["phase_end_seconds"].items():
+        phases.append(f"{name} {(end - last) / 60:.1f}")
+        last = end
+    run_line = f"{meta['where']}, {meta['elapsed_seconds'] / 60:.1f} min in all ({', '.join(phases)} min)"
     if markdown:
         parts = [
             "# Benchmark results",
             "",
-            "Written by the benchmark itself (`benchmarks/run.py`); rerun it to refresh, do not edit.",
+            "Written by the benchmark itself (`benchmarks/run.py`); rerun it to refresh, do not edit. What the"
+            " workloads, columns and targets are: [benchmarks.md](benchmarks.md).",
             "",
             f"- Command: `{meta['command']}`",
             f"- Date: {meta['date_utc']}",
