@@ -81,11 +81,14 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     lead = packed.shape[:-1]
     if 8 % bits == 0:
         per, mask = 8 // bits, (1 << bits) - 1
+        if per == 1:
+            return packed[..., :n]
         out = torch.empty(*packed.shape, per, dtype=torch.uint8, device=packed.device)
-        for j in range(per):  # code j of every byte: one vectorised shift per column
+        torch.bitwise_and(packed, mask, out=out[..., 0])  # code 0: the low bits
+        for j in range(1, per):  # code j: shifted down, masked unless it is the top one
             torch.bitwise_right_shift(packed, j * bits, out=out[..., j])
-        if per > 1:
-            out &= mask
+            if j < per - 1:
+                out[..., j] &= mask
         return out.view(*lead, -1)[..., :n]
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     stream = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(*lead, -1)[..., : n * bits].reshape(*lead, n, bits)
