@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _method_args(args: argparse.Namespace) -> list[str]:
     out = []
-    for key in ("powersgd_start", "seed", *(k for k in vars(args) if k.startswith("gradiveq_"))):
+    for key in ("powersgd_start", "seed", "gradiveq"):
         value = getattr(args, key)
         if value is not None:
             out += [f"--{key.replace('_', '-')}", str(value)]
