@@ -212,9 +212,9 @@ def test_workload_schedules() -> None:
 def _train(rank: int, world_size: int, methods: list[str]) -> list[dict[str, Any]]:
     import torch
 
+    from benchmarks.data import accuracy
     from benchmarks.methods import setup
     from benchmarks.train import _evaluate, run_workload
-    from commcomp.data import accuracy
 
     workload = get_workload("cnn", WIDTH)
     rows = run_workload(workload, methods, STEPS, {**OPTIONS, **_gradiveq_options()})
