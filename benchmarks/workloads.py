@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from commcomp.data import CNN1D, MLP, load_mnist1d
+from benchmarks.data import CNN1D, MLP, load_mnist1d
 
 __all__ = ["WORKLOADS", "Workload", "get_workload"]
 

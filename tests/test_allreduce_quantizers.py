@@ -188,7 +188,7 @@ CONV_STEPS, LR, BATCH = 600, 0.1, 32
 
 
 def _train(rank: int, world: int, method: str) -> tuple[float, int]:
-    from commcomp.data import CNN1D, accuracy, load_mnist1d, shard
+    from benchmarks.data import CNN1D, accuracy, load_mnist1d, shard
 
     x_train, y_train, x_test, y_test = load_mnist1d(5000)
     x, y = shard(x_train, y_train, rank, world)
