@@ -51,6 +51,8 @@ class Quantizer(ABC):
     unbiased: bool = False  # E[decompress(compress(x))] == x
     # E||Q(x) - x||^2 <= (1 - delta) ||x||^2 for some delta > 0: what error feedback and CHOCO need
     contractive: bool = False
+    # decodes kept values multiplied up (rand-k's n/k): its error can be many times its input
+    scales_up: bool = False
 
     @abstractmethod
     def compress(self, tensor: torch.Tensor) -> Payload: ...

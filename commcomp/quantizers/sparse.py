@@ -150,9 +150,9 @@ class RandK(_Sparsifier, StochasticQuantizer):
         k: send exactly min(k, n) values instead.
         seed: seed shared by every rank.
         rescale: decode the kept values times n/k, which makes the quantizer unbiased
-            (E[decompress(compress(x))] = x) with variance factor n/k - 1, but not contractive:
-            error feedback and CHOCO refuse it. Without it, it is biased and contractive with
-            delta = k/n (use it with error feedback).
+            (E[decompress(compress(x))] = x) with variance factor omega = n/k - 1, but not
+            contractive: error feedback refuses it, and CHOCO's 1 / (1 + omega) scale undoes it.
+            Without it, it is biased and contractive with delta = k/n (use it with error feedback).
     """
 
     name = "randk"
@@ -163,8 +163,11 @@ class RandK(_Sparsifier, StochasticQuantizer):
         self.seed = int(seed)
         StochasticQuantizer.__init__(self, str(self.seed))
         self.rescale = bool(rescale)
-        self.unbiased = self.rescale
+        self.unbiased = self.scales_up = self.rescale
         self.contractive = not self.rescale
+        # variance factor n/k - 1 <= 1/ratio - 1: CHOCO's 1 / (1 + omega) scale then sends the
+        # unscaled (contractive) form; with a fixed k it depends on n, so none is declared
+        self.omega = 1.0 / self.ratio - 1.0 if self.rescale and self.ratio is not None else None
 
     def indices(self, n: int, device: torch.device) -> torch.Tensor:
         """The next k of n coordinates from the shared generator (advances it)."""
