@@ -531,3 +531,11 @@ def test_randk_omega_makes_choco_contractive() -> None:
     plain = _choco_consensus(1.0)
     assert not math.isfinite(plain) or plain > 1e6
     assert _choco_consensus(1.0 / (1.0 + q.omega)) < 0.05
+
+
+def test_sign_treats_negative_zero_as_non_negative() -> None:
+    x = torch.tensor([-0.0, 0.0, -1.0, 2.0])
+    q = quantizers.get("sign", bucket_size=4)
+    payload = q.compress(x)
+    assert q.decompress(payload).tolist() == [0.75, 0.75, -0.75, 0.75]
+    assert torch.equal(q.error(x, payload), x - q.decompress(payload))

@@ -58,10 +58,13 @@ def random_subset(n: int, k: int, generator: torch.Generator, device: torch.devi
     return draws[torch.randperm(draws.numel(), generator=generator, device=device)[:k]]
 
 
-def _without(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """A copy of `tensor` with the values at the flat `indices` set to zero."""
-    flat = tensor.detach().clone(memory_format=torch.contiguous_format).view(-1)
-    return flat.index_fill_(0, indices.long(), 0).view(tensor.shape)
+def _without(tensor: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """A copy of `tensor` (into `out` if given) with the values at the flat `indices` set to zero."""
+    if out is None:
+        out = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+    out.copy_(tensor.detach())
+    out.view(-1).index_fill_(0, indices.long(), 0)
+    return out
 
 
 class _Sparsifier(Quantizer):
@@ -122,9 +125,9 @@ class TopK(_Sparsifier):
         indices = top_indices(x.abs(), self.count(x.numel()))
         return Payload([x[indices], indices.to(torch.int32)], tensor.shape, tensor.dtype)
 
-    def error(self, tensor: torch.Tensor, payload: Payload) -> torch.Tensor:
+    def error(self, tensor: torch.Tensor, payload: Payload, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor with the sent values zeroed (they were sent exactly)."""
-        return _without(tensor, payload.tensors[1].long())
+        return _without(tensor, payload.tensors[1], out)
 
     def decode_sum(self, batch: Payload, out: torch.Tensor) -> torch.Tensor:
         """One scatter-add of every rank's values at every rank's indices (accumulating index_put_,
@@ -179,11 +182,11 @@ class RandK(_Sparsifier, StochasticQuantizer):
         indices = self.indices(x.numel(), x.device)
         return Payload([x[indices]], tensor.shape, tensor.dtype, {"indices": indices})
 
-    def error(self, tensor: torch.Tensor, payload: Payload) -> torch.Tensor:
+    def error(self, tensor: torch.Tensor, payload: Payload, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.rescale:
-            return super().error(tensor, payload)
+            return super().error(tensor, payload, out)
         # unscaled: the kept values decode exactly, so the error is the tensor without them
-        return _without(tensor, payload.meta["indices"])
+        return _without(tensor, payload.meta["indices"], out)
 
     def decode_sum(self, batch: Payload, out: torch.Tensor) -> torch.Tensor:
         """Every rank's values sit at the same coordinates: sum them, scale once, scatter once."""
