@@ -200,12 +200,12 @@ class GradiVeQState(HookState):
         """Whether this step is a tracked compressed step (else: the one-exchange path)."""
         return self.basis == "tracked" and self.step >= self.warmup_steps
 
-    # ----- the one-exchange path: warm-up steps, and every step of the fitted basis -----
+    # ----- the engine's codec: the fitted basis, warm-up steps, and the tracked basis on Horovod -----
     def exchange_codec(self, params: list[tuple[str, torch.Size]], like: torch.Tensor) -> ExchangeCodec:
         """This step's codec for `params`; on the first compressed step of a fitted cycle, refit the
         bases first (blocking collectives, issued here in the hook body)."""
-        if self.schedule is None:  # tracked basis, warm-up step
-            return FittedExchange(self, "warmup")
+        if self.schedule is None:  # tracked basis: the coefficients exchange (Horovod), or a warm-up step
+            return TrackedCoefficients(self) if self.compressing() else FittedExchange(self, "warmup")
         codecs = [self.codec(key, shape) for key, shape in params]
         phase = self.schedule.phase(self.step)
         if phase == "compress" and self.schedule.refit(self.step):

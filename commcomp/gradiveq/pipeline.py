@@ -32,7 +32,7 @@ from commcomp.stats import timer
 if TYPE_CHECKING:
     from commcomp.gradiveq.hook import GradiVeQState
 
-__all__ = ["TrackedCoefficients", "TrackedGroup"]
+__all__ = ["TrackedCoefficients", "TrackedGroup", "finish_tracked"]
 
 P = TypeVar("P", bound=Pending)
 
@@ -155,3 +155,15 @@ def _checksum(ps: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         total += (p.double().reshape(-1) * w).sum()
     crc = zlib.crc32(struct.pack("<d", float(total)))
     return torch.tensor(list(crc.to_bytes(4, "little")), dtype=torch.float32, device=device)
+
+
+def finish_tracked(state: GradiVeQState, items: list[InFlight[Any]], wire: Wire[Any], name: str) -> None:
+    """Both exchanges' second half for a whole step at once (Horovod's `synchronize()`): wait for the
+    coefficients, start and wait for the basis update, decode; the step's group ends either way."""
+    try:
+        group = TrackedGroup(state, items, items[0].encoded.grads[0])
+        received = group.start_basis_update(wire, name).wait()
+        assert isinstance(received, torch.Tensor)
+        group.complete(received)
+    finally:
+        state.end_bucket()
