@@ -454,6 +454,17 @@ def test_bad_options_are_named():
 CONVERGENCE_STEPS = int(os.environ.get("COMMCOMP_TEST_STEPS", "1500"))
 
 
+def _owed_ratio(state, net) -> tuple[float, float]:
+    """(norm of the gradient error feedback owes in all, summed over ranks; norm of this rank's own
+    residual as a gradient of its own), each over the norm of the step's averaged gradient."""
+    residuals = [r.reshape(-1).double() for _, r in sorted(state.memory.residuals.items())]
+    mine = torch.cat(residuals) if residuals else torch.zeros(1, dtype=torch.float64)
+    owed = mine.clone()
+    dist.all_reduce(owed)  # shares are g_n/N: the sum is in averaged-gradient units
+    grad = math.sqrt(sum(float(p.grad.double().norm() ** 2) for p in net.parameters()))
+    return float(owed.norm()) / max(grad, 1e-12), dist.get_world_size() * float(mine.norm()) / max(grad, 1e-12)
+
+
 def _mnist_worker(rank, world, steps):
     x, y, xt, yt = load_mnist1d()
     xs, ys = shard(x, y, rank, world)
@@ -473,8 +484,7 @@ def _mnist_worker(rank, world, steps):
             nn.functional.cross_entropy(ddp(xs[idx]), ys[idx]).backward()
             if state is not None:
                 ratios.append(state.stats.last.compression_ratio)
-                grad = math.sqrt(sum(float(p.grad.double().norm() ** 2) for p in net.parameters()))
-                residual_ratios.append(world * _residual_norm(state) / max(grad, 1e-12))  # residual of g_n/N
+                residual_ratios.append(_owed_ratio(state, net))
             opt.step()
             schedule.step()
             if (step + 1) % 100 == 0:
@@ -489,15 +499,15 @@ def test_mnist1d_default_gradiveq_within_one_point_residual_bounded_no_collapse(
     fp32, gvq = results[0]["fp32"], results[0]["gradiveq"]
     print(
         f"MNIST-1D test accuracy: fp32 {fp32['accuracy']:.4f}, gradiveq {gvq['accuracy']:.4f}; "
-        f"per-step ratio min {min(gvq['ratios']):.1f}x; residual / gradient norm max "
-        f"{max(r['gradiveq']['residual'][-1] for r in results):.2f}, over the run "
-        f"{max(max(r['gradiveq']['residual']) for r in results):.2f}; curve {gvq['curve']}"
+        f"per-step ratio min {min(gvq['ratios']):.1f}x; owed / gradient norm: max "
+        f"{max(o for o, _ in gvq['residual']):.2f}, median {sorted(o for o, _ in gvq['residual'])[len(gvq['residual']) // 2]:.2f}; "
+        f"one rank's residual / gradient norm: max {max(m for _, m in gvq['residual']):.2f}; curve {gvq['curve']}"
     )
     assert fp32["accuracy"] > 0.85  # the reference really trained
     assert gvq["accuracy"] >= fp32["accuracy"] - 0.01
     assert min(gvq["ratios"]) >= 4.0  # every step (no dense warm-up by default)
-    for r in results:  # error feedback owes at most a few gradients' worth, on every rank, at every step
-        assert max(r["gradiveq"]["residual"]) <= 4.0
+    owed = [o for o, _ in gvq["residual"]]  # error feedback owes at most a few gradients, at every step
+    assert max(owed) <= 4.0
     best = 0.0
     for acc in gvq["curve"]:  # no collapse: never far below the best accuracy reached so far
         assert acc >= best - 0.05

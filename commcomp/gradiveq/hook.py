@@ -66,6 +66,8 @@ class GradiVeQState(HookState):
     bytes matter most; a few warm-up steps help when the first steps' gradients are very large.
     """
 
+    default_wire_dtype = "bf16"  # where the collective library sums bfloat16 (gloo, NCCL)
+
     def __init__(
         self,
         process_group: dist.ProcessGroup | None = None,
@@ -127,7 +129,7 @@ class GradiVeQState(HookState):
         # --- hyperparameters ---
         self.basis = basis
         self.rank_per_layer = rank or 8
-        self.wire_dtype = WIRE_DTYPES[wire_dtype or "bf16"]
+        self.wire_dtype = WIRE_DTYPES[wire_dtype or self.default_wire_dtype]
         self.warmup_steps = warmup_steps if warmup_steps is not None else (0 if tracked else 50)
         self.min_numel = min_numel
         self.fitted = None if tracked else FittedOptions(**given)

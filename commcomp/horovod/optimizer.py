@@ -54,7 +54,12 @@ class _OnHorovod(HookState):
 
 
 class HorovodGradiVeQState(_OnHorovod, GradiVeQState):
-    """`GradiVeQState` (same options, schedule and checkpoints) whose collectives run on Horovod."""
+    """`GradiVeQState` (same options, schedule and checkpoints) whose collectives run on Horovod.
+
+    The tracked basis's payloads default to float32 here: Horovod's CPU build has no bfloat16
+    collectives (pass wire_dtype="bf16" on a build that has them)."""
+
+    default_wire_dtype = "fp32"
 
 
 class HorovodQuantizerState(_OnHorovod, QuantizerState):
