@@ -226,7 +226,7 @@ def _gossip(algorithm: str, **kwargs: Any):
 
 
 def gradiveq_options(options: dict[str, Any]) -> dict[str, Any]:
-    keys = ("warmup_steps", "sample_steps", "compress_steps", "energy_threshold", "max_components")
+    keys = ("rank", "wire_dtype", "warmup_steps")
     return {k: options[f"gradiveq_{k}"] for k in keys if options.get(f"gradiveq_{k}") is not None}
 
 

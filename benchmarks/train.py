@@ -198,11 +198,9 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
     """Options passed to the methods (shared with the driver). Unset ones take the workload's
     setting (`Workload.method_defaults`), else the method's own default."""
     p.add_argument("--powersgd-start", type=int, default=None, help="steps of plain all-reduce before PowerSGD")
+    p.add_argument("--gradiveq-rank", type=int, default=None, help="GradiVeQ components per layer (tracked basis)")
+    p.add_argument("--gradiveq-wire-dtype", default=None, help="GradiVeQ payload dtype: bf16, fp16, fp32")
     p.add_argument("--gradiveq-warmup-steps", type=int, default=None, help="GradiVeQ uncompressed warm-up steps")
-    p.add_argument("--gradiveq-sample-steps", type=int, default=None, help="GradiVeQ sampling steps per cycle")
-    p.add_argument("--gradiveq-compress-steps", type=int, default=None, help="GradiVeQ compressed steps per cycle")
-    p.add_argument("--gradiveq-energy-threshold", type=float, default=None, help="GradiVeQ lambda")
-    p.add_argument("--gradiveq-max-components", type=int, default=None, help="GradiVeQ cap on d per layer")
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -30,8 +30,6 @@ WIDTH = 24  # CNN1D(24): its two 1,728-value conv weights are big enough for Gra
 STEPS = 6
 OPTIONS = {
     "gradiveq_warmup_steps": 1,
-    "gradiveq_sample_steps": 2,
-    "gradiveq_compress_steps": 100,
     "powersgd_start": 3,
     "seed": 3,
 }
@@ -249,7 +247,7 @@ def test_driver_local(tmp_path: Path) -> None:
         [
             *("--local", "--hosts", "2", "--workloads", "cnn", "--methods", "fp32,torch-fp16,gradiveq"),
             *("--steps", "4", "--width", f"cnn={WIDTH}", "--horovod", "off", "--collectives", "1"),
-            *("--gradiveq-warmup-steps", "1", "--gradiveq-sample-steps", "1", "--out", str(out)),
+            *("--gradiveq-warmup-steps", "1", "--out", str(out)),
             *("--results-md", str(md)),
         ]
     )

@@ -499,9 +499,9 @@ def test_mnist1d_default_gradiveq_within_one_point_residual_bounded_no_collapse(
     fp32, gvq = results[0]["fp32"], results[0]["gradiveq"]
     print(
         f"MNIST-1D test accuracy: fp32 {fp32['accuracy']:.4f}, gradiveq {gvq['accuracy']:.4f}; "
-        f"per-step ratio min {min(gvq['ratios']):.1f}x; owed / gradient norm: max "
-        f"{max(o for o, _ in gvq['residual']):.2f}, median {sorted(o for o, _ in gvq['residual'])[len(gvq['residual']) // 2]:.2f}; "
-        f"one rank's residual / gradient norm: max {max(m for _, m in gvq['residual']):.2f}; curve {gvq['curve']}"
+        f"per-step ratio min {min(gvq['ratios']):.1f}x; owed / gradient norm max "
+        f"{max(o for o, _ in gvq['residual']):.2f}; one rank's residual / gradient norm max "
+        f"{max(m for _, m in gvq['residual']):.2f}; accuracy every 100 steps {gvq['curve']}"
     )
     assert fp32["accuracy"] > 0.85  # the reference really trained
     assert gvq["accuracy"] >= fp32["accuracy"] - 0.01
