@@ -226,8 +226,27 @@ def _gossip(algorithm: str, **kwargs: Any):
 
 
 def gradiveq_options(options: dict[str, Any]) -> dict[str, Any]:
-    keys = ("rank", "wire_dtype", "warmup_steps")
-    return {k: options[f"gradiveq_{k}"] for k in keys if options.get(f"gradiveq_{k}") is not None}
+    """GradiVeQ's keyword arguments from the "gradiveq" option, 'name=value,...' (values read as int,
+    float, true/false/none or else kept as text); none: its defaults."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (options.get("gradiveq") or "").split(",")):
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"GradiVeQ option {item!r} is not name=value")
+        out[key.strip()] = _value(text.strip())
+    return out
+
+
+def _value(text: str) -> Any:
+    words = {"true": True, "false": False, "none": None}
+    if text.lower() in words:
+        return words[text.lower()]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _pqasgd(net: nn.Module, options: dict[str, Any], make_opt: MakeOptimizer) -> Setup:
@@ -259,7 +278,9 @@ METHODS: dict[str, MethodSpec] = {
     "sign-ar": registered("commcomp sign, majority vote (all-reduced)", "sign_ar"),
     "topk1": registered("commcomp top-1% + EF", "topk", ratio=0.01, error_feedback=True),
     "sign": registered("commcomp sign + EF", "sign", error_feedback=True),
-    "randk1": registered("commcomp random-1% (shared seed, all-reduce) + EF", "randk", ratio=0.01, error_feedback=True),
+    "randk1": registered(
+        "commcomp random-1% (shared seed, all-reduce) + EF", "randk", ratio=0.01, rescale=False, error_feedback=True
+    ),
     "pqasgd": MethodSpec("commcomp PQASGD p=4 QSGD 4-bit", _pqasgd, requires="commcomp.pqasgd"),
     "choco": MethodSpec(
         "commcomp CHOCO-SGD sign, ring",

@@ -34,9 +34,9 @@ from torch import nn
 if __package__ in (None, ""):  # run as a script: make `benchmarks`, `commcomp` and `launch` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.data import accuracy, shard
 from benchmarks.methods import METHODS, Setup, setup, unavailable
 from benchmarks.workloads import WORKLOADS, Workload, get_workload
-from commcomp.data import accuracy, shard
 from commcomp.stats import sync_device
 
 __all__ = ["add_method_options", "main", "method_list", "run_method", "run_workload"]
@@ -171,7 +171,7 @@ def run_method(
             "final_accuracy": accs[-1] if accs else None,
             "best_accuracy": max(accs) if accs else None,
             "info": s.info,
-            "options": {k: v for k, v in options.items() if k.split("_")[0] in name},  # e.g. gradiveq_*
+            "options": {k: v for k, v in options.items() if k.split("_")[0] in name},  # gradiveq, powersgd_start
         }
     finally:
         s.stack.close()
@@ -198,9 +198,11 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
     """Options passed to the methods (shared with the driver). Unset ones take the workload's
     setting (`Workload.method_defaults`), else the method's own default."""
     p.add_argument("--powersgd-start", type=int, default=None, help="steps of plain all-reduce before PowerSGD")
-    p.add_argument("--gradiveq-rank", type=int, default=None, help="GradiVeQ components per layer (tracked basis)")
-    p.add_argument("--gradiveq-wire-dtype", default=None, help="GradiVeQ payload dtype: bf16, fp16, fp32")
-    p.add_argument("--gradiveq-warmup-steps", type=int, default=None, help="GradiVeQ uncompressed warm-up steps")
+    p.add_argument(
+        "--gradiveq",
+        default=None,
+        help="GradiVeQ options instead of its defaults, e.g. 'warmup_steps=10,error_feedback=true'",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 

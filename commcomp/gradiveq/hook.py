@@ -264,13 +264,17 @@ def _start_waiting_basis_update(state: GradiVeQState) -> None:
         raise
 
     def done(fut: torch.futures.Future[Any]) -> None:
+        error: BaseException | None = None
         try:
             group.complete(fut.value()[0])
-            result.set_result(buf)
         except BaseException as e:  # handed to DDP through the bucket's future
-            result.set_exception(e)  # type: ignore[arg-type]  # torch's stub says Tensor
+            error = e
         finally:
-            state.end_bucket()
+            state.end_bucket()  # before the future completes: DDP may return from backward at once
+        if error is None:
+            result.set_result(buf)
+        else:
+            result.set_exception(error)  # type: ignore[arg-type]  # torch's stub says Tensor
 
     pending.future.then(done)
 
