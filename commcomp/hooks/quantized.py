@@ -69,6 +69,7 @@ class QuantizerState(HookState):
         # page faults): the compensated input, and the spare residual that the next one is written to
         self._inputs: dict[str, torch.Tensor] = {}
         self._spares: dict[str, torch.Tensor] = {}
+        self._gathered: dict[str, torch.Tensor] = {}  # all-gathered bytes per group
 
     def exchange_codec(self, params: list[tuple[str, torch.Size]], like: torch.Tensor) -> "QuantizedExchange":
         return QuantizedExchange(self)
@@ -101,6 +102,14 @@ class QuantizerState(HookState):
         # h - decompress(payload), cheap for sparsifiers and sign, into the spare (the kept residual
         # stays as it is until the step decodes cleanly on every rank)
         return payload, self.quantizer.error(h, payload, out=_reusable(self._spares, key, h))
+
+    def gathered_buffer(self, key: str, ranks: int, row: torch.Tensor) -> torch.Tensor:
+        """A [ranks, len(row)] buffer for the all-gathered bytes of the group named `key`, kept
+        from step to step (one per group, so groups decoding at the same time never share one)."""
+        buf = self._gathered.get(key)
+        if buf is None or buf.shape != (ranks, row.numel()) or buf.dtype != row.dtype or buf.device != row.device:
+            buf = self._gathered[key] = torch.empty(ranks, row.numel(), dtype=row.dtype, device=row.device)
+        return buf
 
     def keep_residual(self, key: str, residual: torch.Tensor) -> None:
         """Commit `residual` for `key`; the one it replaces becomes the spare for the next step."""
@@ -194,7 +203,9 @@ class QuantizedExchange:
                 return [q.decompress(p) for p in payloads]
             batches = [Payload([t.unsqueeze(0) for t in p.tensors], p.shape, p.dtype, p.meta) for p in payloads]
             return [q.decode_sum(b, _float32_view(g)) for g, b in zip(encoded.grads, batches)]
-        batches = unpack_batch(torch.stack(received), templates)  # [N, bytes]: the compressed bytes only
+        # every rank's bytes as one [N, bytes] tensor, in a buffer reused per group (named by its first key)
+        rows = self.state.gathered_buffer(encoded.keys[0], len(received), received[0])
+        batches = unpack_batch(torch.stack(received, out=rows), templates)
         return [q.decode_sum(b, _float32_view(g)).div_(n) for g, b in zip(encoded.grads, batches)]
 
     def commit(self, encoded: Encoded) -> None:
