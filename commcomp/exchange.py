@@ -31,7 +31,7 @@ Ordering rule: `send` is called from hook bodies only, in the same order on ever
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 import torch
@@ -170,7 +170,7 @@ class InFlight(Generic[P]):
     codec: ExchangeCodec
     encoded: Encoded
     pending: P
-    sent_parts: list[torch.Size] = field(default_factory=list)  # shapes of the parts, to cut the sum
+    sent_parts: list[torch.Size]  # shapes of the parts, to cut the summed buffer back into them
 
 
 def send(
