@@ -539,3 +539,19 @@ def test_sign_treats_negative_zero_as_non_negative() -> None:
     payload = q.compress(x)
     assert q.decompress(payload).tolist() == [0.75, 0.75, -0.75, 0.75]
     assert torch.equal(q.error(x, payload), x - q.decompress(payload))
+
+
+@pytest.mark.parametrize("name,options", [("qsgd", {"bits": 8}), ("topk", {"ratio": 1.0}), ("sign", {})])
+def test_hook_average_of_half_precision_ranks_does_not_overflow(name: str, options: dict) -> None:
+    """The hook's own codec, as rank 0 of 4 without a process group: four fp16 gradients of about
+    40,000 each decode to their average (the sum, 160,000, is beyond fp16; it was inf when the
+    decoded fp16 tensors were summed before dividing)."""
+    from benchmarks.codecs import _sim_state
+    from commcomp.hooks.quantized import QuantizedExchange
+
+    codecs = [QuantizedExchange(_sim_state(name, options, r, 4)) for r in range(4)]
+    grads = [torch.full((64,), 40_000.0, dtype=torch.float16) + r for r in range(4)]
+    sent = [c.encode(["w"], [g]) for c, g in zip(codecs, grads)]
+    out = codecs[0].decode([e.parts[0] for e in sent], sent[0])[0]
+    average = torch.stack([g.float() for g in grads]).mean(0)
+    assert torch.isfinite(out).all() and torch.allclose(out.float(), average, rtol=2e-3), out[:4]
