@@ -41,7 +41,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         per = 8 // bits
         if n % per:
             codes = torch.cat([codes, codes.new_zeros(-n % per)])
-        if bits in (1, 4) and codes.storage_offset() % 8 == 0 and codes.numel() % 8 == 0 and codes.is_contiguous():
+        if bits in (1, 2, 4) and codes.storage_offset() % 8 == 0 and codes.numel() % 8 == 0 and codes.is_contiguous():
             return _pack_words(codes, bits)
         grid = codes.view(-1, per)
         packed = grid[:, 0].clone()
@@ -57,14 +57,19 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """`pack_bits` for 1- and 4-bit codes, a machine word at a time (codes one per byte, their count
-    a multiple of 8, 8-byte aligned). 1 bit: eight 0/1 bytes b_j of an int64 x become sum_j b_j 2^j
-    = the top byte of x * 0x0102040810204080 (the product puts b_j at bit 56 + j, and no two terms
-    share a bit, so nothing carries). 4 bits: two codes c0 + 256 c1 of an int16 x become
-    c0 + 16 c1 = (x | x >> 4) & 0xFF."""
+    """`pack_bits` for 1-, 2- and 4-bit codes, a machine word at a time (codes one per byte, their
+    count a multiple of 8, 8-byte aligned). 1 bit: eight 0/1 bytes b_j of an int64 x become
+    sum_j b_j 2^j = the top byte of x * 0x0102040810204080 (the product puts b_j at bit 56 + j, and
+    no two terms share a bit, so nothing carries). 2 bits: y = x | x >> 6 puts c1 next to c0 (and c3
+    next to c2), y | y >> 12 brings c2, c3 down: the low byte is c0 + 4 c1 + 16 c2 + 64 c3.
+    4 bits: two codes c0 + 256 c1 of an int16 x become c0 + 16 c1 = (x | x >> 4) & 0xFF."""
     if bits == 1:
         words = codes.view(torch.int64)
         return torch.bitwise_right_shift(words * 0x0102040810204080, 56).bitwise_and_(0xFF).to(torch.uint8)
+    if bits == 2:  # c0 + 2^8 c1 + 2^16 c2 + 2^24 c3: fold c1 down by 6 bits, then the upper pair by 12
+        quads = codes.view(torch.int32)
+        folded = torch.bitwise_or(quads, quads >> 6)
+        return folded.bitwise_or_(folded >> 12).to(torch.uint8)
     pairs = codes.view(torch.int16)
     return torch.bitwise_or(pairs, pairs >> 4).to(torch.uint8)
 
