@@ -259,7 +259,7 @@ def test_checkpoint_resume_is_exact(tmp_path):
 def _nan_worker(rank, world):
     torch.manual_seed(0)
     ddp = DDP(Net(), bucket_cap_mb=0.004)
-    commcomp.register(ddp, "gradiveq", **SMALL)
+    commcomp.register(ddp, "gradiveq", nonfinite="raise", **SMALL)
     x, y = _batch(rank, 0)
     if rank == 1:
         x[0, 0, 0] = float("nan")

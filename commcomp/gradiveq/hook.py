@@ -74,7 +74,10 @@ class GradiVeQState(HookState):
             sample_quantizer_options={"bits": 4}`); the PCA then fits on the decoded averages.
             None (default): sampling steps are all-reduced uncompressed.
         src_rank: the rank (in the group) whose fit is broadcast.
-        check_finite: refuse gradients with NaN/Inf, raising on every rank.
+        check_finite: look for NaN/Inf in the gradients (a flag per rank rides along).
+        nonfinite: "propagate" (default: a NaN/Inf on any rank makes every rank's gradients NaN, so a
+            GradScaler skips the step everywhere, and the step leaves this state untouched) or "raise"
+            (`NonFiniteGradientError` on every rank); see `commcomp.overflow`.
 
     Tuning: lower energy_threshold (0.001) or raise max_components when accuracy lags; raise
     sample_steps when the loss is still changing fast; a shorter compress_steps refits more often.
@@ -98,8 +101,9 @@ class GradiVeQState(HookState):
         sample_quantizer_options: dict[str, Any] | None = None,
         src_rank: int = 0,
         check_finite: bool = True,
+        nonfinite: str = "propagate",
     ) -> None:
-        super().__init__(process_group, check_finite)
+        super().__init__(process_group, check_finite, nonfinite)
         if not 0.0 <= energy_threshold < 1.0:
             raise ValueError(f"energy_threshold must be in [0, 1), got {energy_threshold}")
         if slice_length < 1 or max_slice_length < slice_length:
@@ -129,6 +133,7 @@ class GradiVeQState(HookState):
                 process_group,
                 quantizer=sample_quantizer,
                 check_finite=check_finite,
+                nonfinite=nonfinite,
                 **(sample_quantizer_options or {}),
             )
         )
@@ -177,7 +182,7 @@ class GradiVeQState(HookState):
         with timer(like) as fit_time:
             comm = self.collectives()
             refit_bases(codecs, comm, self.src_rank, self, like.device)
-        self.stats.sent(comm.bytes_sent)
+        self.stats.sent(comm.bytes_sent, kind="broadcast", world_size=self.world_size)  # mostly the bases
         self.stats.encoded(fit_time.seconds)
 
     def encode(self, key: str, grad: torch.Tensor, phase: str) -> Share:

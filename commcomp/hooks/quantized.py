@@ -30,7 +30,10 @@ class QuantizerState(HookState):
         process_group: the group (None: the whole world).
         quantizer: a registered name (see `commcomp.quantizers.names()`) or a Quantizer instance.
         error_feedback: keep per-parameter residuals (recommended for biased quantizers: topk, sign).
-        check_finite: refuse NaN/Inf gradients, raising on every rank.
+        check_finite: look for NaN/Inf in the gradients (a flag per rank rides along).
+        nonfinite: "propagate" (default: a NaN/Inf on any rank makes every rank's gradients NaN, so a
+            GradScaler skips the step everywhere, and the step leaves this state untouched) or "raise"
+            (`NonFiniteGradientError` on every rank); see `commcomp.overflow`.
         **quantizer_options: passed to the quantizer (e.g. bits=4 for qsgd).
     """
 
@@ -41,11 +44,18 @@ class QuantizerState(HookState):
         quantizer: str | Quantizer = "identity",
         error_feedback: bool = False,
         check_finite: bool = True,
+        nonfinite: str = "propagate",
         **quantizer_options: Any,
     ) -> None:
-        super().__init__(process_group, check_finite)
+        super().__init__(process_group, check_finite, nonfinite)
         self.quantizer = quantizers.get(quantizer, **quantizer_options)
         self.memory = ErrorFeedback() if error_feedback else None
+
+    @property
+    def residuals_summed(self) -> bool:
+        """Error-feedback residuals are shares of a summed payload (g/N: linear quantizers), not
+        parts of a gradient that is averaged after decoding (see `commcomp.elastic`)."""
+        return self.quantizer.linear
 
     def exchange_codec(self, params: list[tuple[str, torch.Size]], like: torch.Tensor) -> "QuantizedExchange":
         return QuantizedExchange(self)
