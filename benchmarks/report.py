@@ -19,6 +19,8 @@ Derived per row (one method on one workload):
                  time to target as a fraction of DDP fp32's, of PyTorch's fp16_compress_hook's and
                  of the best PowerSGD rank's (the PowerSGD row that reached the target first)
   speedup        fp32 mean step time / this method's (step-time workloads)
+  floor_x_fp32   DDP fp32's compute-only step (no communication) / its median step: the least time
+                 ratio to fp32 a method can reach while learning at fp32's pace per step
 """
 
 from __future__ import annotations
@@ -108,11 +110,13 @@ def derive(rows: list[Row]) -> list[Row]:
         by = {r["method"]: r for r in mine}
         base = by.get("fp32")
         target = base["best_acc"] - TARGET_GAP if base and base.get("best_acc") is not None else None
+        floor = base.get("compute_only_step_s") if base else None
         for r in mine:
             r["target_acc"] = target
+            r["floor_x_fp32"] = floor / base["step_s"] if base and floor else None  # a step sending nothing / fp32
             r["ttt_s"] = time_to(r["curve"], target) if target is not None else None
             r["speedup"] = base["mean_s"] / r["mean_s"] if base else math.nan
-        best = powersgd_best(mine)
+        best = powersgd_best(mine) if target is not None else None  # time-to-accuracy workloads only
         refs = {"x_fp32": base, "x_hook16": by.get(HOOK16), "x_powersgd": best}
         for r in mine:
             r["powersgd_best"] = r is best
@@ -215,7 +219,8 @@ def _gradiveq_targets(add: Any, gq: Row, fp32: Row, hook: Row | None, psgd: Row 
         gq["x_fp32"],
         TTT_LIMIT,
         mine is not None and base is not None and mine <= TTT_LIMIT * base,
-        f"GradiVeQ {_fmt(mine, '.1f')} s, DDP fp32 {_fmt(base, '.1f')} s to {fp32['target_acc']:.3f}{never}{note}",
+        f"GradiVeQ {_fmt(mine, '.1f')} s, DDP fp32 {_fmt(base, '.1f')} s to {fp32['target_acc']:.3f}{never}{note}"
+        + (f"; a step that sends nothing takes {fp32['floor_x_fp32']:.2f}x fp32's" if fp32.get("floor_x_fp32") else ""),
     )
     for other, name, key in ((hook, "the 16-bit hook", "x_hook16"), (psgd, "PowerSGD best", "x_powersgd")):
         if other is None:
@@ -283,7 +288,8 @@ def _accuracy_panels(axes: Sequence[Any], ran: list[Row]) -> None:
     import matplotlib.pyplot as plt
 
     for ax in axes:
-        ax.set_prop_cycle(color=[plt.get_cmap("tab20")(i) for i in range(20)])  # more than the default 10 colours
+        colours = [plt.get_cmap("tab10")(i) for i in range(10)]
+        ax.set_prop_cycle(color=colours * 2, linestyle=["-"] * 10 + ["--"] * 10)  # 20 methods told apart
     for r in ran:
         if r["curve"]:
             step, seconds, acc = zip(*r["curve"])

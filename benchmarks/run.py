@@ -86,6 +86,7 @@ def _run_horovod(hosts: Hosts, args: argparse.Namespace, out: Path) -> list[dict
 
     path = out / "horovod.json"
     argv = [sys.executable, str(HERE / "train_horovod.py"), "--steps", str(args.horovod_steps), "--out", str(path)]
+    argv += ["--width", args.width] if args.width else []
     job = start_mpirun(hosts, argv, timeout=args.timeout, stream=False, nproc_per_host=args.nproc_per_node)
     follower = follow(job, r"\[cnn\]|\[mlp\]|wrote|Error")
     job.wait(check=True)
@@ -217,12 +218,17 @@ def summary(
         f"{meta['cores']} cores ({meta['cpu']}), torch {meta['torch']}, Python {meta['python']}, load average "
         f"{meta['load_average_before'][0]:.1f} before and {meta['load_average_after'][0]:.1f} after"
     )
-    run_line = f"{meta['where']}, {meta['elapsed_seconds'] / 60:.1f} min in all"
+    phases, last = [], 0.0
+    for name, end in meta["phase_end_seconds"].items():
+        phases.append(f"{name} {(end - last) / 60:.1f}")
+        last = end
+    run_line = f"{meta['where']}, {meta['elapsed_seconds'] / 60:.1f} min in all ({', '.join(phases)} min)"
     if markdown:
         parts = [
             "# Benchmark results",
             "",
-            "Written by the benchmark itself (`benchmarks/run.py`); rerun it to refresh, do not edit.",
+            "Written by the benchmark itself (`benchmarks/run.py`); rerun it to refresh, do not edit. What the"
+            " workloads, columns and targets are: [benchmarks.md](benchmarks.md).",
             "",
             f"- Command: `{meta['command']}`",
             f"- Date: {meta['date_utc']}",
@@ -233,7 +239,10 @@ def summary(
         parts = [f"Training comparison on {run_line}", f"{meta['date_utc']}; {machine_line}"]
     for w in sorted({r["workload"] for r in rows}):
         target = next((r["target_acc"] for r in rows if r["workload"] == w and r.get("target_acc")), None)
+        floor = next((r["floor_x_fp32"] for r in rows if r["workload"] == w and r.get("floor_x_fp32")), None)
         extra = f", target accuracy {target:.3f}" if target else ""
+        if target and floor:
+            extra += f" (a step that sends nothing takes {floor:.2f}x DDP fp32's step)"
         title = f"## {w}{extra}" if markdown else f"[{w}]{extra}"
         parts += ["", title, "", report.format_table(rows, w, markdown)]
         if markdown and target:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Iterable
@@ -63,6 +64,29 @@ def _evaluate(s: Setup, x: torch.Tensor, y: torch.Tensor) -> float:
     return float(totals[0] / totals[1])
 
 
+def _compute_only_step(s: Setup, x: torch.Tensor, y: torch.Tensor, batch: int, gen: torch.Generator) -> float:
+    """Median seconds of a training step that communicates nothing (DDP's no_sync: forward, backward,
+    optimizer step at learning rate 0), all ranks at once as in training: the least time any
+    method's step can take on these cores. Run after the measured steps."""
+    assert isinstance(s.model, nn.parallel.DistributedDataParallel)
+    for group in s.optimizer.param_groups:
+        group["lr"] = 0.0
+    times = []
+    dist.barrier()
+    with s.model.no_sync():
+        for _ in range(9):
+            idx = torch.randint(len(x), (batch,), generator=gen).to(x.device)
+            sync_device(x)
+            start = time.perf_counter()
+            s.optimizer.zero_grad()
+            F.cross_entropy(s.model(x[idx]), y[idx]).backward()
+            s.optimizer.step()
+            sync_device(x)
+            times.append(time.perf_counter() - start)
+    dist.barrier()
+    return statistics.median(times[1:])
+
+
 def run_method(
     name: str, workload: Workload, data: tuple[torch.Tensor, ...], steps: int, options: dict[str, Any]
 ) -> dict[str, Any]:
@@ -72,7 +96,7 @@ def run_method(
     seed = int(options.get("seed", 0))
     torch.manual_seed(seed)  # same initial weights for every method (and rank)
     net = workload.model().to(device)
-    options = {**workload.method_defaults, **{k: v for k, v in options.items() if v is not None}}
+    options = {**workload.options(steps), **{k: v for k, v in options.items() if v is not None}}
 
     optimizers: list[torch.optim.Optimizer] = []  # the SGD inside whatever the method wraps around it
 
@@ -125,6 +149,7 @@ def run_method(
                 print(f"  [{workload.name}] {name}: step {step + 1}/{steps}, {dt:.3f} s/step{acc}", flush=True)
         accs = [acc for _, _, acc in curve]  # workloads without evaluation: step time only
         c = s.counters()
+        floor = _compute_only_step(s, x, y, workload.batch_size, gen) if name == "fp32" else None
         return {
             "method": name,
             "label": METHODS[name].label,
@@ -141,6 +166,7 @@ def run_method(
             "decode_seconds": c.decode_seconds,
             "train_seconds": trained,
             "eval_seconds": evaluating,
+            "compute_only_step_s": floor,
             "curve": curve,
             "final_accuracy": accs[-1] if accs else None,
             "best_accuracy": max(accs) if accs else None,

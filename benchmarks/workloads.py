@@ -69,6 +69,13 @@ class Workload:
             x, xt = _stretch(x, 784), _stretch(xt, 784)
         return x, y, xt, yt
 
+    def options(self, steps: int) -> dict[str, Any]:
+        """The methods' options on a run of `steps` steps: `method_defaults`, and PowerSGD's start
+        where they do not set it: PyTorch's tuning guide for `start_powerSGD_iter` (10% of the
+        training steps, and no less than the learning-rate warm-up)."""
+        warm = round(self.warmup_fraction * steps)
+        return {"powersgd_start": max(warm, round(0.1 * steps), 2), **self.method_defaults}
+
     def evaluates(self, done: int, steps: int) -> bool:
         """Whether to measure the test accuracy after `done` of `steps` steps (always after the last)."""
         if not self.eval_every:
@@ -91,8 +98,7 @@ def _stretch(x: torch.Tensor, length: int) -> torch.Tensor:
 
 
 WORKLOADS = {
-    # PowerSGD starts after a short warm-up (PyTorch's default, 1000 steps, is longer than the run).
-    # GradiVeQ runs with its defaults here.
+    # GradiVeQ runs with its defaults here; PowerSGD starts after 10% of the steps (see options()).
     "cnn": Workload(
         "cnn",
         width=192,
@@ -109,7 +115,6 @@ WORKLOADS = {
             *("fp32", "torch-fp16", "torch-bf16", "torch-powersgd-r1", "torch-powersgd-r4", "torch-powersgd-r8"),
             *("gradiveq", "bf16", "qsgd4-ar"),
         ),
-        method_defaults={"powersgd_start": 10},
     ),
     # Step time only, over a few steps: GradiVeQ and PowerSGD are put straight into their
     # compressed phase, so that the steps measured are compressed ones.

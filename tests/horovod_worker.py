@@ -297,7 +297,10 @@ def convergence(outdir: Path) -> dict[str, Any]:
         model = CNN1D()
         sgd = torch.optim.SGD(model.parameters(), lr=CONVERGENCE["lr"], momentum=0.9)
         options = CONVERGENCE_GRADIVEQ if method == "gradiveq" else {}
-        opt = chvd.make_optimizer(method, sgd, model.named_parameters(), **options)
+        if method == "horovod-fp32":  # Horovod's own optimizer, uncompressed
+            opt = hvd.DistributedOptimizer(sgd, named_parameters=model.named_parameters())
+        else:
+            opt = chvd.DistributedOptimizer(sgd, model.named_parameters(), method, **options)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(sgd, steps)
         gen = torch.Generator().manual_seed(rank)
         for _ in range(steps):

@@ -72,7 +72,7 @@ def test_report_time_to() -> None:
 
 
 def test_report_derive() -> None:
-    fp32 = _row("fp32", [[1, 1.0, 0.5], [2, 2.0, 0.9], [3, 3.0, 0.92], [4, 4.0, 0.91]])
+    fp32 = _row("fp32", [[1, 1.0, 0.5], [2, 2.0, 0.9], [3, 3.0, 0.92], [4, 4.0, 0.91]], compute_only_step_s=0.25)
     hook = _row("torch-fp16", [[2, 1.0, 0.5], [4, 2.0, 0.915]])
     slow = _row("torch-powersgd-r1", [[4, 1.0, 0.6]])
     fast = _row("torch-powersgd-r4", [[2, 0.5, 0.7], [4, 1.0, 0.911]])
@@ -99,6 +99,7 @@ def test_report_derive() -> None:
     assert mine["mb_step"] == pytest.approx(50 / 4 / 1e6) and mine["mb_last"] == pytest.approx(10 / 1e6)
     assert mine["codec_pct"] == pytest.approx(50.0) and mine["codec_pct_all"] == pytest.approx(25.0)
     assert mine["best_acc"] == 0.93 and fp32["best_acc"] == 0.92 and fp32["acc"] == 0.91
+    assert mine["floor_x_fp32"] == 0.25  # fp32's compute-only step / its 1 s step
     assert report.byte_ratio(400, 0) != report.byte_ratio(400, 0)  # nan: nothing sent
 
 
@@ -214,6 +215,7 @@ def test_training_records_and_bytes() -> None:
     ranks = run(_train, 2, methods, timeout=180)
     check = ranks[0].pop()
     assert check["evaluated"] == check["reference"]
+    assert ranks[0][0]["compute_only_step_s"] > 0 and ranks[0][1]["compute_only_step_s"] is None
     rows = report.derive(ranks[0])
     values = _grad_values()
     by = {r["method"]: r for r in rows}

@@ -24,7 +24,8 @@ global batch.
 from __future__ import annotations
 
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+
+from commcomp.shims.torch_internals import ddp_ignored_names, set_ddp_ignored_names
 
 __all__ = [
     "ddp_ignore_experts",
@@ -73,13 +74,12 @@ def expert_names(model: nn.Module) -> list[str]:
 def ddp_ignore_experts(model: nn.Module) -> list[str]:
     """Tell DistributedDataParallel to skip expert parameters and buffers; call before wrapping.
 
-    Uses DDP's `_set_params_and_buffers_to_ignore_for_model` (the documented way to make DDP skip
-    parameters; checked on torch 2.13): DDP then neither broadcasts them at construction, nor
-    buffers them, nor all-reduces their gradients. Names already ignored are kept. Returns the
-    names now ignored.
+    DDP then neither broadcasts them at construction, nor buckets them, nor all-reduces their
+    gradients (through DDP's private ignore list: `commcomp.shims.torch_internals`). Names already
+    ignored are kept. Returns the names now ignored.
     """
-    names = sorted(set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | set(expert_names(model)))
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    names = sorted(set(ddp_ignored_names(model)) | set(expert_names(model)))
+    set_ddp_ignored_names(model, names)
     return names
 
 
