@@ -259,7 +259,9 @@ METHODS: dict[str, MethodSpec] = {
     "sign-ar": registered("commcomp sign, majority vote (all-reduced)", "sign_ar"),
     "topk1": registered("commcomp top-1% + EF", "topk", ratio=0.01, error_feedback=True),
     "sign": registered("commcomp sign + EF", "sign", error_feedback=True),
-    "randk1": registered("commcomp random-1% (shared seed, all-reduce) + EF", "randk", ratio=0.01, error_feedback=True),
+    "randk1": registered(
+        "commcomp random-1% (shared seed, all-reduce) + EF", "randk", ratio=0.01, rescale=False, error_feedback=True
+    ),
     "pqasgd": MethodSpec("commcomp PQASGD p=4 QSGD 4-bit", _pqasgd, requires="commcomp.pqasgd"),
     "choco": MethodSpec(
         "commcomp CHOCO-SGD sign, ring",

@@ -1,5 +1,5 @@
 """What compressed MoE dispatch costs in training: the small MoE transformer language model of
-`commcomp.moe.lm`, trained character-level on the standard library's source, once per dispatch
+`benchmarks/lm.py`, trained character-level on the standard library's source, once per dispatch
 dtype (fp32, fp16, bf16), from the same initial weights on the same batches.
 
     python benchmarks/moe_lm.py --world-size 4 --steps 300 --out results/moe
@@ -27,9 +27,9 @@ from torch.nn.parallel import DistributedDataParallel
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `commcomp` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.lm import MoELM, batch, encode, evaluate, stdlib_text, train_step, unigram_entropy
 from benchmarks.moe import spawn
 from commcomp.moe import ddp_ignore_experts
-from commcomp.moe.lm import MoELM, batch, encode, evaluate, stdlib_text, train_step, unigram_entropy
 
 __all__ = ["DTYPES", "main", "run_moe_lm_benchmark", "train"]
 

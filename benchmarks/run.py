@@ -86,7 +86,7 @@ def _run_horovod(hosts: Hosts, args: argparse.Namespace, out: Path) -> list[dict
 
     path = out / "horovod.json"
     argv = [sys.executable, str(HERE / "train_horovod.py"), "--steps", str(args.horovod_steps), "--out", str(path)]
-    argv += ["--width", args.width] if args.width else []
+    argv += [*(("--width", args.width) if args.width else ()), *_method_args(args)]
     job = start_mpirun(hosts, argv, timeout=args.timeout, stream=False, nproc_per_host=args.nproc_per_node)
     follower = follow(job, r"\[cnn\]|\[mlp\]|wrote|Error")
     job.wait(check=True)

@@ -34,9 +34,9 @@ from torch import nn
 if __package__ in (None, ""):  # run as a script: make `benchmarks`, `commcomp` and `launch` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.data import accuracy, shard
 from benchmarks.methods import METHODS, Setup, setup, unavailable
 from benchmarks.workloads import WORKLOADS, Workload, get_workload
-from commcomp.data import accuracy, shard
 from commcomp.stats import sync_device
 
 __all__ = ["add_method_options", "main", "method_list", "run_method", "run_workload"]

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))  # `from harness import run` in ev
 import harness
 
 MODULES: dict[str, set[str]] = {
+    "test_allreduce_quantizers": {"multiprocess"},
     "test_benchmarks": {"multiprocess"},
     "test_cluster": {"multiprocess"},
     "test_ddp_loops": {"multiprocess"},
@@ -76,6 +77,7 @@ TESTS: dict[tuple[str, str], set[str]] = {
     ("test_pqasgd", "test_sparse_parameter*"): {"slow"},
     ("test_pqasgd", "test_identity_equals*"): {"slow"},
     ("test_quantized_hook", "test_resume_is_exact*"): {"slow"},
+    ("test_allreduce_quantizers", "test_convergence_*"): {"slow"},
 }
 
 # single-process tests in modules that are otherwise multi-process

@@ -21,6 +21,10 @@ from torch import nn
 
 from commcomp import quantizers
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the workloads (benchmarks.data) live in the repository, not in commcomp
+    sys.path.insert(0, str(ROOT))
+
 # --------------------------------------------------------------------------- shared with the DDP side
 
 
@@ -284,7 +288,7 @@ def convergence(outdir: Path) -> dict[str, Any]:
     import horovod.torch as hvd
 
     import commcomp.horovod as chvd
-    from commcomp.data import CNN1D, accuracy, load_mnist1d, shard
+    from benchmarks.data import CNN1D, accuracy, load_mnist1d, shard
 
     del outdir
     rank, n = hvd.rank(), hvd.size()

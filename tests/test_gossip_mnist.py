@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from harness import run
 from torch import nn
 
-from commcomp.data import CNN1D, accuracy, load_mnist1d, shard
+from benchmarks.data import CNN1D, accuracy, load_mnist1d, shard
 from commcomp.gossip import ALGORITHMS, consensus_model
 
 WORLD = 8

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commcomp
-from commcomp.data import CNN1D, accuracy, load_mnist1d, shard
+from benchmarks.data import CNN1D, accuracy, load_mnist1d, shard
 from commcomp.gradiveq import LayerCodec, Schedule, plan_slices
 
 # ---------------------------------------------------------------- pure codec

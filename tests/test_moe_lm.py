@@ -9,9 +9,9 @@ import torch.distributed as dist
 from harness import run
 from torch.nn.parallel import DistributedDataParallel
 
+from benchmarks.lm import MoELM, batch, encode, evaluate, stdlib_text, train_step, unigram_entropy
 from commcomp.ddp import register
 from commcomp.moe import ddp_ignore_experts
-from commcomp.moe.lm import MoELM, batch, encode, evaluate, stdlib_text, train_step, unigram_entropy
 
 WORLD, EXPERTS, STEPS, CONTEXT, BATCH = 4, 8, 120, 64, 8
 

@@ -13,8 +13,8 @@ from harness import run
 from torch import nn
 
 import commcomp
+from benchmarks.data import CNN1D, accuracy, load_mnist1d, shard
 from commcomp.comm import TorchCollectives
-from commcomp.data import CNN1D, accuracy, load_mnist1d, shard
 from commcomp.pqasgd import PQASGD, NonFiniteModelError
 from commcomp.quantizers.qsgd import QSGD
 from commcomp.quantizers.sparse import RandK

@@ -1,11 +1,19 @@
 """A DDP hook that sends every gradient through a quantizer from `commcomp.quantizers`.
 
-Linear quantizers (identity, fp16, bf16, random-k with a shared seed): each rank compresses g_n/N and
-one all-reduce sums the payloads, which decode to the average. Other quantizers (qsgd, topk, sign):
-each rank compresses g_n, the packed payload bytes of the whole bucket are all-gathered, and every
-rank decodes all N payloads and averages them, so every rank applies the same update.
+Three ways through the network, chosen by the quantizer:
+
+- linear (identity, fp16, bf16, random-k with a shared seed): each rank compresses g_n/N and one
+  all-reduce sums the payloads, which decode to the average;
+- shared grid (qsgd_ar, sign_ar): each rank compresses g_n/N on a grid that every rank agreed on
+  first (a small all-reduce of per-chunk statistics, issued from the hook body like every
+  collective), so one all-reduce sums the integer codes, which decode once;
+- others (qsgd, topk, sign): each rank compresses g_n, the packed payload bytes of the bucket are
+  all-gathered, and every rank decodes all N payloads in one vectorised pass per gradient
+  (`Quantizer.decode_sum`, accumulated in float32) and averages them, so every rank applies
+  bitwise the same update.
+
 With `error_feedback=True` each rank compresses gradient + residual and keeps what was not sent.
-One collective per bucket, issued from the hook body by `commcomp.exchange`; callbacks only decode.
+Collectives are issued from the hook body by `commcomp.exchange`; callbacks only decode.
 """
 
 from typing import Any
@@ -18,7 +26,14 @@ from commcomp.error_feedback import ErrorFeedback
 from commcomp.exchange import Encoded
 from commcomp.flat import flatten, unflatten
 from commcomp.hooks.base import HookState, exchange_hook
-from commcomp.quantizers import Payload, Quantizer, StochasticQuantizer, pack_payloads, unpack_payloads
+from commcomp.quantizers import (
+    Payload,
+    Quantizer,
+    SharedScaleQuantizer,
+    StochasticQuantizer,
+    pack_payloads,
+    unpack_batch,
+)
 
 __all__ = ["QuantizedExchange", "QuantizerState", "flatten_summable", "quantizer_hook", "unflatten_summable"]
 
@@ -29,7 +44,8 @@ class QuantizerState(HookState):
     Args:
         process_group: the group (None: the whole world).
         quantizer: a registered name (see `commcomp.quantizers.names()`) or a Quantizer instance.
-        error_feedback: keep per-parameter residuals (recommended for biased quantizers: topk, sign).
+        error_feedback: keep per-parameter residuals (recommended for biased quantizers: topk, sign);
+            refused for quantizers whose error compounds (`quantizers.check_error_feedback`).
         check_finite: look for NaN/Inf in the gradients (a flag per rank rides along).
         nonfinite: "propagate" (default: a NaN/Inf on any rank makes every rank's gradients NaN, so a
             GradScaler skips the step everywhere, and the step leaves this state untouched) or "raise"
@@ -49,7 +65,10 @@ class QuantizerState(HookState):
     ) -> None:
         super().__init__(process_group, check_finite, nonfinite)
         self.quantizer = quantizers.get(quantizer, **quantizer_options)
+        if error_feedback:
+            quantizers.check_error_feedback(self.quantizer, f"{type(self).__name__} with error_feedback=True")
         self.memory = ErrorFeedback() if error_feedback else None
+        self._ranked = False  # the quantizer knows this rank (set before its first compress)
 
     @property
     def residuals_summed(self) -> bool:
@@ -60,18 +79,40 @@ class QuantizerState(HookState):
     def exchange_codec(self, params: list[tuple[str, torch.Size]], like: torch.Tensor) -> "QuantizedExchange":
         return QuantizedExchange(self)
 
-    def encode(self, key: str, grad: torch.Tensor) -> tuple[Payload, torch.Tensor | None]:
-        """This rank's payload for one gradient (g/N if the quantizer is linear, else g; plus the
-        residual with error feedback) and the residual to keep once the step decodes cleanly."""
+    def prepare(self, key: str, grad: torch.Tensor) -> torch.Tensor:
+        """What this rank compresses for one gradient: g/N (summed quantizers) or g, plus the
+        residual with error feedback. The gradient itself is not copied when nothing is added."""
         q = self.quantizer
+        if not self._ranked:
+            set_rank = getattr(q, "set_rank", None)
+            if set_rank is not None:  # per-rank random streams: quantizers never ask torch.distributed
+                set_rank(self.rank)
+            self._ranked = True
         h = grad / self.world_size if q.linear else grad
         if self.memory is not None:
             h = self.memory.compensate(key, h)
         if isinstance(q, StochasticQuantizer):
             q.set_stream(key)  # random numbers per parameter: independent of DDP's bucket layout
-        payload = q.compress(h)
-        residual = self.memory.residual_of(h, q.decompress(payload)) if self.memory is not None else None
-        return payload, residual
+        return h
+
+    def encode(self, key: str, grad: torch.Tensor) -> tuple[Payload, torch.Tensor | None]:
+        """This rank's payload for one gradient and the residual to keep once the step decodes
+        cleanly (quantizers without agreement; see `QuantizedExchange.encode` for the others)."""
+        h = self.prepare(key, grad)
+        return self._with_residual(h, self.quantizer.compress(h))
+
+    def _with_residual(self, h: torch.Tensor, payload: Payload) -> tuple[Payload, torch.Tensor | None]:
+        if self.memory is None:
+            return payload, None
+        return payload, self.quantizer.error(h, payload)  # h - decompress(payload), cheap for sparsifiers
+
+    def agree(self, stats: torch.Tensor, op: str) -> torch.Tensor:
+        """Combine every rank's per-chunk statistics (`op`: "max" or "sum") with one blocking
+        all-reduce, issued from the hook body; its bytes are counted as sent."""
+        self.stats.sent(stats.numel() * stats.element_size(), kind="allreduce", world_size=self.world_size)
+        reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+        dist.all_reduce(stats, op=reduce_op, group=self.process_group)
+        return stats
 
     def options(self) -> dict[str, Any]:
         return {
@@ -91,15 +132,15 @@ class QuantizerState(HookState):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.quantizer.load_state_dict(state["quantizer"])
+        self._ranked = True  # the saved generators already follow this rank
         if self.memory is not None and state.get("residuals") is not None:
             self.memory.load_state_dict(state["residuals"])
 
 
 class QuantizedExchange:
-    """`ExchangeCodec` of a `QuantizerState`: payloads summed (linear) or packed bytes all-gathered.
-
-    The encoding's context is this rank's payloads (the layout of every rank's) and the residuals.
-    """
+    """`ExchangeCodec` of a `QuantizerState`: payloads summed (linear, shared grid) or packed bytes
+    all-gathered. The encoding's context is this rank's payloads (the layout of every rank's) and
+    the residuals."""
 
     def __init__(self, state: QuantizerState) -> None:
         self.state = state
@@ -109,7 +150,11 @@ class QuantizedExchange:
         return self.state.quantizer.linear
 
     def encode(self, keys: list[str], grads: list[torch.Tensor]) -> Encoded:
-        encoded = [self.state.encode(key, g) for key, g in zip(keys, grads)]
+        state, q = self.state, self.state.quantizer
+        if isinstance(q, SharedScaleQuantizer):
+            encoded = self._encode_shared(q, keys, grads)
+        else:
+            encoded = [state.encode(key, g) for key, g in zip(keys, grads)]
         payloads = [payload for payload, _ in encoded]
         if self.summed:
             parts = [t.reshape(-1) for p in payloads for t in p.tensors]
@@ -117,14 +162,36 @@ class QuantizedExchange:
             parts = [pack_payloads(payloads).to(grads[0].device)]
         return Encoded(keys, grads, parts, encoded)
 
+    def _encode_shared(
+        self, q: SharedScaleQuantizer, keys: list[str], grads: list[torch.Tensor]
+    ) -> list[tuple[Payload, torch.Tensor | None]]:
+        """Agree on the grid of every gradient of the group at once (one small all-reduce), then
+        compress each on it."""
+        state = self.state
+        inputs = [state.prepare(key, g) for key, g in zip(keys, grads)]
+        local = [q.local_stats(h) for h in inputs]
+        agreed = state.agree(flatten(local, torch.float32), q.agree_op) if local else torch.empty(0)
+        pieces = unflatten(agreed, [s.shape for s in local])
+        out = []
+        for key, h, piece in zip(keys, inputs, pieces):
+            q.set_stream(key)
+            out.append(state._with_residual(h, q.compress_shared(h, piece, state.world_size)))
+        return out
+
     def decode(self, received: list[torch.Tensor], encoded: Encoded) -> list[torch.Tensor]:
-        """Decode the summed payloads, or decode every rank's and average them."""
+        """Decode the summed payloads once, or every rank's payloads in one pass and average them."""
         q, n = self.state.quantizer, self.state.world_size
         templates = [payload for payload, _ in encoded.context]
         if self.summed:
             return [q.decompress(p) for p in _relayout(received, templates)]
-        per_rank = [unpack_payloads(t, templates) for t in received]
-        return [torch.stack([q.decompress(ps[i]) for ps in per_rank]).sum(0).div_(n) for i in range(len(templates))]
+        batches = unpack_batch(torch.stack(received), templates)  # [N, bytes]: the compressed bytes only
+        out = []
+        for grad, batch in zip(encoded.grads, batches):
+            # into the gradient itself when it is float32 (then the engine's copy is a no-op)
+            into = grad.view(-1) if grad.dtype == torch.float32 and grad.is_contiguous() else None
+            total = q.decode_sum(batch, into if into is not None else torch.empty(grad.numel(), device=grad.device))
+            out.append(total.div_(n))
+        return out
 
     def commit(self, encoded: Encoded) -> None:
         memory = self.state.memory

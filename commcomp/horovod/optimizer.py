@@ -61,6 +61,8 @@ class HorovodQuantizerState(_OnHorovod, QuantizerState):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
+        if isinstance(self.quantizer, quantizers.SharedScaleQuantizer):
+            raise ValueError(f"{self.quantizer.name} (shared grid) works with the DDP hook only, not on Horovod yet")
         if hasattr(self.quantizer, "set_rank"):  # per-rank rounding noise follows Horovod's rank
             self.quantizer.set_rank(self.rank)
 

@@ -1,6 +1,7 @@
 """Quantizers: pure tensor code with `compress(tensor) -> Payload` and `decompress(Payload) -> tensor`.
 
-`get(name, **options)` builds one by name; `names()` lists them.
+`get(name, **options)` builds one by name; `names()` lists them. Quantizers never call collectives
+and never ask torch.distributed anything: the rank, where it matters, is given by the caller.
 """
 
 from __future__ import annotations
@@ -9,20 +10,26 @@ from typing import Any
 
 from commcomp.quantizers import basic as _basic  # noqa: F401  (registers identity, fp16, bf16)
 from commcomp.quantizers import qsgd as _qsgd  # noqa: F401  (registers qsgd)
+from commcomp.quantizers import shared as _shared  # noqa: F401  (registers qsgd_ar, sign_ar)
 from commcomp.quantizers import sign as _sign  # noqa: F401  (registers sign)
 from commcomp.quantizers import sparse as _sparse  # noqa: F401  (registers topk, randk)
-from commcomp.quantizers.base import Payload, Quantizer, check_floating, pack_payloads, unpack_payloads
-from commcomp.quantizers.qsgd import StochasticQuantizer
+from commcomp.quantizers.base import Payload, Quantizer, pack_payloads, unpack_batch, unpack_payloads
+from commcomp.quantizers.checks import check_floating
 from commcomp.quantizers.registry import QUANTIZERS
+from commcomp.quantizers.shared import SharedScaleQuantizer
+from commcomp.quantizers.stochastic import StochasticQuantizer
 
 __all__ = [
     "Payload",
     "Quantizer",
+    "SharedScaleQuantizer",
     "StochasticQuantizer",
+    "check_error_feedback",
     "check_floating",
     "get",
     "names",
     "pack_payloads",
+    "unpack_batch",
     "unpack_payloads",
 ]
 
@@ -38,3 +45,19 @@ def get(name: str | Quantizer, **options: Any) -> Quantizer:
 
 def names() -> list[str]:
     return QUANTIZERS.names()
+
+
+def check_error_feedback(quantizer: Quantizer, who: str) -> None:
+    """Refuse a quantizer whose error can exceed its input many times over, for `who` (error feedback,
+    CHOCO): both keep what compression dropped and compress it again, so such an error compounds.
+
+    Refused: unbiased quantizers that are not contractive and declare no variance bound `omega`,
+    i.e. rand-k with rescale=True (its error is (n/k - 1) times its input in expectation; the
+    residual grows about that much per step). Allowed: contractive quantizers, and QSGD, whose
+    variance is bounded by its `omega` (CHOCO scales it by 1 / (1 + omega)).
+    """
+    if quantizer.unbiased and not quantizer.contractive and getattr(quantizer, "omega", None) is None:
+        raise ValueError(
+            f"{who} needs a contractive quantizer, and {quantizer!r} is not: its error grows the residual "
+            f"every step. For rand-k use rescale=False (contractive, delta = k/n)"
+        )

@@ -5,6 +5,11 @@ A quantizer turns a tensor into a `Payload` (the tensors that will actually be s
 decode to the sum of the inputs; the others must be all-gathered and decoded one by one.
 `Payload.nbytes` counts exactly the bytes of the tensors it holds, which is what commcomp reports
 as sent.
+
+Decoding many ranks at once: after an all-gather, `unpack_batch` cuts the [N, L] bytes received
+into one *batched* payload per tensor (every payload tensor with a leading rank dimension N), and
+`decode_sum(batch, out)` writes the sum of the N decoded tensors into a float32 buffer in one
+vectorised pass (float32 so that N half-precision tensors cannot overflow before the average).
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["Payload", "Quantizer", "check_floating", "pack_payloads", "unpack_payloads"]
+from commcomp.quantizers.checks import check_floating
+
+__all__ = ["Payload", "Quantizer", "check_floating", "pack_payloads", "unpack_batch", "unpack_payloads"]
 
 
 @dataclass
@@ -36,28 +43,39 @@ class Payload:
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
 
-def check_floating(tensor: torch.Tensor, who: str) -> None:
-    """Raise TypeError unless `tensor` is a floating-point tensor."""
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{who} expects a torch.Tensor, got {type(tensor).__name__}")
-    if not tensor.is_floating_point():
-        raise TypeError(
-            f"{who} expects a floating-point tensor (float32/float16/bfloat16), got {tensor.dtype}"
-        )
-
-
 class Quantizer(ABC):
     """compress(tensor) -> Payload; decompress(Payload) -> tensor of the original shape and dtype."""
 
     name: str = "quantizer"
     linear: bool = False  # payloads can be summed by all-reduce
     unbiased: bool = False  # E[decompress(compress(x))] == x
+    # E||Q(x) - x||^2 <= (1 - delta) ||x||^2 for some delta > 0: what error feedback and CHOCO need
+    contractive: bool = False
 
     @abstractmethod
     def compress(self, tensor: torch.Tensor) -> Payload: ...
 
     @abstractmethod
     def decompress(self, payload: Payload) -> torch.Tensor: ...
+
+    def error(self, tensor: torch.Tensor, payload: Payload) -> torch.Tensor:
+        """What compressing `tensor` into `payload` dropped: tensor - decompress(payload) (the
+        error-feedback residual), as a new tensor. Sparsifiers compute it without a dense decode."""
+        return (tensor - self.decompress(payload).to(tensor.dtype)).detach()
+
+    def decode_sum(self, batch: Payload, out: torch.Tensor) -> torch.Tensor:
+        """Write the sum over ranks of the decoded payloads in `batch` into `out` and return it.
+
+        batch: a batched payload (each tensor with a leading rank dimension N, see `unpack_batch`).
+        out: a flat float32 tensor with one slot per value of the original tensor (overwritten).
+        This default decodes rank by rank; the quantizers that travel by all-gather override it
+        with one vectorised pass.
+        """
+        out.zero_()
+        for r in range(batch.tensors[0].shape[0] if batch.tensors else 0):
+            one = Payload([t[r] for t in batch.tensors], batch.shape, batch.dtype, batch.meta)
+            out += self.decompress(one).reshape(-1)
+        return out
 
     def options(self) -> dict[str, Any]:
         """The options this quantizer was built with (used to check all ranks agree)."""
@@ -99,4 +117,27 @@ def unpack_payloads(flat: torch.Tensor, templates: list[Payload]) -> list[Payloa
         out.append(Payload(tensors, tpl.shape, tpl.dtype, dict(tpl.meta)))
     if offset != flat.numel():
         raise ValueError(f"payload bytes do not match their layout: got {flat.numel()}, expected {offset}")
+    return out
+
+
+def unpack_batch(received: torch.Tensor, templates: list[Payload]) -> list[Payload]:
+    """Batched `unpack_payloads`: the rows of `received` ([N, L] uint8, one row per rank, each laid
+    out like `pack_payloads(templates)`) as one payload per template whose tensors have a leading
+    rank dimension N. uint8 tensors are views; others are copied (to align them), which is cheap
+    for what quantizers send besides their packed codes (scales, indices, kept values)."""
+    out: list[Payload] = []
+    rows, offset = received.shape[0], 0
+    for tpl in templates:
+        tensors = []
+        for t in tpl.tensors:
+            n = t.numel() * t.element_size()
+            cols = received[:, offset : offset + n]
+            if t.dtype != torch.uint8:  # a fresh, aligned copy that can be viewed as wider values
+                fresh = torch.empty(rows, n, dtype=torch.uint8, device=cols.device).copy_(cols)
+                cols = fresh.view(-1).view(t.dtype)
+            tensors.append(cols.view(rows, *t.shape))
+            offset += n
+        out.append(Payload(tensors, tpl.shape, tpl.dtype, dict(tpl.meta)))
+    if offset != received.shape[1]:
+        raise ValueError(f"payload bytes do not match their layout: got {received.shape[1]}, expected {offset}")
     return out

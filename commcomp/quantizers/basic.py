@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from commcomp.quantizers.base import Payload, Quantizer, check_floating
+from commcomp.quantizers.base import Payload, Quantizer
+from commcomp.quantizers.checks import check_floating
 from commcomp.quantizers.registry import QUANTIZERS
 
 __all__ = ["Cast", "Identity"]
@@ -17,6 +18,7 @@ class Identity(Quantizer):
     name = "identity"
     linear = True
     unbiased = True
+    contractive = True
 
     def compress(self, tensor: torch.Tensor) -> Payload:
         check_floating(tensor, self.name)
@@ -31,6 +33,7 @@ class Cast(Quantizer):
 
     linear = True
     unbiased = False
+    contractive = True  # relative error about 2^-11 (fp16) or 2^-8 (bf16), while in range
 
     def __init__(self, wire_dtype: torch.dtype) -> None:
         self.wire_dtype = wire_dtype

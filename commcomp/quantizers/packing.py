@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["bucketize", "check_bits", "pack_bits", "packed_nbytes", "per_value", "unpack_bits"]
+from commcomp.quantizers.checks import check_bits
 
-
-def check_bits(bits: int, low: int = 1, high: int = 8, who: str = "bits") -> int:
-    """Return `bits` if it is an int in [low, high]; raise ValueError naming it otherwise."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not low <= bits <= high:
-        raise ValueError(f"{who} must be an integer in [{low}, {high}], got {bits!r}")
-    return bits
+__all__ = [
+    "bucketize",
+    "check_bits",
+    "chunks",
+    "code_sum",
+    "pack_bits",
+    "pack_float_codes",
+    "packed_nbytes",
+    "per_value",
+    "unpack_bits",
+]
 
 
 def packed_nbytes(n: int, bits: int) -> int:
@@ -35,7 +40,9 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     n = codes.numel()
     if 8 % bits == 0:  # fast path: 8/b whole codes per byte
         per = 8 // bits
-        grid = torch.cat([codes, codes.new_zeros(-n % per)]).view(-1, per)
+        if n % per:
+            codes = torch.cat([codes, codes.new_zeros(-n % per)])
+        grid = codes.view(-1, per)
         packed = grid[:, 0].clone()
         for j in range(1, per):  # at most 8 columns, each a vectorised op over all bytes
             packed |= grid[:, j] << (j * bits)
@@ -48,26 +55,51 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (stream * weights).sum(1, dtype=torch.uint8)
 
 
+def pack_float_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """`pack_bits` of integer-valued float codes, cheaper: when b divides 8 the codes sharing a byte
+    are combined in float (code_0 + 2^b code_1 + ..., exact below 256) and converted to uint8 once."""
+    n = codes.numel()
+    if 8 % bits or n % (8 // bits):
+        return pack_bits(codes.to(torch.uint8), bits)
+    grid = codes.reshape(-1, 8 // bits)
+    byte = grid[:, 0].clone()
+    for j in range(1, grid.shape[1]):
+        byte.add_(grid[:, j], alpha=float(1 << (j * bits)))
+    return byte.to(torch.uint8)
+
+
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of `pack_bits`: the first n codes (uint8) stored in `packed`."""
+    """Inverse of `pack_bits`: the first n codes (uint8) stored in `packed`.
+
+    `packed` may have leading dimensions (e.g. one row per rank): [..., bytes] -> [..., n].
+    """
     check_bits(bits)
-    if packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise TypeError(f"packed codes must be a 1-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
-    if packed.numel() != packed_nbytes(n, bits):
-        raise ValueError(f"{n} codes of {bits} bits need {packed_nbytes(n, bits)} bytes, got {packed.numel()}")
+    if packed.dtype != torch.uint8 or packed.dim() < 1:
+        raise TypeError(f"packed codes must be a uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
+    if packed.shape[-1] != packed_nbytes(n, bits):
+        raise ValueError(f"{n} codes of {bits} bits need {packed_nbytes(n, bits)} bytes, got {packed.shape[-1]}")
+    lead = packed.shape[:-1]
     if 8 % bits == 0:
-        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
-        return ((packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
+        per, mask = 8 // bits, (1 << bits) - 1
+        out = torch.empty(*packed.shape, per, dtype=torch.uint8, device=packed.device)
+        for j in range(per):  # code j of every byte: one vectorised shift per column
+            torch.bitwise_right_shift(packed, j * bits, out=out[..., j])
+        if per > 1:
+            out &= mask
+        return out.view(*lead, -1)[..., :n]
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    stream = ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[: n * bits].view(n, bits)
+    stream = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(*lead, -1)[..., : n * bits].reshape(*lead, n, bits)
     weights = torch.tensor([1 << j for j in range(bits)], device=packed.device, dtype=torch.uint8)
-    return (stream * weights).sum(1, dtype=torch.uint8)
+    return (stream * weights).sum(-1, dtype=torch.uint8)
 
 
 def bucketize(values: torch.Tensor, bucket_size: int) -> torch.Tensor:
-    """A flat tensor of n values as [ceil(n / bucket_size), bucket_size], zero-padded at the end."""
+    """A flat tensor of n values as [ceil(n / bucket_size), bucket_size], zero-padded at the end
+    (a view, without copying, when bucket_size divides n)."""
     n = values.numel()
     buckets = -(-n // bucket_size)
+    if n == buckets * bucket_size:
+        return values.reshape(buckets, bucket_size)
     padded = values.new_zeros(buckets * bucket_size)
     padded[:n] = values.reshape(-1)
     return padded.view(buckets, bucket_size)
@@ -76,3 +108,62 @@ def bucketize(values: torch.Tensor, bucket_size: int) -> torch.Tensor:
 def per_value(scales: torch.Tensor, bucket_size: int, n: int) -> torch.Tensor:
     """Each of n values' bucket scale (the inverse layout of `bucketize`)."""
     return scales.repeat_interleave(bucket_size)[:n]
+
+
+CHUNK_VALUES = 1 << 18  # values worked on at once by chunked encoders and decoders: about 1 MB of float32
+_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _byte_table(bits: int, device: torch.device) -> torch.Tensor:
+    """[256, 8/b] float32: the codes stored in each possible byte (decoding 1- and 2-bit codes by one
+    table lookup per byte is cheaper than 8/b shifts)."""
+    table = _TABLES.get((bits, device))
+    if table is None:
+        per, mask = 8 // bits, (1 << bits) - 1
+        rows = [[(byte >> (j * bits)) & mask for j in range(per)] for byte in range(256)]
+        table = _TABLES[(bits, device)] = torch.tensor(rows, dtype=torch.float32, device=device)
+    return table
+
+
+def float_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """`unpack_bits(packed, bits, n)` as float32 (for decoding): [..., bytes] -> [..., n]."""
+    if bits <= 2:
+        lead = packed.shape[:-1]
+        codes = _byte_table(bits, packed.device).index_select(0, packed.reshape(-1).int())
+        return codes.view(*lead, -1)[..., :n]
+    return unpack_bits(packed, bits, n).float()
+
+
+def chunks(buckets: int, bucket_size: int, ranks: int = 1) -> list[tuple[int, int]]:
+    """[b0, b1) ranges of whole buckets covering `buckets`, each about CHUNK_VALUES values over all
+    `ranks`, and a multiple of 8 buckets (so every chunk starts on a byte of any bit packing)."""
+    per = max(8, CHUNK_VALUES // max(ranks, 1) // bucket_size // 8 * 8)
+    return [(b0, min(b0 + per, buckets)) for b0 in range(0, buckets, per)]
+
+
+def code_sum(
+    packed: torch.Tensor,
+    bits: int,
+    n: int,
+    weights: torch.Tensor,
+    offsets: torch.Tensor,
+    bucket_size: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """out[i] = offsets[b] + sum_r weights[r, b] * code_r[i], b = i // bucket_size: the sum over N
+    ranks of affine-decoded b-bit codes, written into the flat float32 tensor `out` (n values).
+
+    packed: [N, packed_nbytes(n, bits)] uint8, one row per rank; weights: [N, buckets]; offsets:
+    [buckets]. QSGD (v = S/s * (c - s)) and sign (v = m * (1 - 2c)) both decode this way. Works
+    through the values in chunks of whole buckets that stay in cache, every rank at once: no loop
+    over ranks and never N dense tensors in memory.
+    """
+    ranks, B = packed.shape[0], bucket_size
+    for b0, b1 in chunks(weights.shape[1], B, ranks):
+        v0, v1 = b0 * B, min(b1 * B, n)
+        codes = float_codes(packed[:, v0 * bits // 8 : packed_nbytes(v1, bits)], bits, v1 - v0)
+        if v1 - v0 < (b1 - b0) * B:  # the last, partial bucket: pad its codes (their weight is moot)
+            codes = torch.nn.functional.pad(codes, (0, (b1 - b0) * B - (v1 - v0)))
+        part = codes.view(ranks, b1 - b0, B).mul_(weights[:, b0:b1, None]).sum(0)
+        out[v0:v1] = part.add_(offsets[b0:b1, None]).view(-1)[: v1 - v0]
+    return out

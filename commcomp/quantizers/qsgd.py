@@ -1,90 +1,41 @@
 """QSGD (Alistarh et al., NIPS 2017): unbiased stochastic rounding to a few levels per bucket.
 
-Paper: https://arxiv.org/abs/1610.02132 (ALGORITHMS.md section 3).
+Paper: https://arxiv.org/abs/1610.02132.
 
-Legend: n = values in the tensor, B = bucket size, s = levels per sign, b = bits per value.
+Legend: n = values in the tensor, B = bucket size, s = levels per sign, b = bits per value,
+N = ranks whose payloads are decoded together.
 """
 
 from __future__ import annotations
 
-import hashlib
+import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from commcomp.quantizers.base import Payload, Quantizer, check_floating
-from commcomp.quantizers.packing import bucketize, check_bits, pack_bits, per_value, unpack_bits
+from commcomp.quantizers.base import Payload
+from commcomp.quantizers.checks import check_bits, check_floating, check_positive_int
+from commcomp.quantizers.packing import bucketize, chunks, code_sum, pack_float_codes, packed_nbytes
 from commcomp.quantizers.registry import QUANTIZERS
+from commcomp.quantizers.stochastic import NOISE_BITS, StochasticQuantizer, random_int16
 
-__all__ = ["QSGD", "StochasticQuantizer", "StreamGenerators", "check_positive_int"]
-
-
-def check_positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+__all__ = ["QSGD", "StochasticQuantizer", "check_positive_int", "stochastic_codes"]
 
 
-class StreamGenerators:
-    """Random generators keyed by (device, stream), created on first use.
+def stochastic_codes(
+    values: torch.Tensor, scales: torch.Tensor, levels: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Codes in [0, 2s] (s = `levels`, float32) of `values` [buckets, B] on the grid of step S/s
+    (`scales` [buckets, 1], S >= max |v|): code = floor(s + s * v / S + u), u uniform in [0, 1),
+    which rounds s * v / S up with probability its fractional part, so E[code - s] = s * v / S.
 
-    The generator of stream `key` is seeded from sha256(f"{seed}|{key}"), so its numbers depend only
-    on the seed and the key, never on which other streams were used before or in which order. The
-    DDP hook names the stream after the parameter, which keeps a resumed run exact even though DDP
-    regroups parameters into different buckets after its first step. States are checkpointable.
+    Four operations a value: one fused s + 0.5 + s * v / S, one add of 16-bit noise (as
+    (L + 2^15) / 2^16 - 0.5 for L from `random_int16`, exact in float32 below 2^8), one floor and
+    a clamp to [0, 2s] (s * v / S may exceed s by a last-bit rounding when |v| = S).
     """
-
-    def __init__(self, seed: str) -> None:
-        self.seed = seed
-        self._generators: dict[str, torch.Generator] = {}
-
-    def reseed(self, seed: str) -> None:
-        """Start over from `seed` (drops every generator made so far)."""
-        self.seed = seed
-        self._generators.clear()
-
-    def get(self, device: torch.device, stream: str = "") -> torch.Generator:
-        key = f"{device}|{stream}"
-        gen = self._generators.get(key)
-        if gen is None:
-            digest = hashlib.sha256(f"{self.seed}|{stream}".encode()).digest()
-            gen = self._generators[key] = torch.Generator(device=device)
-            gen.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-        return gen
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "states": {k: g.get_state() for k, g in self._generators.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reseed(str(state["seed"]))
-        for key, gen_state in state["states"].items():
-            device, stream = key.split("|", 1)
-            self.get(torch.device(device), stream).set_state(gen_state)
-
-
-class StochasticQuantizer(Quantizer):
-    """A quantizer that draws random numbers from its own generators (never the global RNG).
-
-    `set_stream(key)` picks the random stream of the next `compress` calls (the DDP hook and PQASGD
-    pass the parameter's name); its generator state is in `state_dict()`.
-    """
-
-    def __init__(self, seed_text: str) -> None:
-        self.stream = ""
-        self._generators = StreamGenerators(seed_text)
-
-    def set_stream(self, key: str) -> None:
-        self.stream = key
-
-    def generator(self, device: torch.device) -> torch.Generator:
-        return self._generators.get(device, self.stream)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generators": self._generators.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._generators.load_state_dict(state["generators"])
+    codes = torch.addcdiv(values.new_full((1,), levels + 0.5), values, scales, value=levels)
+    noise = random_int16(codes.numel(), generator, values.device).view_as(codes)
+    return codes.add_(noise, alpha=2.0**-NOISE_BITS).floor_().clamp_(0, 2 * levels)
 
 
 @QUANTIZERS.register("qsgd")
@@ -93,27 +44,31 @@ class QSGD(StochasticQuantizer):
 
     Levels and sign: with b bits, s = 2^(b-1) - 1 levels per sign (b=2: s=1, ternary; b=4: s=7;
     b=8: s=127). Each value v_i of a bucket with scale S is sent as a signed level l_i in
-    {-s, ..., s}, l_i = sign(v_i) * xi_i, where xi_i is |v_i| / S * s rounded down or up at random
-    with the probabilities that make E[xi_i] = |v_i| / S * s. It decodes to S * l_i / s, so the
-    quantizer is unbiased. On the wire l_i is the unsigned code l_i + s in [0, 2s] (b bits, the
-    code 2^b - 1 is unused), packed as in `commcomp.quantizers.packing`; each bucket's scale S
-    follows as one float32. A payload of n values is ceil(n*b/8) bytes + 4*ceil(n/B) bytes.
+    {-s, ..., s}: v_i / S * s rounded down or up at random with the probabilities that make
+    E[l_i] = v_i / S * s. It decodes to S * l_i / s, so the quantizer is unbiased. On the wire l_i
+    is the unsigned code l_i + s in [0, 2s] (b bits, the code 2^b - 1 is unused), packed as in
+    `commcomp.quantizers.packing`; each bucket's scale S follows as one float32. A payload of n
+    values is ceil(n*b/8) bytes + 4*ceil(n/B) bytes.
+
+    Variance: E||Q(v) - v||^2 <= omega * ||v||^2 with omega = min(B/s^2, sqrt(B)/s) (`omega`), for
+    both norms. So Q(v) / (1 + omega) is contractive with delta = 1 / (1 + omega) (what CHOCO-SGD
+    needs); Q itself is contractive only when omega < 1 (e.g. 8 bits with B = 512).
 
     Args:
         bits: b, from 2 to 8.
         bucket_size: B, values sharing one scale (the paper's practice: 512).
         norm: "max" (S = max |v_i|, lower variance, the paper's practice) or "l2" (S = ||v||_2, the
-            paper's analysis). Variance per bucket <= min(B/s^2, sqrt(B)/s) * ||v||^2 for both.
+            paper's analysis).
         seed: seeds the quantizer's own random generators (never the global RNG).
         seed_per_rank: draw independent rounding noise on every rank (generators seeded from seed and
-            the rank), so averaging over N ranks also averages the noise away. The rank is
-            torch.distributed's global rank (0 when not initialised) unless `set_rank` says
-            otherwise (PQASGD passes its transport's rank). With False every rank rounds with the
-            same random numbers (still unbiased, but the noise does not average out).
+            the rank given with `set_rank`; 0 until then: callers running on several ranks must
+            call it), so averaging over N ranks also averages the noise away. With False every
+            rank rounds with the same random numbers (still unbiased, but the noise does not average out).
 
-    Computation runs in float32; the output has the input's dtype. The generators live on the
-    input's device, one per stream (see `StochasticQuantizer`). Their states are in `state_dict()`,
-    so a resumed run rounds exactly as an uninterrupted one.
+    Computation runs in float32; the output has the input's dtype. Random numbers: 16-bit uniform
+    noise (`random_int16`), so a rounding probability is exact to within 2^-16. The generators live
+    on the input's device, one per stream (see `StochasticQuantizer`); their states are in
+    `state_dict()`, so a resumed run rounds exactly as an uninterrupted one.
     """
 
     name = "qsgd"
@@ -131,42 +86,50 @@ class QSGD(StochasticQuantizer):
         self.seed = int(seed)
         self.seed_per_rank = bool(seed_per_rank)
         self.levels = 2 ** (bits - 1) - 1
-        self._rank: int | None = None  # resolved on first use
-        super().__init__(str(self.seed))
+        self.omega = min(self.bucket_size / self.levels**2, math.sqrt(self.bucket_size) / self.levels)
+        self.contractive = self.omega < 1
+        self._rank = 0  # given by the caller (set_rank)
+        super().__init__(self._seed_text())
 
     def set_rank(self, rank: int) -> None:
-        """Use `rank` (instead of torch.distributed's) to seed per-rank noise; restarts the generators."""
+        """Seed per-rank noise with `rank` (restarts the generators). Callers that run on several
+        ranks call it before the first `compress` (the DDP hook, Horovod, PQASGD and gossip do);
+        quantizers never ask torch.distributed."""
         self._rank = int(rank)
         self._generators.reseed(self._seed_text())
 
     def _seed_text(self) -> str:
         return f"{self.seed}/rank{self._rank}" if self.seed_per_rank else str(self.seed)
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        if self._rank is None:
-            self.set_rank(dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
-        return super().generator(device)
-
     def compress(self, tensor: torch.Tensor) -> Payload:
         check_floating(tensor, self.name)
         x = tensor.detach().reshape(-1).float()
-        n, s = x.numel(), self.levels
-        magnitudes = bucketize(x, self.bucket_size).abs_()  # [n_buckets, B]
-        scales = magnitudes.amax(1) if self.norm == "max" else magnitudes.norm(dim=1)
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        ratio = magnitudes.div_(safe.unsqueeze(1)).mul_(s).view(-1)[:n]  # |v_i| / S * s, in [0, s]
-        level = ratio.floor()
-        noise = torch.rand(n, generator=self.generator(x.device), device=x.device)
-        level += noise < ratio.sub_(level)  # round up with probability frac(ratio)
-        codes = level.clamp_(max=s).copysign_(x).add_(s).to(torch.uint8)  # signed level + s
-        return Payload([pack_bits(codes, self.bits), scales], tensor.shape, tensor.dtype)
+        n, s, B = x.numel(), self.levels, self.bucket_size
+        buckets = bucketize(x, B)  # [n_buckets, B], a view when B divides n
+        scales = torch.empty(buckets.shape[0], device=x.device)
+        packed = torch.empty(packed_nbytes(n, self.bits), dtype=torch.uint8, device=x.device)
+        gen = self.generator(x.device)
+        for b0, b1 in chunks(buckets.shape[0], B):  # a few hundred kB at a time: stays in cache
+            v0, v1 = b0 * B, min(b1 * B, n)
+            part = buckets[b0:b1]
+            scale = part.abs().amax(1, keepdim=True) if self.norm == "max" else part.norm(dim=1, keepdim=True)
+            scales[b0:b1] = scale.view(-1)
+            codes = stochastic_codes(part, scale.masked_fill_(scale == 0, 1.0), s, gen).view(-1)[: v1 - v0]
+            packed[v0 * self.bits // 8 : packed_nbytes(v1, self.bits)] = pack_float_codes(codes, self.bits)
+        return Payload([packed, scales], tensor.shape, tensor.dtype)
+
+    def decode_sum(self, batch: Payload, out: torch.Tensor) -> torch.Tensor:
+        """sum_r S_r / s * (c_r - s) = sum_r (S_r / s) c_r - sum_r S_r, per bucket, in one pass."""
+        packed, scales = batch.tensors  # [N, bytes], [N, buckets]
+        scales = scales.float()
+        return code_sum(
+            packed, self.bits, batch.shape.numel(), scales / self.levels, -scales.sum(0), self.bucket_size, out
+        )
 
     def decompress(self, payload: Payload) -> torch.Tensor:
-        packed, scales = payload.tensors
-        n, s = payload.shape.numel(), self.levels
-        levels = unpack_bits(packed, self.bits, n).float() - s
-        out = levels * (per_value(scales, self.bucket_size, n) / s)
-        return out.to(payload.dtype).view(payload.shape)
+        out = torch.empty(payload.shape.numel(), device=payload.tensors[0].device)
+        batch = Payload([t.unsqueeze(0) for t in payload.tensors], payload.shape, payload.dtype)
+        return self.decode_sum(batch, out).to(payload.dtype).view(payload.shape)
 
     def options(self) -> dict[str, Any]:
         return {
@@ -181,5 +144,5 @@ class QSGD(StochasticQuantizer):
         return {**super().state_dict(), "rank": self._rank}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._rank = state["rank"]
+        self._rank = int(state["rank"] or 0)
         super().load_state_dict(state)

@@ -3,7 +3,7 @@
     torchrun --max-restarts 1 ... launch/workers/train_ckpt.py --dir DIR [--steps 32] [--every 8]
                                                                [--step-delay S] [--timeout S]
 
-Every rank trains the same 1-D CNN (commcomp.data.CNN1D) on its own deterministic batch for each
+Every rank trains the same 1-D CNN (benchmarks.data.CNN1D) on its own deterministic batch for each
 step: the examples of its shard picked by a generator seeded with (step, rank), so a step computes
 the same thing whether or not the job was restarted before it. The GradiVeQ schedule is short
 (warm-up 2, sample 3, compress 5), so bases are refitted every 8 steps.
@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commcomp
-from commcomp.data import CNN1D, load_mnist1d, shard
+from benchmarks.data import CNN1D, load_mnist1d, shard
 from launch.dist import finish, init_from_env
 
 __all__ = ["atomic_save", "latest_step", "main"]

@@ -18,7 +18,7 @@ __all__ = ["CNN1D", "MLP", "accuracy", "cache_dir", "load_mnist1d", "shard"]
 
 
 def cache_dir() -> Path:
-    """Where commcomp caches generated data and built wheels (COMMCOMP_CACHE or ~/.cache/commcomp)."""
+    """Where generated data and built wheels are cached (COMMCOMP_CACHE or ~/.cache/commcomp)."""
     path = Path(os.environ.get("COMMCOMP_CACHE", Path.home() / ".cache" / "commcomp"))
     path.mkdir(parents=True, exist_ok=True)
     return path

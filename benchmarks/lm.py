@@ -14,8 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from commcomp.moe.layer import MoE
-from commcomp.moe.params import scale_expert_grads
+from commcomp.moe import MoE, scale_expert_grads
 
 __all__ = ["VOCAB", "MoELM", "batch", "encode", "evaluate", "stdlib_text", "train_step", "unigram_entropy"]
 

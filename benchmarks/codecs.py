@@ -1,0 +1,287 @@
+"""Codec speed on one CPU core: encode and decode throughput next to a plain copy, and the hook path.
+
+    python -m benchmarks.codecs                         # 1, 4, 16, 64 MB; hook path at 4 ranks
+    python -m benchmarks.codecs --sizes 4 --reps 3 --codecs qsgd4,topk1
+
+Part 1 (one codec, one dense float32 tensor of the given size): seconds of `compress`, of
+`decompress` of one payload, and of a plain copy of the same tensor into a preallocated buffer
+(`dst.copy_(src)`, memory speed), run round-robin with the codec so both see the same load;
+every time is the fastest of --reps runs. GB/s = dense bytes / seconds; "x copy" = seconds / copy
+seconds.
+
+Part 2 (the hook path, one rank's view of an N-rank step): the gradients of the benchmark's mlp
+(784-2048-2048-10, 5.8M values) go through the DDP hook's own codec: encode once (with error
+feedback where the method uses it), then decode what N ranks sent (the all-gathered bytes of N
+ranks, or the all-reduced sum once, or the shared-grid codes once). The collective itself is not
+run: its result is prepared before timing. Reported: encode, decode and total milliseconds and
+total / the copy of the same gradients. The target is total <= 20x copy.
+
+Everything runs in this process with torch.set_num_threads(1). Results: a table and codecs.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from commcomp import quantizers
+
+__all__ = ["CODECS", "HOOK_METHODS", "MLP_SHAPES", "codec_rows", "format_table", "hook_rows", "main"]
+
+# name -> (quantizer, options); "gradiveq" is the GradiVeQ layer codec with a fixed basis
+CODECS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fp16": ("fp16", {}),
+    "bf16": ("bf16", {}),
+    "qsgd2": ("qsgd", {"bits": 2}),
+    "qsgd4": ("qsgd", {"bits": 4}),
+    "qsgd8": ("qsgd", {"bits": 8}),
+    "topk1": ("topk", {"ratio": 0.01}),
+    "randk1": ("randk", {"ratio": 0.01, "rescale": False}),
+    "sign": ("sign", {}),
+    "gradiveq": ("gradiveq", {}),
+}
+GRADIVEQ_K, GRADIVEQ_D = 1024, 64  # slices of 1024 values, 64 components (K/d = 16)
+MLP_SHAPES = [(2048, 784), (2048,), (2048, 2048), (2048,), (10, 2048), (10,)]
+
+
+def seconds(fns: list[Callable[[], Any]], reps: int) -> list[float]:
+    """The fastest wall-clock seconds of each of `fns` over `reps` rounds, after one warm-up round.
+
+    The functions run round-robin (copy, encode, decode, copy, ...), so the baseline and the codec
+    see the same machine load; the minimum is the run least disturbed by other processes on a
+    shared machine.
+    """
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+class _GradiVeQ:
+    """GradiVeQ's layer codec on [n / K, K] slices with a fixed orthonormal basis (d = 64)."""
+
+    def __init__(self, n: int) -> None:
+        from commcomp.gradiveq import LayerCodec, plan_slices
+
+        plan = plan_slices((n // GRADIVEQ_K, GRADIVEQ_K), GRADIVEQ_K, GRADIVEQ_K, 1)
+        if plan is None:
+            raise ValueError(f"{n} values are too few for GradiVeQ slices of {GRADIVEQ_K}")
+        self.codec = LayerCodec(plan)
+        basis, _ = torch.linalg.qr(torch.randn(GRADIVEQ_K, GRADIVEQ_D, generator=torch.Generator().manual_seed(0)))
+        self.codec.set_basis(basis.double(), torch.zeros(GRADIVEQ_K, dtype=torch.float64))
+
+    def compress(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.codec.compress(x.view(-1, GRADIVEQ_K), 1)
+
+    def decompress(self, payload: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.codec.decompress(*payload)
+
+
+def codec_rows(names: list[str], sizes_mb: list[float], reps: int) -> list[dict[str, Any]]:
+    """Part 1: encode / decode / copy seconds of each codec at each size."""
+    rows = []
+    for mb in sizes_mb:
+        n = int(mb * 1e6 / 4) // GRADIVEQ_K * GRADIVEQ_K
+        x = torch.randn(n, generator=torch.Generator().manual_seed(0))
+        dst = torch.empty_like(x)
+        for name in names:
+            quantizer, options = CODECS[name]
+            q: Any = _GradiVeQ(n) if quantizer == "gradiveq" else quantizers.get(quantizer, **options)
+            payload = q.compress(x)
+            copy, enc, dec = seconds(
+                [partial(dst.copy_, x), partial(q.compress, x), partial(q.decompress, payload)], reps
+            )
+            rows.append(
+                {
+                    "part": "codec",
+                    "codec": name,
+                    "mb": mb,
+                    "values": n,
+                    "copy_s": copy,
+                    "encode_s": enc,
+                    "decode_s": dec,
+                    "encode_gbs": 4 * n / enc / 1e9,
+                    "decode_gbs": 4 * n / dec / 1e9,
+                    "copy_gbs": 4 * n / copy / 1e9,
+                }
+            )
+            print(
+                f"  [codecs] {mb:g} MB {name}: encode {enc * 1e3:.1f} ms, decode {dec * 1e3:.1f} ms, "
+                f"copy {copy * 1e3:.1f} ms",
+                flush=True,
+            )
+    return rows
+
+
+# method -> (quantizer, options incl. error_feedback) for the hook path
+HOOK_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fp16": ("fp16", {}),
+    "bf16": ("bf16", {}),
+    "qsgd2": ("qsgd", {"bits": 2}),
+    "qsgd4": ("qsgd", {"bits": 4}),
+    "qsgd8": ("qsgd", {"bits": 8}),
+    "topk1+ef": ("topk", {"ratio": 0.01, "error_feedback": True}),
+    "randk1+ef": ("randk", {"ratio": 0.01, "rescale": False, "error_feedback": True}),
+    "sign+ef": ("sign", {"error_feedback": True}),
+    "qsgd4_ar": ("qsgd_ar", {"bits": 4}),
+    "sign_ar+ef": ("sign_ar", {"error_feedback": True}),
+}
+
+
+def _sim_state(quantizer: str, options: dict[str, Any], rank: int, world: int) -> Any:
+    """The hook's own QuantizerState, as rank `rank` of `world` without a process group: the
+    agreement of shared-grid quantizers returns the local statistic (same cost, no collective)."""
+    from commcomp.hooks.quantized import QuantizerState
+
+    class Simulated(QuantizerState):
+        @property
+        def rank(self) -> int:
+            return rank
+
+        @property
+        def world_size(self) -> int:
+            return world
+
+        def agree(self, stats: torch.Tensor, op: str) -> torch.Tensor:
+            del op
+            return stats
+
+    return Simulated(quantizer=quantizer, **options)
+
+
+def hook_rows(names: list[str], world: int, reps: int) -> list[dict[str, Any]]:
+    """Part 2: the hook's codec on the mlp's gradients, one rank's encode and decode of N ranks."""
+    from commcomp.hooks.quantized import QuantizedExchange
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(shape, generator=gen) * 1e-3 for shape in MLP_SHAPES]
+    keys = [f"p{i}" for i in range(len(grads))]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dst = torch.empty_like(flat)
+    rows = []
+    for name in names:
+        quantizer, options = HOOK_METHODS[name]
+        codecs = [QuantizedExchange(_sim_state(quantizer, options, r, world)) for r in range(world)]
+        sent = [c.encode(keys, [g.clone() for g in grads]) for c in codecs]  # what every rank sends
+        if codecs[0].summed:  # the all-reduce's result: the element-wise sum of every rank's parts
+            received = [torch.stack(parts).sum(0) for parts in zip(*(e.parts for e in sent))]
+        else:  # the all-gather's result: every rank's bytes (the engine strips the flag byte)
+            received = [e.parts[0] for e in sent]
+        mine = codecs[0]
+        out = [g.clone() for g in grads]
+        encoded = mine.encode(keys, out)
+        copy, enc, dec = seconds(
+            [partial(dst.copy_, flat), partial(mine.encode, keys, grads), partial(mine.decode, received, encoded)], reps
+        )
+        rows.append(
+            {
+                "part": "hook",
+                "method": name,
+                "ranks": world,
+                "values": flat.numel(),
+                "copy_s": copy,
+                "encode_s": enc,
+                "decode_s": dec,
+                "total_s": enc + dec,
+                "x_copy": (enc + dec) / copy,
+            }
+        )
+        print(f"  [codecs] hook {name} at {world} ranks: {(enc + dec) / copy:.1f}x copy", flush=True)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Both parts as aligned text tables."""
+    out = []
+    part1 = [r for r in rows if r["part"] == "codec"]
+    if part1:
+        head = ["MB", "codec", "encode GB/s", "decode GB/s", "copy GB/s", "encode x copy", "decode x copy"]
+        body = [
+            [
+                f"{r['mb']:g}",
+                r["codec"],
+                f"{r['encode_gbs']:.2f}",
+                f"{r['decode_gbs']:.2f}",
+                f"{r['copy_gbs']:.2f}",
+                f"{r['encode_s'] / r['copy_s']:.1f}",
+                f"{r['decode_s'] / r['copy_s']:.1f}",
+            ]
+            for r in part1
+        ]
+        out.append(_align(head, body))
+    part2 = [r for r in rows if r["part"] == "hook"]
+    if part2:
+        head = ["method", "ranks", "encode ms", "decode ms", "total ms", "copy ms", "total x copy", "<= 20x"]
+        body = [
+            [
+                r["method"],
+                str(r["ranks"]),
+                f"{r['encode_s'] * 1e3:.1f}",
+                f"{r['decode_s'] * 1e3:.1f}",
+                f"{r['total_s'] * 1e3:.1f}",
+                f"{r['copy_s'] * 1e3:.2f}",
+                f"{r['x_copy']:.1f}",
+                "yes" if r["x_copy"] <= 20 else "no",
+            ]
+            for r in part2
+        ]
+        out.append(_align(head, body))
+    return "\n\n".join(out)
+
+
+def _align(head: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in [head, *body])
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1,4,16,64", help="dense tensor sizes in MB (part 1)")
+    p.add_argument("--codecs", default=",".join(CODECS), help=f"part 1 codecs, from {', '.join(CODECS)}")
+    p.add_argument("--methods", default=",".join(HOOK_METHODS), help=f"part 2 methods, from {', '.join(HOOK_METHODS)}")
+    p.add_argument("--ranks", type=int, default=4, help="ranks whose payloads the hook path decodes (part 2)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per point (median reported)")
+    p.add_argument("--out", default="", help="output directory (default results/<timestamp>)")
+    args = p.parse_args(argv)
+    names = [c for c in args.codecs.split(",") if c]
+    methods = [m for m in args.methods.split(",") if m]
+    for given, valid in ((names, CODECS), (methods, HOOK_METHODS)):
+        unknown = sorted(set(given) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown name(s) {unknown}; valid names: {', '.join(valid)}")
+    from benchmarks.driver import out_dir
+
+    torch.set_num_threads(1)
+    out = out_dir(args.out)
+    rows = codec_rows(names, [float(s) for s in args.sizes.split(",") if s], args.reps)
+    rows += hook_rows(methods, args.ranks, args.reps)
+    path = out / "codecs.json"
+    meta = {
+        "command": " ".join(["python -m benchmarks.codecs", *(argv if argv is not None else sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch": torch.__version__,
+        "threads": 1,
+    }
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print("\n" + format_table(rows) + f"\n\nresults: {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
