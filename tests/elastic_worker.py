@@ -1,6 +1,6 @@
 """A job that continues at another world size from a `commcomp.elastic` checkpoint (run by torchrun).
 
-    torchrun ... tests/elastic_worker.py --dir DIR --start S --stop T [--resume-from OLD]
+    torchrun ... tests/elastic_worker.py --dir DIR --from-step S --to-step T [--resume-from OLD]
 
 DDP on a small MLP with 2-bit QSGD and error feedback (so every rank owes something). With
 --resume-from the job loads OLD/elastic.pt (the hook state of every rank of the previous job,
@@ -81,15 +81,15 @@ def job(rank: int, world_size: int, directory: str, start: int, stop: int, resum
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dir", type=Path, required=True)
-    parser.add_argument("--start", type=int, required=True)
-    parser.add_argument("--stop", type=int, required=True)
+    parser.add_argument("--from-step", type=int, required=True)
+    parser.add_argument("--to-step", type=int, required=True)
     parser.add_argument("--resume-from", type=Path, default=None)
     opts = parser.parse_args()
     torch.set_num_threads(1)
     info = init_from_env(timeout=60)
     opts.dir.mkdir(parents=True, exist_ok=True)
     resume = None if opts.resume_from is None else str(opts.resume_from)
-    job(info.rank, info.world_size, str(opts.dir), opts.start, opts.stop, resume)
+    job(info.rank, info.world_size, str(opts.dir), opts.from_step, opts.to_step, resume)
     finish()
     return 0
 

@@ -41,8 +41,10 @@ def test_restart_on_three_hosts_from_a_two_host_checkpoint(tmp_path: Path) -> No
     for d in (first, second, local):
         d.mkdir()
     with Cluster(hosts=2, rate_mbit=100) as c:
-        launch_torchrun(c, WORKER, ["--dir", str(first), "--start", "0", "--stop", "6"], timeout=120, stream=False)
-    args = ["--dir", str(second), "--start", "6", "--stop", "12", "--resume-from", str(first)]
+        launch_torchrun(
+            c, WORKER, ["--dir", str(first), "--from-step", "0", "--to-step", "6"], timeout=120, stream=False
+        )
+    args = ["--dir", str(second), "--from-step", "6", "--to-step", "12", "--resume-from", str(first)]
     with Cluster(hosts=3, rate_mbit=100) as c:
         launch_torchrun(c, WORKER, args, timeout=120, stream=False)
 

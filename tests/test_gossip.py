@@ -124,6 +124,7 @@ def _errors(rank: int) -> dict[str, str]:
         "transport": {"transport": "tcp", "consensus_step": 0.5},
         "gamma": {"consensus_step": 0.0},
         "scale": {"consensus_step": 0.5, "compression_scale": 1.5},
+        "randk": {"quantizer": "randk", "ratio": 0.25, "consensus_step": 0.5},  # rescaled: not contractive
     }.items():
         try:
             CHOCO(model, opt, **kwargs)
@@ -264,6 +265,7 @@ def test_errors_name_the_problem(results: list[dict[str, Any]]) -> None:
         assert "unknown transport 'tcp'" in r["errors"]["transport"]
         assert "consensus_step must be a number in (0, 1]" in r["errors"]["gamma"]
         assert "compression_scale must be a number in (0, 1], got 1.5" in r["errors"]["scale"]
+        assert "CHOCO needs a contractive quantizer" in r["errors"]["randk"]
 
 
 def test_choco_with_coarse_qsgd_reaches_consensus(results: list[dict[str, Any]]) -> None:

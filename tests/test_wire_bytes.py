@@ -59,7 +59,8 @@ def worker(rank: int, world: int) -> dict[str, Any]:
         algo.step()
     out["choco"] = {"last": algo.stats.last}
     moe = MoE(8, 2 * world, gate="switch", capacity_factor=None)
-    y, aux = moe(torch.randn(10, 8, generator=torch.Generator().manual_seed(rank)))
+    x = torch.randn(10, 8, generator=torch.Generator().manual_seed(rank), requires_grad=True)  # as from a layer below
+    y, aux = moe(x)
     (y.sum() + aux).backward()
     out["moe"] = {"last": moe.stats.last, "load": moe.last_load, "ids": list(moe.expert_ids)}
     return out

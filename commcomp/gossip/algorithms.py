@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from commcomp import quantizers
 from commcomp.gossip.base import GossipAlgorithm, Tensors
 
 __all__ = ["CHOCO", "DCD", "DPSGD", "ECD"]
@@ -149,6 +150,10 @@ class CHOCO(GossipAlgorithm):
         scale = compression_scale
         self._scale_option = None if scale is None else _unit_interval(scale, "compression_scale")
         super().__init__(model, optimizer, **options)
+
+    def check_quantizer(self) -> None:
+        if self._scale_option is None:  # an unbiased quantizer without a variance bound cannot be scaled
+            quantizers.check_error_feedback(self.quantizer, "CHOCO")
 
     @property
     def compression_scale(self) -> float:

@@ -111,6 +111,7 @@ class GossipAlgorithm(ABC):
         self.sync_initial = bool(sync_initial)
         self.nonfinite_policy = check_nonfinite(nonfinite)
         self.quantizer = quantizers.get(quantizer, **quantizer_options)
+        self.check_quantizer()  # before any collective: a refusal is raised on every rank alike
         self.transport = make_transport(transport, topology, topology_options, process_group)
         self.topology = self.transport.topology
         self.rank = self.transport.rank
@@ -160,6 +161,9 @@ class GossipAlgorithm(ABC):
     def update(self, previous: Tensors, current: Tensors) -> Tensors:
         """New parameters from x_i (`previous`; empty if `needs_previous` is False) and the optimizer's
         result (`current`)."""
+
+    def check_quantizer(self) -> None:  # noqa: B027  (a hook with a default, not an abstract method)
+        """Raise ValueError if the algorithm cannot work with `self.quantizer` (default: any works)."""
 
     def options(self) -> dict[str, Any]:
         """Options that must agree on every rank."""
