@@ -226,8 +226,27 @@ def _gossip(algorithm: str, **kwargs: Any):
 
 
 def gradiveq_options(options: dict[str, Any]) -> dict[str, Any]:
-    keys = ("warmup_steps", "sample_steps", "compress_steps", "energy_threshold", "max_components")
-    return {k: options[f"gradiveq_{k}"] for k in keys if options.get(f"gradiveq_{k}") is not None}
+    """GradiVeQ's keyword arguments from the "gradiveq" option, 'name=value,...' (values read as int,
+    float, true/false/none or else kept as text); none: its defaults."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (options.get("gradiveq") or "").split(",")):
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"GradiVeQ option {item!r} is not name=value")
+        out[key.strip()] = _value(text.strip())
+    return out
+
+
+def _value(text: str) -> Any:
+    words = {"true": True, "false": False, "none": None}
+    if text.lower() in words:
+        return words[text.lower()]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _pqasgd(net: nn.Module, options: dict[str, Any], make_opt: MakeOptimizer) -> Setup:

@@ -6,7 +6,7 @@
     python -m benchmarks.run --local --workloads cnn --steps 40   # local processes, no shaping
 
 Phases: (1) train.py under torchrun on every host: the MNIST-1D CNN trained to a plateau (time to
-accuracy) and the 5.8M-parameter MLP (step time), each with every method; (2) train_horovod.py
+accuracy) and the 1.9M-parameter MLP (step time), each with every method; (2) train_horovod.py
 under mpirun when Horovod is installed: Horovod fp32/fp16 and commcomp's GradiVeQ on Horovod, on
 the MLP; (3) a short collective-bandwidth pass (collectives.py). Where network namespaces cannot be
 created (not root, no iproute2) it says so and runs on local processes without shaping. Results go
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _method_args(args: argparse.Namespace) -> list[str]:
     out = []
-    for key in ("powersgd_start", "seed", *(k for k in vars(args) if k.startswith("gradiveq_"))):
+    for key in ("powersgd_start", "seed", "gradiveq"):
         value = getattr(args, key)
         if value is not None:
             out += [f"--{key.replace('_', '-')}", str(value)]

@@ -171,7 +171,7 @@ def run_method(
             "final_accuracy": accs[-1] if accs else None,
             "best_accuracy": max(accs) if accs else None,
             "info": s.info,
-            "options": {k: v for k, v in options.items() if k.split("_")[0] in name},  # e.g. gradiveq_*
+            "options": {k: v for k, v in options.items() if k.split("_")[0] in name},  # gradiveq, powersgd_start
         }
     finally:
         s.stack.close()
@@ -198,11 +198,11 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
     """Options passed to the methods (shared with the driver). Unset ones take the workload's
     setting (`Workload.method_defaults`), else the method's own default."""
     p.add_argument("--powersgd-start", type=int, default=None, help="steps of plain all-reduce before PowerSGD")
-    p.add_argument("--gradiveq-warmup-steps", type=int, default=None, help="GradiVeQ uncompressed warm-up steps")
-    p.add_argument("--gradiveq-sample-steps", type=int, default=None, help="GradiVeQ sampling steps per cycle")
-    p.add_argument("--gradiveq-compress-steps", type=int, default=None, help="GradiVeQ compressed steps per cycle")
-    p.add_argument("--gradiveq-energy-threshold", type=float, default=None, help="GradiVeQ lambda")
-    p.add_argument("--gradiveq-max-components", type=int, default=None, help="GradiVeQ cap on d per layer")
+    p.add_argument(
+        "--gradiveq",
+        default=None,
+        help="GradiVeQ options instead of its defaults, e.g. 'warmup_steps=10,error_feedback=true'",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 

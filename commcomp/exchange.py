@@ -22,8 +22,9 @@ The pieces plugged in:
   parts are this rank's packed bytes (uint8), all-gathered; decode gets every rank's bytes.
 - `Wire` issues the collective: `TorchWire` on a torch.distributed group (DDP), the Horovod wire in
   `commcomp.horovod`.
-- The host is the `HookState` owning the step: its rank and world size, `check_finite`, stats, the
-  NaN/Inf policy (`skip_step`), the step-end commits and bucket bookkeeping.
+- The `Host` owns the step (`commcomp.hooks.base.HookState` is one): its rank and world size, its
+  NaN/Inf flag and policy (`nonfinite`, `skip_step`), the step-end commits, stats and bucket
+  bookkeeping.
 
 Ordering rule: `send` is called from hook bodies only, in the same order on every rank; `finish`
 (called from callbacks) never issues a collective.
@@ -32,8 +33,9 @@ Ordering rule: `send` is called from hook bodies only, in the same order on ever
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -41,12 +43,20 @@ import torch.distributed as dist
 from commcomp.consistency import bad_ranks, flag_slots
 from commcomp.flat import flatten, unflatten
 from commcomp.overflow import poison
-from commcomp.stats import timer
+from commcomp.stats import CommStats, timer
 
-if TYPE_CHECKING:
-    from commcomp.hooks.base import HookState
-
-__all__ = ["Encoded", "ExchangeCodec", "InFlight", "Pending", "TorchWire", "Wire", "finish", "nbytes", "send"]
+__all__ = [
+    "Encoded",
+    "ExchangeCodec",
+    "Host",
+    "InFlight",
+    "Pending",
+    "TorchWire",
+    "Wire",
+    "finish",
+    "nbytes",
+    "send",
+]
 
 Received = torch.Tensor | list[torch.Tensor]  # a summed buffer, or every rank's buffer in rank order
 
@@ -88,6 +98,35 @@ class ExchangeCodec(Protocol):
 
     def commit(self, encoded: Encoded) -> None:
         """Called once the group decoded cleanly on every rank."""
+        ...
+
+
+class Host(Protocol):
+    """The state that owns the step (a `HookState`): identity, NaN/Inf policy, stats, bookkeeping."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    stats: CommStats
+
+    def nonfinite(self, tensors: list[torch.Tensor]) -> bool:
+        """This rank's flag: True if checking is on and any tensor holds NaN/Inf."""
+        ...
+
+    def skip_step(self, flags: torch.Tensor, bucket_index: int) -> None:
+        """Some rank was flagged (every rank received the same flags): the step leaves the state
+        untouched (or every rank raises, by policy)."""
+        ...
+
+    def commit_at_step_end(self, commit: Callable[[], None]) -> None:
+        """Run `commit` when the step ends cleanly."""
+        ...
+
+    def end_bucket(self) -> None:
+        """One group of the step has finished (the step ends after its last group)."""
         ...
 
 
@@ -144,7 +183,7 @@ class InFlight(Generic[P]):
 
 
 def send(
-    host: HookState,
+    host: Host,
     codec: ExchangeCodec,
     keys: list[str],
     grads: list[torch.Tensor],
@@ -185,7 +224,7 @@ def _split(item: InFlight[Any], received: Received, world_size: int) -> tuple[li
     return [t[:-1] for t in received], torch.stack([t[-1] for t in received])
 
 
-def finish(host: HookState, items: list[InFlight[Any]], index: int = 0) -> None:
+def finish(host: Host, items: list[InFlight[Any]], index: int = 0) -> None:
     """Steps 5-8 for `items` (one DDP bucket, or every tensor of a Horovod step; not empty): wait for
     all; if any rank was flagged, fill the gradients with NaN on every rank (or raise on every rank)
     and mark the step skipped; else decode into the gradients and queue the commits for the step's

@@ -40,8 +40,14 @@ if ! "$py" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$
   log "installing torch==$torch_version (CPU build)"
   pip install "torch==$torch_version"
 fi
-log "installing commcomp and its extras"
-pip install -e "$root[dev,bench]"
+# Reinstalled only when pyproject.toml changed since the last install into this environment.
+stamp="$venv/.commcomp-pyproject.sha256"
+want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1) $root"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  log "installing commcomp and its extras"
+  pip install -e "$root[dev,bench]"
+  echo "$want" >"$stamp"
+fi
 "$py" -c "import mpi4py" 2>/dev/null || { log "building mpi4py"; pip install mpi4py; }
 
 # Horovod 0.28.1 forces -std=c++14 on its torch extension, and torch >= 2.1 headers need C++17.

@@ -32,14 +32,14 @@ STEPS = 6
 OPTIONS = {"powersgd_start": 3, "seed": 3}
 
 
-def _gradiveq_options() -> dict[str, int]:
+def _gradiveq_options() -> dict[str, str]:
     """GradiVeQ options that make it compress within the test's few steps: one warm-up step, and a
     short sampling phase where its basis is fitted from samples (basis="fitted")."""
     from commcomp import GradiVeQState
 
     if "basis" in inspect.signature(GradiVeQState).parameters:  # the default basis needs no sampling phase
-        return {"gradiveq_warmup_steps": 1}
-    return {"gradiveq_warmup_steps": 1, "gradiveq_sample_steps": 2, "gradiveq_compress_steps": 100}
+        return {"gradiveq": "warmup_steps=1"}
+    return {"gradiveq": "warmup_steps=1,sample_steps=2,compress_steps=100"}
 
 
 # ----- the report on constructed records -----
@@ -157,6 +157,22 @@ def test_report_targets_pass_and_miss() -> None:
     assert [never[k] for k in ("time to target", "ahead of the 16-bit hook", "ahead of PowerSGD best")] == ["MISS"] * 3
 
 
+def test_report_gradiveq_options() -> None:
+    from benchmarks.methods import gradiveq_options
+
+    text = "warmup_steps=10, energy_threshold=0.01,error_feedback=true,basis=fitted,max_components=none"
+    assert gradiveq_options({"gradiveq": text}) == {
+        "warmup_steps": 10,
+        "energy_threshold": 0.01,
+        "error_feedback": True,
+        "basis": "fitted",
+        "max_components": None,
+    }
+    assert gradiveq_options({"gradiveq": None}) == gradiveq_options({}) == {}
+    with pytest.raises(ValueError, match="name=value"):
+        gradiveq_options({"gradiveq": "warmup_steps"})
+
+
 def test_report_tables() -> None:
     rows = report.derive(
         [
@@ -255,7 +271,7 @@ def test_driver_local(tmp_path: Path) -> None:
         [
             *("--local", "--hosts", "2", "--workloads", "cnn", "--methods", "fp32,torch-fp16,gradiveq"),
             *("--steps", "4", "--width", f"cnn={WIDTH}", "--horovod", "off", "--collectives", "1"),
-            *("--gradiveq-warmup-steps", "1", "--out", str(out)),
+            *("--gradiveq", "warmup_steps=1", "--out", str(out)),
             *("--results-md", str(md)),
         ]
     )

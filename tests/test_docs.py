@@ -23,6 +23,7 @@ TOP = ("commcomp", "launch", "benchmarks", "tests", "scripts", "docs", ".ci")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 PATH = re.compile(rf"`((?:{'|'.join(re.escape(t) for t in TOP)})/[\w./-]*)")
 NAME = re.compile(r"(?<![\w.])((?:commcomp|launch)(?:\.[A-Za-z_]\w*)+)")
+IMPORT = re.compile(r"^\s*from ((?:commcomp|launch)[\w.]*) import ([\w, ]+)", re.MULTILINE)
 
 
 def _resolves(dotted: str) -> bool:
@@ -58,7 +59,11 @@ def test_links_and_paths_exist(page: Path) -> None:
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_python_names_resolve(page: Path) -> None:
-    names = sorted(set(NAME.findall(page.read_text())))
+    text = page.read_text()
+    imported = set()  # `from commcomp.x import a, b as c` in code blocks: commcomp.x.a, commcomp.x.b
+    for module, names in IMPORT.findall(text):
+        imported |= {f"{module}.{name.split()[0]}" for name in names.split(",") if name.strip()}
+    names = sorted(set(NAME.findall(text)) | imported)
     unresolved = [name for name in names if not _resolves(name)]
     assert not unresolved, f"{page.relative_to(ROOT)} names what does not import: {unresolved}"
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from commcomp import quantizers
-from commcomp.consistency import options_text, verify_options_with_root
+from commcomp.consistency import check_saved_options, verify_options_with_root
 from commcomp.elastic import world_size_error
 from commcomp.gossip.transport import TorchTransport, Transport
 from commcomp.overflow import GradientWatch, check_nonfinite, gradients_nonfinite
@@ -293,10 +293,7 @@ class GossipAlgorithm(ABC):
         saved_world = state["options"].get("world_size")
         if saved_world != self.topology.size:
             raise world_size_error(type(self).__name__, saved_world, self.topology.size)
-        if options_text(state["options"]) != options_text(self.options()):
-            raise ValueError(
-                f"state_dict was saved with options {state['options']}, this {self.name} has {self.options()}"
-            )
+        check_saved_options(type(self).__name__, state["options"], self.options())
         for key, tensors in self.buffers.items():
             saved = state["buffers"][key]
             for name, t in zip(self.names, tensors):

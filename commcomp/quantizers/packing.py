@@ -21,7 +21,6 @@ __all__ = [
     "chunks",
     "code_sum",
     "pack_bits",
-    "pack_float_codes",
     "packed_nbytes",
     "per_value",
     "unpack_bits",
@@ -55,19 +54,6 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (stream * weights).sum(1, dtype=torch.uint8)
 
 
-def pack_float_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """`pack_bits` of integer-valued float codes, cheaper: when b divides 8 the codes sharing a byte
-    are combined in float (code_0 + 2^b code_1 + ..., exact below 256) and converted to uint8 once."""
-    n = codes.numel()
-    if 8 % bits or n % (8 // bits):
-        return pack_bits(codes.to(torch.uint8), bits)
-    grid = codes.reshape(-1, 8 // bits)
-    byte = grid[:, 0].clone()
-    for j in range(1, grid.shape[1]):
-        byte.add_(grid[:, j], alpha=float(1 << (j * bits)))
-    return byte.to(torch.uint8)
-
-
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of `pack_bits`: the first n codes (uint8) stored in `packed`.
 
@@ -81,11 +67,14 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     lead = packed.shape[:-1]
     if 8 % bits == 0:
         per, mask = 8 // bits, (1 << bits) - 1
+        if per == 1:
+            return packed[..., :n]
         out = torch.empty(*packed.shape, per, dtype=torch.uint8, device=packed.device)
-        for j in range(per):  # code j of every byte: one vectorised shift per column
+        torch.bitwise_and(packed, mask, out=out[..., 0])  # code 0: the low bits
+        for j in range(1, per):  # code j: shifted down, masked unless it is the top one
             torch.bitwise_right_shift(packed, j * bits, out=out[..., j])
-        if per > 1:
-            out &= mask
+            if j < per - 1:
+                out[..., j] &= mask
         return out.view(*lead, -1)[..., :n]
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     stream = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(*lead, -1)[..., : n * bits].reshape(*lead, n, bits)
@@ -164,6 +153,10 @@ def code_sum(
         codes = float_codes(packed[:, v0 * bits // 8 : packed_nbytes(v1, bits)], bits, v1 - v0)
         if v1 - v0 < (b1 - b0) * B:  # the last, partial bucket: pad its codes (their weight is moot)
             codes = torch.nn.functional.pad(codes, (0, (b1 - b0) * B - (v1 - v0)))
-        part = codes.view(ranks, b1 - b0, B).mul_(weights[:, b0:b1, None]).sum(0)
-        out[v0:v1] = part.add_(offsets[b0:b1, None]).view(-1)[: v1 - v0]
+            part = codes.view(ranks, b1 - b0, B).mul_(weights[:, b0:b1, None]).sum(0)
+            out[v0:v1] = part.add_(offsets[b0:b1, None]).view(-1)[: v1 - v0]
+        else:  # whole buckets: sum straight into `out`
+            into = out[v0:v1].view(b1 - b0, B)
+            torch.sum(codes.view(ranks, b1 - b0, B).mul_(weights[:, b0:b1, None]), 0, out=into)
+            into.add_(offsets[b0:b1, None])
     return out

@@ -15,11 +15,25 @@ import torch
 
 from commcomp.quantizers.base import Payload
 from commcomp.quantizers.checks import check_bits, check_floating, check_positive_int
-from commcomp.quantizers.packing import bucketize, chunks, code_sum, pack_float_codes, packed_nbytes
+from commcomp.quantizers.packing import bucketize, chunks, code_sum, pack_bits, packed_nbytes
 from commcomp.quantizers.registry import QUANTIZERS
 from commcomp.quantizers.stochastic import NOISE_BITS, StochasticQuantizer, random_int16
 
-__all__ = ["QSGD", "StochasticQuantizer", "check_positive_int", "stochastic_codes"]
+__all__ = ["QSGD", "StochasticQuantizer", "check_positive_int", "stochastic_bytes", "stochastic_codes"]
+
+
+def _shifted_levels(
+    values: torch.Tensor, scales: torch.Tensor, levels: int, generator: torch.Generator
+) -> torch.Tensor:
+    """s + s * v / S + u as float32, with u uniform in [0, 1): its floor is the stochastic code.
+
+    Two operations a value: one fused s + 0.5 + s * v / S and one add of 16-bit noise (as
+    (L + 2^15) / 2^16 - 0.5 for L from `random_int16`, exact in float32 below 2^8). The result lies
+    in [0, 2s + 1) up to a last-bit rounding of s * v / S when |v| = S.
+    """
+    shifted = torch.addcdiv(values.new_full((1,), levels + 0.5), values, scales, value=levels)
+    noise = random_int16(shifted.numel(), generator, values.device).view_as(shifted)
+    return shifted.add_(noise, alpha=2.0**-NOISE_BITS)
 
 
 def stochastic_codes(
@@ -28,14 +42,16 @@ def stochastic_codes(
     """Codes in [0, 2s] (s = `levels`, float32) of `values` [buckets, B] on the grid of step S/s
     (`scales` [buckets, 1], S >= max |v|): code = floor(s + s * v / S + u), u uniform in [0, 1),
     which rounds s * v / S up with probability its fractional part, so E[code - s] = s * v / S.
+    Clamped to [0, 2s] against a last-bit rounding when |v| = S."""
+    return _shifted_levels(values, scales, levels, generator).floor_().clamp_(0, 2 * levels)
 
-    Four operations a value: one fused s + 0.5 + s * v / S, one add of 16-bit noise (as
-    (L + 2^15) / 2^16 - 0.5 for L from `random_int16`, exact in float32 below 2^8), one floor and
-    a clamp to [0, 2s] (s * v / S may exceed s by a last-bit rounding when |v| = S).
-    """
-    codes = torch.addcdiv(values.new_full((1,), levels + 0.5), values, scales, value=levels)
-    noise = random_int16(codes.numel(), generator, values.device).view_as(codes)
-    return codes.add_(noise, alpha=2.0**-NOISE_BITS).floor_().clamp_(0, 2 * levels)
+
+def stochastic_bytes(
+    values: torch.Tensor, scales: torch.Tensor, levels: int, generator: torch.Generator
+) -> torch.Tensor:
+    """`stochastic_codes` as uint8, cheaper: the conversion to uint8 truncates, which is the floor for
+    these non-negative values (and maps the -tiny of a last-bit rounding to 0); then a clamp at 2s."""
+    return _shifted_levels(values, scales, levels, generator).to(torch.uint8).clamp_(max=2 * levels)
 
 
 @QUANTIZERS.register("qsgd")
@@ -114,8 +130,8 @@ class QSGD(StochasticQuantizer):
             part = buckets[b0:b1]
             scale = part.abs().amax(1, keepdim=True) if self.norm == "max" else part.norm(dim=1, keepdim=True)
             scales[b0:b1] = scale.view(-1)
-            codes = stochastic_codes(part, scale.masked_fill_(scale == 0, 1.0), s, gen).view(-1)[: v1 - v0]
-            packed[v0 * self.bits // 8 : packed_nbytes(v1, self.bits)] = pack_float_codes(codes, self.bits)
+            codes = stochastic_bytes(part, scale.masked_fill_(scale == 0, 1.0), s, gen).view(-1)[: v1 - v0]
+            packed[v0 * self.bits // 8 : packed_nbytes(v1, self.bits)] = pack_bits(codes, self.bits)
         return Payload([packed, scales], tensor.shape, tensor.dtype)
 
     def decode_sum(self, batch: Payload, out: torch.Tensor) -> torch.Tensor:
