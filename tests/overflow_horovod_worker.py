@@ -20,7 +20,7 @@ import commcomp
 from commcomp.horovod import DistributedOptimizer, HorovodCollectives
 
 COMPRESSORS: list[tuple[str, str, dict[str, Any]]] = [
-    ("hvd-gradiveq", "gradiveq", {"min_numel": 1024, "warmup_steps": 2, "sample_steps": 2, "compress_steps": 2}),
+    ("hvd-gradiveq", "gradiveq", {"min_numel": 1024, "warmup_steps": 2}),
     ("hvd-qsgd-ef", "qsgd", {"bits": 2, "error_feedback": True}),
     ("hvd-fp16", "fp16", {}),
 ]

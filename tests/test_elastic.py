@@ -27,7 +27,7 @@ from commcomp import elastic
 from commcomp.gossip import CHOCO, DCD
 
 STEPS = 6
-GRADIVEQ = {"min_numel": 1024, "error_feedback": True, "warmup_steps": 1, "sample_steps": 2, "compress_steps": 8}
+GRADIVEQ = {"min_numel": 1024, "warmup_steps": 1}  # the tracked basis, with error feedback
 # label -> (kind, options); kind "ddp" registers a method on DDP, the others build the class
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "qsgd-ef": ("ddp", {"method": "qsgd", "bits": 2, "error_feedback": True}),  # averaged payloads

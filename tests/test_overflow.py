@@ -32,12 +32,13 @@ from commcomp.overflow import NonFiniteGradientError
 
 WORLD = 2
 
-GRADIVEQ = {"min_numel": 1024, "error_feedback": True}
+FITTED = {"basis": "fitted", "min_numel": 1024, "warmup_steps": 2}
 # (label, method, options) for commcomp.register
 DDP_METHODS: list[tuple[str, str, dict[str, Any]]] = [
-    ("gradiveq-compress", "gradiveq", {**GRADIVEQ, "warmup_steps": 2, "sample_steps": 2, "compress_steps": 2}),
-    ("gradiveq-refit", "gradiveq", {**GRADIVEQ, "warmup_steps": 2, "sample_steps": 3, "compress_steps": 2}),
-    ("gradiveq-sample", "gradiveq", {**GRADIVEQ, "warmup_steps": 2, "sample_steps": 4, "compress_steps": 2}),
+    ("gradiveq", "gradiveq", {"min_numel": 1024, "warmup_steps": 2}),  # tracked basis, error feedback
+    ("gradiveq-fitted-compress", "gradiveq", {**FITTED, "sample_steps": 2, "compress_steps": 2}),
+    ("gradiveq-fitted-refit", "gradiveq", {**FITTED, "sample_steps": 3, "compress_steps": 2}),
+    ("gradiveq-fitted-sample", "gradiveq", {**FITTED, "sample_steps": 4, "compress_steps": 2}),
     ("qsgd", "qsgd", {"bits": 4}),
     ("qsgd-ef", "qsgd", {"bits": 2, "error_feedback": True}),
     ("topk-ef", "topk", {"ratio": 0.1, "error_feedback": True}),
