@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 import torch
@@ -179,7 +179,7 @@ class InFlight(Generic[P]):
     codec: ExchangeCodec
     encoded: Encoded
     pending: P
-    sent_parts: list[torch.Size] = field(default_factory=list)  # shapes of the parts, to cut the sum
+    sent_parts: list[torch.Size]  # shapes of the parts, to cut the summed buffer back into them
 
 
 def send(

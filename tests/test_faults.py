@@ -15,11 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `launch` lives next to `commcomp`, not inside the installed package
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.train_ckpt import SCHEDULE  # noqa: E402
 from launch import Cluster, launch_torchrun  # noqa: E402
 from launch.torchrun import start_torchrun  # noqa: E402
-from launch.workers.train_ckpt import SCHEDULE  # noqa: E402
 
-WORKER = str(ROOT / "launch" / "workers" / "train_ckpt.py")
+WORKER = str(ROOT / "benchmarks" / "train_ckpt.py")
 AVAILABLE, WHY = Cluster.available()
 needs_netns = pytest.mark.skipif(not AVAILABLE, reason=f"emulated cluster unavailable: {WHY}")
 

@@ -159,3 +159,13 @@ def test_mnist1d_gradiveq_within_one_point_of_horovod_fp32(tmp_path):
     assert fp32["accuracy"] > 0.85  # the reference really trained
     assert gradiveq["accuracy"] >= fp32["accuracy"] - 0.01
     assert gradiveq["stats"]["total"]["compression_ratio"] > 1.0  # fewer bytes than fp32 overall
+
+
+def test_an_untested_horovod_version_is_refused_with_a_clear_error() -> None:
+    """commcomp.horovod builds on Horovod's private optimizer API, so it names the versions it was
+    checked against and refuses others (the check runs when commcomp.horovod is imported)."""
+    from commcomp.shims.horovod_internals import TESTED_VERSIONS, check_version
+
+    check_version(TESTED_VERSIONS[0])
+    with pytest.raises(RuntimeError, match=r"tested with Horovod 0\.28\.1 but found 0\.27\.0"):
+        check_version("0.27.0")

@@ -114,7 +114,7 @@ def per_value(scales: torch.Tensor, bucket_size: int, n: int) -> torch.Tensor:
     return scales.repeat_interleave(bucket_size)[:n]
 
 
-CHUNK_VALUES = 1 << 18  # values worked on at once by chunked encoders and decoders: about 1 MB of float32
+CHUNK_VALUES = 1 << 19  # values worked on at once by chunked encoders and decoders: about 2 MB of float32
 _TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 

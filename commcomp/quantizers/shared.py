@@ -172,7 +172,8 @@ class SharedScaleQSGD(SharedScaleQuantizer):
         gen = self.generator(x.device)
         for b0, b1 in chunks(buckets.shape[0], B):
             v0, v1 = b0 * B, min(b1 * B, n)
-            levels[v0:v1] = stochastic_codes(buckets[b0:b1], safe[b0:b1], s, gen).sub_(s).view(-1)[: v1 - v0]
+            codes = stochastic_codes(buckets[b0:b1], safe[b0:b1], s, gen).view(-1)[: v1 - v0]
+            levels[v0:v1] = codes.to(torch.int16).sub_(s)  # signed levels in [-s, s]
         return Payload([levels], tensor.shape, tensor.dtype, {"scales": agreed})
 
     def decode_levels(self, levels: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:

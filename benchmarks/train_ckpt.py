@@ -1,7 +1,7 @@
 """A restartable commcomp training job: DDP + GradiVeQ (tracked basis, error feedback) on MNIST-1D, with checkpoints.
 
-    torchrun --max-restarts 1 ... launch/workers/train_ckpt.py --dir DIR [--steps 32] [--every 8]
-                                                               [--step-delay S] [--timeout S]
+    torchrun --max-restarts 1 ... benchmarks/train_ckpt.py --dir DIR [--steps 32] [--every 8]
+                                                          [--step-delay S] [--timeout S]
 
 Every rank trains the same 1-D CNN (benchmarks.data.CNN1D) on its own deterministic batch for each
 step: the examples of its shard picked by a generator seeded with (step, rank), so a step computes
@@ -33,6 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks`, `commcomp` and `launch` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import commcomp
 from benchmarks.data import CNN1D, load_mnist1d, shard
