@@ -6,8 +6,8 @@
 Part 1 (one codec, one dense float32 tensor of the given size): seconds of `compress`, of
 `decompress` of one payload, and of a plain copy of the same tensor into a preallocated buffer
 (`dst.copy_(src)`, memory speed), run round-robin with the codec so both see the same load;
-every time is the fastest of --reps runs. GB/s = dense bytes / seconds; "x copy" = seconds / copy
-seconds.
+every time is the least CPU time of this thread over --reps runs (see `seconds`). GB/s = dense
+bytes / seconds; "x copy" = seconds / copy seconds.
 
 Part 2 (the hook path, one rank's view of an N-rank step): the gradients of the benchmark's mlp
 (784-2048-2048-10, 5.8M values) go through the DDP hook's own codec: encode once (with error
@@ -56,20 +56,21 @@ MLP_SHAPES = [(2048, 784), (2048,), (2048, 2048), (2048,), (10, 2048), (10,)]
 
 
 def seconds(fns: list[Callable[[], Any]], reps: int) -> list[float]:
-    """The fastest wall-clock seconds of each of `fns` over `reps` rounds, after one warm-up round.
+    """The least CPU seconds of each of `fns` over `reps` rounds, after one warm-up round.
 
-    The functions run round-robin (copy, encode, decode, copy, ...), so the baseline and the codec
-    see the same machine load; the minimum is the run least disturbed by other processes on a
-    shared machine.
+    CPU time of this thread (`time.thread_time`, user + system, page faults included), not wall
+    clock: on a shared machine, time spent waiting for a core is not the codec's. The functions run
+    round-robin (copy, encode, decode, copy, ...), so the baseline and the codec see the same load,
+    and the minimum is the run least disturbed by other processes (caches, memory bandwidth).
     """
     for fn in fns:
         fn()
     best = [float("inf")] * len(fns)
     for _ in range(reps):
         for i, fn in enumerate(fns):
-            start = time.perf_counter()
+            start = time.thread_time()
             fn()
-            best[i] = min(best[i], time.perf_counter() - start)
+            best[i] = min(best[i], time.thread_time() - start)
     return best
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "Gathers",
     "RootChecks",
     "bad_ranks",
+    "check_saved_options",
     "flag_slots",
     "gather_ints",
     "has_nonfinite",
@@ -65,6 +66,15 @@ def options_text(options: dict[str, Any]) -> str:
 def options_digest(options: dict[str, Any]) -> int:
     """The options' fingerprint: the first 7 bytes of SHA-256 of `options_text` (fits an int64)."""
     return int.from_bytes(hashlib.sha256(options_text(options).encode()).digest()[:7], "little")
+
+
+def check_saved_options(owner: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Raise ValueError naming the differing keys if a checkpoint's options are not `current`'s
+    (compared as their canonical text, so tuples and lists, or dtypes and their names, agree)."""
+    mine, theirs = json.loads(options_text(current)), json.loads(options_text(saved))
+    if mine != theirs:
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise ValueError(f"{owner}.load_state_dict: the state was saved with different options {diff}")
 
 
 def _differ(owner: str, odd: list[int], options: dict[str, Any]) -> ValueError:

@@ -21,10 +21,17 @@ class ErrorFeedback:
     def __init__(self) -> None:
         self.residuals: dict[str, torch.Tensor] = {}
 
-    def compensate(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor + residual[key]` as a new tensor (the input is not modified)."""
+    def compensate(self, key: str, tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`tensor + residual[key]` as a new tensor, or written into `out` (a buffer reused from step
+        to step saves a fresh allocation); the input is not modified."""
         residual = self.residuals.get(key)
-        return tensor.clone() if residual is None else tensor + residual.to(tensor.device, tensor.dtype)
+        if out is None:
+            return tensor.clone() if residual is None else tensor + residual.to(tensor.device, tensor.dtype)
+        return (
+            out.copy_(tensor)
+            if residual is None
+            else torch.add(tensor, residual.to(tensor.device, tensor.dtype), out=out)
+        )
 
     def residual_of(self, compensated: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
         """What compression dropped from `compensated` (to be stored with `set`)."""

@@ -22,8 +22,8 @@ The pieces plugged in:
   parts are this rank's packed bytes (uint8), all-gathered; decode gets every rank's bytes.
 - `Wire` issues the collective: `TorchWire` on a torch.distributed group (DDP), the Horovod wire in
   `commcomp.horovod`.
-- The host is the `HookState` owning the step: its rank and world size, `check_finite`, stats, the
-  NaN/Inf policy (`raise_if_nonfinite`) and bucket bookkeeping.
+- The `Host` owns the step (`commcomp.hooks.base.HookState` is one): its rank and world size, its
+  NaN/Inf flag and policy (`nonfinite`, `raise_if_nonfinite`), stats and bucket bookkeeping.
 
 Ordering rule: `send` is called from hook bodies only, in the same order on every rank; `finish`
 (called from callbacks) never issues a collective.
@@ -31,20 +31,28 @@ Ordering rule: `send` is called from hook bodies only, in the same order on ever
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from commcomp.consistency import flag_slots
 from commcomp.flat import flatten, unflatten
-from commcomp.stats import timer
+from commcomp.stats import CommStats, timer
 
-if TYPE_CHECKING:
-    from commcomp.hooks.base import HookState
-
-__all__ = ["Encoded", "ExchangeCodec", "InFlight", "Pending", "TorchWire", "Wire", "finish", "nbytes", "send"]
+__all__ = [
+    "Encoded",
+    "ExchangeCodec",
+    "Host",
+    "InFlight",
+    "Pending",
+    "TorchWire",
+    "Wire",
+    "finish",
+    "nbytes",
+    "send",
+]
 
 Received = torch.Tensor | list[torch.Tensor]  # a summed buffer, or every rank's buffer in rank order
 
@@ -86,6 +94,30 @@ class ExchangeCodec(Protocol):
 
     def commit(self, encoded: Encoded) -> None:
         """Called once the group decoded cleanly on every rank."""
+        ...
+
+
+class Host(Protocol):
+    """The state that owns the step (a `HookState`): identity, NaN/Inf policy, stats, bookkeeping."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    stats: CommStats
+
+    def nonfinite(self, tensors: list[torch.Tensor]) -> bool:
+        """This rank's flag: True if checking is on and any tensor holds NaN/Inf."""
+        ...
+
+    def raise_if_nonfinite(self, flags: torch.Tensor, bucket_index: int) -> None:
+        """Act on the per-rank flags every rank received (raise on every rank, or let a policy pass)."""
+        ...
+
+    def end_bucket(self) -> None:
+        """One group of the step has finished (the step ends after its last group)."""
         ...
 
 
@@ -138,11 +170,11 @@ class InFlight(Generic[P]):
     codec: ExchangeCodec
     encoded: Encoded
     pending: P
-    sent_parts: list[torch.Size] = field(default_factory=list)  # shapes of the parts, to cut the sum
+    sent_parts: list[torch.Size]  # shapes of the parts, to cut the summed buffer back into them
 
 
 def send(
-    host: HookState,
+    host: Host,
     codec: ExchangeCodec,
     keys: list[str],
     grads: list[torch.Tensor],
@@ -182,7 +214,7 @@ def _split(item: InFlight[Any], received: Received, world_size: int) -> tuple[li
     return [t[:-1] for t in received], torch.stack([t[-1] for t in received])
 
 
-def finish(host: HookState, items: list[InFlight[Any]], index: int = 0) -> None:
+def finish(host: Host, items: list[InFlight[Any]], index: int = 0) -> None:
     """Steps 5-8 for `items` (one DDP bucket, or every tensor of a Horovod step; not empty): wait for
     all, raise on every rank if any rank was flagged, decode into the gradients, commit, end the group.
     The group ends (`end_bucket`) even when it raises, so the step counter stays in step."""

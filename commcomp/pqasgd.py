@@ -23,7 +23,6 @@ with Sparse and Quantized Communication" (Jiang & Agrawal, NeurIPS 2018).
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +31,7 @@ from torch import nn
 
 from commcomp import quantizers
 from commcomp.comm import Collectives, TorchCollectives
-from commcomp.consistency import bad_ranks, flag_slots, has_nonfinite, verify_options
+from commcomp.consistency import bad_ranks, check_saved_options, flag_slots, has_nonfinite, verify_options
 from commcomp.flat import flatten, unflatten
 from commcomp.quantizers import Payload, Quantizer, StochasticQuantizer, pack_payloads, unpack_payloads
 from commcomp.quantizers.registry import QUANTIZERS
@@ -267,11 +266,7 @@ class PQASGD:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = json.loads(json.dumps(self.options(), default=str))
-        theirs = json.loads(json.dumps(state["options"], default=str))
-        if mine != theirs:
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise ValueError(f"PQASGD.load_state_dict: the state was saved with different options {diff}")
+        check_saved_options("PQASGD", state["options"], self.options())
         self.steps = int(state["steps"])
         for xb, saved in zip(self.x_bar, state["x_bar"]):
             xb.copy_(saved)

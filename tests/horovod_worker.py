@@ -57,7 +57,8 @@ def flat_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-GRADIVEQ = dict(warmup_steps=2, sample_steps=3, compress_steps=4, error_feedback=True)
+GRADIVEQ = dict(warmup_steps=2, wire_dtype="fp32")  # the tracked basis, two dense steps first
+GRADIVEQ_FITTED = dict(basis="fitted", warmup_steps=2, sample_steps=3, compress_steps=4)
 QSGD = dict(bits=4, bucket_size=64, seed=7)
 PARITY_STEPS = 12  # warm-up, sampling, a refit, compressed steps and the next cycle's sampling
 
@@ -115,10 +116,16 @@ def expected_bytes(opt: Any, model: nn.Module, n: int) -> int:
     state = opt.comm_state
     step = state.step - 1
     total = 16 if step == 0 else 0  # the options check: an all-gathered int64 pair
+    tracked = getattr(state, "basis", None) == "tracked" and step >= state.warmup_steps
     for name, p in model.named_parameters():
-        if hasattr(state, "schedule"):  # GradiVeQ: coefficients + leftovers + N flags, float32
+        if tracked:  # coefficients + leftovers (or the raw gradient) + N flags, float32
+            layer = state.layers.get(name)
+            values = p.numel() if layer is None else layer.plan.S * layer.d + p.numel() - layer.plan.S * layer.plan.K
+            total += 4 * (values + n)
+        elif hasattr(state, "codecs"):  # GradiVeQ: coefficients + leftovers + N flags, float32
             codec = state.codecs.get(name)
-            if codec is not None and state.schedule.phase(step) == "compress" and codec.basis is not None:
+            compressing = state.schedule is not None and state.schedule.phase(step) == "compress"
+            if codec is not None and compressing and codec.basis is not None:
                 values = codec.plan.S * codec.d + codec.plan.numel - codec.plan.S * codec.plan.K
             else:
                 values = p.numel()
@@ -127,10 +134,12 @@ def expected_bytes(opt: Any, model: nn.Module, n: int) -> int:
             q = state.quantizer
             fresh = quantizers.get(q.name, **q.options())  # compressing with `q` would draw its random numbers
             total += fresh.compress(torch.zeros_like(p)).nbytes + (4 * n if q.linear else 1)
-    if hasattr(state, "schedule") and state.schedule.refit(step):
+    if tracked:  # the basis updates K*d per compressed layer and 4 checksum bytes per rank, float32
+        total += 4 * (sum(t.plan.K * t.d for t in state.layers.values() if t is not None) + 4 * n)
+    if getattr(state, "schedule", None) is not None and state.schedule.refit(step):
         codecs = [c for c in state.codecs.values() if c is not None and c.basis is not None]
         total += 8  # the float64 checksum every rank all-gathers
-        if hvd_rank() == state.src_rank:  # the broadcast of d (int64) and energies + U + mu (float32)
+        if hvd_rank() == state.fitted.src_rank:  # the broadcast of d (int64) and energies + U + mu (float32)
             total += 8 * len(codecs) + 4 * (len(codecs) + sum(c.plan.K * (c.d + 1) for c in codecs))
     return total
 
@@ -258,6 +267,7 @@ def _pqasgd_run(steps: int) -> dict[str, Any]:
 def suite(outdir: Path) -> dict[str, Any]:
     parts: dict[str, Callable[[], Any]] = {
         "gradiveq": lambda: _commcomp_run("conv", "gradiveq", GRADIVEQ, PARITY_STEPS),
+        "gradiveq_fitted": lambda: _commcomp_run("conv", "gradiveq", GRADIVEQ_FITTED, PARITY_STEPS),
         "qsgd": lambda: _commcomp_run("mlp", "qsgd", QSGD, PARITY_STEPS),
         "topk_ef": lambda: _commcomp_run("conv", "topk", dict(ratio=0.05, error_feedback=True), 4),
         "checkpoint": lambda: _checkpoint_run(PARITY_STEPS, 6, outdir),
@@ -276,10 +286,8 @@ def suite(outdir: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- convergence on MNIST-1D
 
 CONVERGENCE = dict(steps=1500, batch=32, lr=0.05)
-# The DDP hook's convergence test setting (tests/test_gradiveq.py): default schedule and K <= 256,
-# error feedback (flushed on uncompressed steps) and at most 48 components, so every compressed step
-# sends over 4x fewer bytes.
-CONVERGENCE_GRADIVEQ = dict(error_feedback=True, max_components=48)
+# The DDP hook's convergence test setting (tests/test_gradiveq.py): GradiVeQ's default options.
+CONVERGENCE_GRADIVEQ: dict[str, Any] = {}
 
 
 def convergence(outdir: Path) -> dict[str, Any]:

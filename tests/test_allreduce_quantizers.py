@@ -229,3 +229,33 @@ def test_convergence_qsgd_ar_eight_ranks() -> None:
     assert acc_ag > 0.8, "the all-gathered QSGD did not train"
     assert acc_ar >= acc_ag - 0.01
     assert wire_ar < wire_ag
+
+
+def _failed_step_worker(rank: int, world: int) -> list[bool]:
+    """Error feedback reuses its buffers from step to step; a step refused for NaN on one rank must
+    leave every residual as it was (the spare buffer takes the new one, the kept one is untouched)."""
+    out = []
+    for name, options in (
+        ("topk", {"ratio": 0.1}),
+        ("sign", {}),
+        ("sign_ar", {}),
+        ("randk", {"ratio": 0.2, "rescale": False}),
+    ):
+        model = nn.parallel.DistributedDataParallel(_net(), bucket_cap_mb=0.002)
+        state = commcomp.register(model, name, error_feedback=True, **options)
+        for step in range(2):
+            x, y = _batch(rank, step)
+            F.cross_entropy(model(x), y).backward()
+        kept = {k: v.clone() for k, v in state.memory.residuals.items()}
+        x, y = _batch(rank, 2)
+        try:
+            (F.cross_entropy(model(x), y) * (float("nan") if rank == 1 else 1.0)).backward()
+            out.append(False)  # the NaN step must be refused
+        except Exception:
+            out.append(all(torch.equal(kept[k], v) for k, v in state.memory.residuals.items()))
+    return out
+
+
+def test_refused_step_leaves_residuals_untouched() -> None:
+    for out in run(_failed_step_worker, 2, timeout=300):
+        assert out == [True] * 4, out

@@ -18,7 +18,7 @@ import commcomp
 
 WORLD = 2
 STEPS = 4
-GRADIVEQ = {"min_numel": 1024, "error_feedback": True, "warmup_steps": 1, "sample_steps": 1, "compress_steps": 8}
+GRADIVEQ = {"min_numel": 1024, "warmup_steps": 1}
 METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("gradiveq", "gradiveq", GRADIVEQ),
     ("qsgd", "qsgd", {"bits": 4}),

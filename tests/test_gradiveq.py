@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commcomp
 from benchmarks.data import CNN1D, accuracy, load_mnist1d, shard
-from commcomp.gradiveq import LayerCodec, Schedule, plan_slices
+from commcomp.gradiveq import LayerCodec, Schedule, TrackedLayer, orthonormalize, plan_slices, square_plan
 
 # ---------------------------------------------------------------- pure codec
 
@@ -97,6 +98,42 @@ def test_round_trip_exact_when_d_equals_k():
     assert torch.allclose(codec.decompress(coeffs, rest), g, atol=1e-4)
 
 
+def test_square_plan_keeps_the_layout_unit_and_is_near_square():
+    conv = square_plan((128, 128, 3), 1024)  # F*D = 16384: K a divisor of it near sqrt(49152)
+    assert conv is not None and conv.conv and 16384 % conv.K == 0 and conv.S * conv.K == 49152
+    assert 64 <= conv.K <= 256
+    lin = square_plan((2048, 2048), 1024)  # rows of 2048: K = one row, a square matrix
+    assert lin is not None and (lin.S, lin.K) == (2048, 2048)
+    assert square_plan((10, 10), 1024) is None and square_plan((5000,), 1024) is None
+
+
+def test_orthonormalize_is_orthonormal_deterministic_and_spans_the_input():
+    c = torch.randn(40, 6, generator=torch.Generator().manual_seed(3))
+    p = orthonormalize(c)
+    torch.testing.assert_close(p.T @ p, torch.eye(6), atol=1e-5, rtol=0)
+    assert torch.equal(p, orthonormalize(c.clone()))
+    torch.testing.assert_close(p @ (p.T @ c), c, atol=1e-4, rtol=1e-4)  # the span of c
+
+
+def test_tracked_step_is_linear_and_error_feedback_is_exact():
+    """Two exchanges on N simulated ranks: the decode is P P^T X for the summed X, the per-rank
+    residuals add up to exactly what the decode missed, and a projection never grows the step."""
+    plan = square_plan((32, 24, 3), 1)
+    layer = TrackedLayer(plan, 5, "w")
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(plan.S, plan.K, generator=gen) for _ in range(4)]
+    c = sum(layer.coefficients(x) for x in xs)
+    p = orthonormalize(c)
+    bs = [TrackedLayer.basis_update(x, p) for x in xs]
+    decoded = layer.decode(p, sum(bs))
+    total = sum(xs)
+    torch.testing.assert_close(decoded, p @ p.T @ total, atol=1e-4, rtol=1e-4)
+    residuals = [x - p @ b.T for x, b in zip(xs, bs)]
+    torch.testing.assert_close(decoded + sum(residuals), total, atol=1e-4, rtol=1e-4)
+    assert decoded.norm() <= total.norm() * (1 + 1e-6)
+    assert layer.basis is not None and layer.basis.shape == (plan.K, 5)
+
+
 def test_schedule_phases():
     s = Schedule(warmup=3, sample=2, compress=4)
     phases = [s.phase(t) for t in range(3 + 2 * 6)]
@@ -131,11 +168,25 @@ def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x.sum((1, 2)) > 0).long() + 2 * (x[:, 0, 0] > 0).long()
 
 
-SMALL = dict(warmup_steps=2, sample_steps=4, compress_steps=5, fit_slices=64)
+TRACKED = dict(warmup_steps=2)
+FITTED = dict(basis="fitted", warmup_steps=2, sample_steps=4, compress_steps=5, fit_slices=64)
+MODES = {"tracked": TRACKED, "fitted": FITTED}
 
 
 def _params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _phase(state, step: int) -> str:
+    if state.schedule is not None:
+        return state.schedule.phase(step)
+    return "compress" if step >= state.warmup_steps else "warmup"
+
+
+def _residual_norm(state) -> float:
+    if state.memory is None:
+        return 0.0
+    return math.sqrt(sum(float(r.double().norm() ** 2) for r in state.memory.residuals.values()))
 
 
 def _train_worker(rank, world, options, steps, bucket_view, save=None, load=None):
@@ -157,8 +208,9 @@ def _train_worker(rank, world, options, steps, bucket_view, save=None, load=None
         opt.zero_grad()
         nn.functional.cross_entropy(ddp(x), y).backward()
         opt.step()
-        dims = {k: c.d for k, c in state.codecs.items() if c is not None}
-        per_step.append((state.schedule.phase(step), state.stats.last.bytes_sent, state.stats.last.dense_bytes, dims))
+        layers = state.codecs if state.schedule is not None else state.layers
+        dims = {k: c.d for k, c in layers.items() if c is not None}
+        per_step.append((_phase(state, step), state.stats.last.bytes_sent, state.stats.last.dense_bytes, dims))
         # bitwise-identical parameters on every rank after every step
         p = _params(net)
         everyone = [torch.empty_like(p) for _ in range(world)]
@@ -173,46 +225,64 @@ def _train_worker(rank, world, options, steps, bucket_view, save=None, load=None
     return _params(net), per_step, n_buckets, state.stats.as_dict()
 
 
-def test_hook_three_buckets_identical_params_and_exact_byte_counts():
-    steps = 2 + 4 + 5 + 4 + 3  # two refits
-    results = run(_train_worker, 3, SMALL, steps, False, timeout=180)
+def _expected_fitted_step(shapes, dims, world, n_buckets) -> int:
+    """Bytes of a fitted compressed step: per compressed layer S*d + leftovers, raw small layers,
+    one NaN flag slot per rank per bucket, float32."""
+    values = 0
+    for name, shape in shapes.items():
+        plan = plan_slices(shape, 256, 256, 1024)
+        values += math.prod(shape) if plan is None else plan.S * dims[name] + plan.numel - plan.S * plan.K
+    return 4 * (values + world * n_buckets)
+
+
+def _expected_tracked_step(shapes, world, n_buckets, rank=8) -> int:
+    """Bytes of a tracked compressed step, from the slice shapes: the coefficients exchange (S*d per
+    compressed layer + leftovers + raw layers + N flags per bucket) and the basis-update exchange
+    (K*d per compressed layer + 4 checksum bytes per rank per bucket), all in bfloat16."""
+    values = 0
+    for shape in shapes.values():
+        plan = square_plan(shape, 1024)
+        d = 0 if plan is None else min(rank, plan.S, plan.K)
+        if plan is None or 2 * (plan.S + plan.K) * d > plan.S * plan.K:
+            values += math.prod(shape)
+        else:
+            values += (plan.S + plan.K) * d + plan.numel - plan.S * plan.K
+    return 2 * (values + (world + 4 * world) * n_buckets)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_hook_three_buckets_identical_params_and_exact_byte_counts(mode):
+    steps = 2 + 4 + 5 + 4 + 3  # fitted: two refits
+    world = 3
+    results = run(_train_worker, world, MODES[mode], steps, False, timeout=180)
     params, per_step, n_buckets, _ = results[0]
     assert n_buckets >= 3
     assert all(torch.equal(params, r[0]) for r in results)
     sched = Schedule(2, 4, 5)
     n_values = sum(p.numel() for p in Net().parameters())
-    net = Net()
-    shapes = {f"{n}": p.shape for n, p in net.named_parameters()}
+    shapes = {n: p.shape for n, p in Net().named_parameters()}
     for step, (phase, sent, dense, dims) in enumerate(per_step):
-        assert phase == sched.phase(step)
+        assert phase == (sched.phase(step) if mode == "fitted" else ("warmup" if step < 2 else "compress"))
         assert dense == 4 * n_values
-        if phase == "compress" and not sched.refit(step):
-            # floats sent per compressed step = per compressed layer S*d + leftovers, plus raw small layers
-            expect = 0
-            for name, shape in shapes.items():
-                plan = plan_slices(shape, 256, 256, 1024)
-                if plan is None:
-                    expect += math.prod(shape)
-                else:
-                    expect += (plan.numel // plan.K) * dims[name] + plan.numel % plan.K  # (M/K)*d + leftovers
-            flags = 3 * n_buckets  # one NaN flag slot per rank per bucket
-            assert sent == 4 * (expect + flags)
+        if phase == "compress" and mode == "tracked":
+            assert sent == _expected_tracked_step(shapes, world, n_buckets)
             assert sent * 4 <= dense
-        elif (
-            phase != "compress" and step > 0
-        ):  # step 0 also carries the options fingerprint, and DDP has not rebuilt its buckets yet
-            assert sent == 4 * (n_values + 3 * n_buckets)
+        elif phase == "compress" and not sched.refit(step):
+            assert sent == _expected_fitted_step(shapes, dims, world, n_buckets)
+            assert sent * 4 <= dense
+        elif phase != "compress" and step > 0:  # step 0 also carries the options fingerprint
+            assert sent == 4 * (n_values + world * n_buckets)
 
 
 def _reference_worker(rank, world, steps):
-    """The same training with plain DDP (built-in all-reduce) and with GradiVeQ at lambda = 0."""
+    """The same training with plain DDP (built-in all-reduce) and with the fitted GradiVeQ at lambda = 0."""
     out = []
     for use_hook in (False, True):
         torch.manual_seed(0)
         net = Net()
         ddp = DDP(net, bucket_cap_mb=0.004)
         if use_hook:
-            commcomp.register(ddp, "gradiveq", energy_threshold=0.0, **SMALL)
+            commcomp.register(ddp, "gradiveq", **{**FITTED, "energy_threshold": 0.0})
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
         for step in range(steps):
             x, y = _batch(rank, step)
@@ -230,8 +300,62 @@ def test_lambda_zero_matches_plain_allreduce():
     assert not torch.equal(plain, _params(Net()))  # training moved the weights
 
 
+def _tracked_reference_worker(rank, world, steps):
+    """The tracked basis, written out with plain all-reduces on unbucketed gradients, next to the hook
+    (fp32 wire, so both sum the same float32 values)."""
+    torch.manual_seed(0)
+    ref = Net()
+    torch.manual_seed(0)
+    net = Net()
+    ddp = DDP(net, bucket_cap_mb=0.004)
+    commcomp.register(ddp, "gradiveq", wire_dtype="fp32")
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (ref, ddp)]
+    bases: dict[str, torch.Tensor] = {}
+    residuals: dict[str, torch.Tensor] = {}
+    for step in range(steps):
+        x, y = _batch(rank, step)
+        for opt in opts:
+            opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        nn.functional.cross_entropy(ref(x), y).backward()
+        for name, p in ref.named_parameters():
+            g = p.grad
+            plan = square_plan(g.shape, 1024)
+            d = 0 if plan is None else min(8, plan.S, plan.K)
+            if plan is None or 2 * (plan.S + plan.K) * d > plan.S * plan.K:
+                dist.all_reduce(g)
+                g /= world
+                continue
+            x_n, rest = plan.split(g / world)
+            x_n = x_n + residuals.get(name, 0)
+            u = bases.get(name)
+            if u is None:
+                u = torch.randn(plan.K, d, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
+            c = x_n @ u
+            dist.all_reduce(c)
+            dist.all_reduce(rest)
+            q, r = torch.linalg.qr(c)
+            p_hat = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+            b_n = x_n.T @ p_hat
+            b = b_n.clone()
+            dist.all_reduce(b)
+            residuals[name] = x_n - p_hat @ b_n.T
+            bases[name] = b
+            g.copy_(plan.join(p_hat @ b.T, rest))
+        for opt in opts:
+            opt.step()
+    return _params(ref), _params(net)
+
+
+def test_tracked_basis_matches_a_plain_reference():
+    results = run(_tracked_reference_worker, 3, 12, timeout=180)
+    for ref, hooked in results:
+        torch.testing.assert_close(hooked, ref, rtol=1e-4, atol=1e-5)
+        assert not torch.equal(ref, _params(Net()))
+
+
 def test_sampling_steps_can_be_sent_as_4bit_qsgd():
-    options = {**SMALL, "sample_quantizer": "qsgd", "sample_quantizer_options": {"bits": 4}}
+    options = {**FITTED, "sample_quantizer": "qsgd", "sample_quantizer_options": {"bits": 4}}
     results = run(_train_worker, 2, options, 2 + 4 + 5, False, timeout=180)
     assert torch.equal(results[0][0], results[1][0])
     for phase, sent, dense, dims in results[0][1]:
@@ -241,13 +365,15 @@ def test_sampling_steps_can_be_sent_as_4bit_qsgd():
             assert dims and all(d > 0 for d in dims.values())  # the PCA was fitted on the decoded samples
 
 
-def test_gradient_as_bucket_view_and_world_size_one():
-    run(_train_worker, 2, SMALL, 13, True, timeout=180)
-    run(_train_worker, 1, SMALL, 13, False, timeout=120)
+@pytest.mark.parametrize("mode", MODES)
+def test_gradient_as_bucket_view_and_world_size_one(mode):
+    run(_train_worker, 2, MODES[mode], 13, True, timeout=180)
+    run(_train_worker, 1, MODES[mode], 13, False, timeout=120)
 
 
-def test_checkpoint_resume_is_exact(tmp_path):
-    options = {**SMALL, "error_feedback": True}
+@pytest.mark.parametrize("mode", MODES)
+def test_checkpoint_resume_is_exact(tmp_path, mode):
+    options = MODES[mode]
     straight = run(_train_worker, 2, options, 16, False, timeout=180)
     ckpt = str(tmp_path / "ckpt.pt")
     run(_train_worker, 2, options, 8, False, ckpt, timeout=180)  # N steps, save (mid-cycle)
@@ -256,10 +382,10 @@ def test_checkpoint_resume_is_exact(tmp_path):
     assert torch.equal(straight[1][0], resumed[1][0])
 
 
-def _nan_worker(rank, world):
+def _nan_worker(rank, world, mode):
     torch.manual_seed(0)
     ddp = DDP(Net(), bucket_cap_mb=0.004)
-    commcomp.register(ddp, "gradiveq", **SMALL)
+    commcomp.register(ddp, "gradiveq", **mode)
     x, y = _batch(rank, 0)
     if rank == 1:
         x[0, 0, 0] = float("nan")
@@ -270,15 +396,16 @@ def _nan_worker(rank, world):
     return "no error"
 
 
-def test_nan_gradients_raise_on_every_rank():
-    messages = run(_nan_worker, 2, timeout=120)
+@pytest.mark.parametrize("mode", [{}, FITTED, {"warmup_steps": 0}])
+def test_nan_gradients_raise_on_every_rank(mode):
+    messages = run(_nan_worker, 2, mode, timeout=120)
     for m in messages:
         assert "NaN or Inf" in m and "rank(s) [1]" in m
 
 
 def _mismatch_worker(rank, world):
     ddp = DDP(Net(), bucket_cap_mb=0.004)
-    commcomp.register(ddp, "gradiveq", energy_threshold=0.01 if rank == 0 else 0.02)
+    commcomp.register(ddp, "gradiveq", rank=8 if rank == 0 else 4)
     x, y = _batch(rank, 0)
     nn.functional.cross_entropy(ddp(x), y).backward()
 
@@ -292,7 +419,17 @@ def test_options_differing_across_ranks_raise_everywhere():
 def _bad_options_worker(rank, world):
     ddp = DDP(Net())
     errors = []
-    for method, options in [("gradiveq", {"energy": 0.1}), ("gradivec", {}), ("gradiveq", {"energy_threshold": 1.5})]:
+    cases = [
+        ("gradiveq", {"energy": 0.1}),
+        ("gradivec", {}),
+        ("gradiveq", {"basis": "fitted", "energy_threshold": 1.5}),
+        ("gradiveq", {"energy_threshold": 0.01}),
+        ("gradiveq", {"basis": "fitted", "error_feedback": True}),
+        ("gradiveq", {"basis": "fitted", "rank": 4}),
+        ("gradiveq", {"basis": "pca"}),
+        ("gradiveq", {"wire_dtype": "int8"}),
+    ]
+    for method, options in cases:
         try:
             commcomp.register(ddp, method, **options)
         except ValueError as e:
@@ -305,11 +442,27 @@ def test_bad_options_are_named():
     assert "unknown option(s) ['energy']" in errors[0] and "energy_threshold" in errors[0]
     assert "unknown communication method 'gradivec'" in errors[1] and "gradiveq" in errors[1]
     assert "energy_threshold must be in [0, 1)" in errors[2]
+    assert "['energy_threshold'] apply to basis='fitted' only" in errors[3]
+    assert "error_feedback needs basis='tracked'" in errors[4]
+    assert "rank and wire_dtype apply to basis='tracked' only" in errors[5]
+    assert "basis must be 'tracked' or 'fitted'" in errors[6]
+    assert "wire_dtype must be one of" in errors[7]
 
 
 # ---------------------------------------------------------------- convergence on real data
 
 CONVERGENCE_STEPS = int(os.environ.get("COMMCOMP_TEST_STEPS", "1500"))
+
+
+def _owed_ratio(state, net) -> tuple[float, float]:
+    """(norm of the gradient error feedback owes in all, summed over ranks; norm of this rank's own
+    residual as a gradient of its own), each over the norm of the step's averaged gradient."""
+    residuals = [r.reshape(-1).double() for _, r in sorted(state.memory.residuals.items())]
+    mine = torch.cat(residuals) if residuals else torch.zeros(1, dtype=torch.float64)
+    owed = mine.clone()
+    dist.all_reduce(owed)  # shares are g_n/N: the sum is in averaged-gradient units
+    grad = math.sqrt(sum(float(p.grad.double().norm() ** 2) for p in net.parameters()))
+    return float(owed.norm()) / max(grad, 1e-12), dist.get_world_size() * float(mine.norm()) / max(grad, 1e-12)
 
 
 def _mnist_worker(rank, world, steps):
@@ -320,34 +473,42 @@ def _mnist_worker(rank, world, steps):
         torch.manual_seed(0)
         net = CNN1D()
         ddp = DDP(net)
-        state = None
-        if method == "gradiveq":
-            state = commcomp.register(ddp, "gradiveq", error_feedback=True, max_components=48)
+        state = commcomp.register(ddp, "gradiveq") if method == "gradiveq" else None  # default options
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         gen = torch.Generator().manual_seed(rank)
-        compressed = []
+        ratios, residual_ratios, curve = [], [], []
         for step in range(steps):
             idx = torch.randint(0, len(xs), (32,), generator=gen)
             opt.zero_grad()
             nn.functional.cross_entropy(ddp(xs[idx]), ys[idx]).backward()
+            if state is not None:
+                ratios.append(state.stats.last.compression_ratio)
+                residual_ratios.append(_owed_ratio(state, net))
             opt.step()
             schedule.step()
-            if state is not None and state.schedule.phase(step) == "compress" and not state.schedule.refit(step):
-                compressed.append(state.stats.last.compression_ratio)
-        out[method] = (accuracy(net, xt, yt), compressed)
+            if (step + 1) % 100 == 0:
+                curve.append(accuracy(net, xt, yt))
+        out[method] = {"accuracy": accuracy(net, xt, yt), "ratios": ratios, "residual": residual_ratios, "curve": curve}
     return out
 
 
 @pytest.mark.timeout(1800)
-def test_mnist1d_accuracy_within_one_point_and_4x_fewer_bytes():
+def test_mnist1d_default_gradiveq_within_one_point_residual_bounded_no_collapse():
     results = run(_mnist_worker, 4, CONVERGENCE_STEPS, timeout=900)
-    fp32_acc, _ = results[0]["fp32"]
-    gvq_acc, ratios = results[0]["gradiveq"]
+    fp32, gvq = results[0]["fp32"], results[0]["gradiveq"]
     print(
-        f"MNIST-1D test accuracy: fp32 {fp32_acc:.4f}, gradiveq {gvq_acc:.4f}; "
-        f"compressed-step ratio min {min(ratios):.1f}x"
+        f"MNIST-1D test accuracy: fp32 {fp32['accuracy']:.4f}, gradiveq {gvq['accuracy']:.4f}; "
+        f"per-step ratio min {min(gvq['ratios']):.1f}x; owed / gradient norm max "
+        f"{max(o for o, _ in gvq['residual']):.2f}; one rank's residual / gradient norm max "
+        f"{max(m for _, m in gvq['residual']):.2f}; accuracy every 100 steps {gvq['curve']}"
     )
-    assert fp32_acc > 0.85  # the reference really trained
-    assert gvq_acc >= fp32_acc - 0.01
-    assert ratios and min(ratios) >= 4.0
+    assert fp32["accuracy"] > 0.85  # the reference really trained
+    assert gvq["accuracy"] >= fp32["accuracy"] - 0.01
+    assert min(gvq["ratios"]) >= 4.0  # every step (no dense warm-up by default)
+    owed = [o for o, _ in gvq["residual"]]  # error feedback owes at most a few gradients, at every step
+    assert max(owed) <= 4.0
+    best = 0.0
+    for acc in gvq["curve"]:  # no collapse: never far below the best accuracy reached so far
+        assert acc >= best - 0.05
+        best = max(best, acc)

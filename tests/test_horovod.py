@@ -57,13 +57,18 @@ def suite(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 def _ddp_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
     out = {}
-    for name, kind, options in (("gradiveq", "conv", hw.GRADIVEQ), ("qsgd", "mlp", hw.QSGD)):
+    runs = (
+        ("gradiveq", "gradiveq", "conv", hw.GRADIVEQ),
+        ("gradiveq_fitted", "gradiveq", "conv", hw.GRADIVEQ_FITTED),
+        ("qsgd", "qsgd", "mlp", hw.QSGD),
+    )
+    for key, name, kind, options in runs:
         model = hw.build(kind)
         ddp = DDP(model)
         commcomp.register(ddp, name, **options)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
         hw.train(ddp, opt, rank, range(hw.PARITY_STEPS), lambda: None)
-        out[name] = hw.flat_params(model)
+        out[key] = hw.flat_params(model)
     model = hw.build("mlp")
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     PQASGD(model, opt, period=2, quantizer="qsgd", **hw.QSGD)
@@ -78,13 +83,13 @@ def ddp() -> list[dict[str, torch.Tensor]]:
 
 
 def test_every_rank_holds_the_same_parameters_after_every_step(suite):
-    for name in ("gradiveq", "qsgd", "topk_ef"):
+    for name in ("gradiveq", "gradiveq_fitted", "qsgd", "topk_ef"):
         for rank, result in enumerate(suite):
             assert all(same for _, _, same in result[name]["log"]), f"{name}: ranks differ (rank {rank}'s view)"
         assert torch.equal(suite[0][name]["params"], suite[1][name]["params"])
 
 
-@pytest.mark.parametrize("method", ["gradiveq", "qsgd", "pqasgd"])
+@pytest.mark.parametrize("method", ["gradiveq", "gradiveq_fitted", "qsgd", "pqasgd"])
 def test_same_parameters_as_the_ddp_hook(suite, ddp, method):
     """Same seed, data and options: commcomp on Horovod == commcomp's DDP hook (PQASGD: on
     HorovodCollectives == on torch.distributed)."""
@@ -93,17 +98,19 @@ def test_same_parameters_as_the_ddp_hook(suite, ddp, method):
         reference = ddp[rank][method]
         assert horovod.shape == reference.shape
         torch.testing.assert_close(horovod, reference, rtol=1e-5, atol=1e-6)
-        moved = (reference - hw.flat_params(hw.build("conv" if method == "gradiveq" else "mlp"))).abs().max()
+        moved = (reference - hw.flat_params(hw.build("conv" if "gradiveq" in method else "mlp"))).abs().max()
         assert moved > 1e-3  # the runs really trained
 
 
 def test_bytes_sent_are_the_tensors_handed_to_horovod(suite):
-    for name in ("gradiveq", "qsgd", "topk_ef"):
+    for name in ("gradiveq", "gradiveq_fitted", "qsgd", "topk_ef"):
         for result in suite:
             claimed = [sent for sent, _, _ in result[name]["log"]]
             expected = [exp for _, exp, _ in result[name]["log"]]
             assert claimed == expected, name
-    gradiveq = [sent for sent, _, _ in suite[1]["gradiveq"]["log"]]
+    tracked = [sent for sent, _, _ in suite[1]["gradiveq"]["log"]]
+    assert max(tracked[2:]) * 4 < min(tracked[1:2])  # compressed steps after the two dense ones
+    gradiveq = [sent for sent, _, _ in suite[1]["gradiveq_fitted"]["log"]]
     schedule = [commcomp.gradiveq.Schedule(2, 3, 4).phase(t) for t in range(len(gradiveq))]
     dense = [b for b, phase in zip(gradiveq[1:], schedule[1:]) if phase != "compress"]
     compressed = [b for b, phase in zip(gradiveq, schedule) if phase == "compress"]
@@ -152,3 +159,13 @@ def test_mnist1d_gradiveq_within_one_point_of_horovod_fp32(tmp_path):
     assert fp32["accuracy"] > 0.85  # the reference really trained
     assert gradiveq["accuracy"] >= fp32["accuracy"] - 0.01
     assert gradiveq["stats"]["total"]["compression_ratio"] > 1.0  # fewer bytes than fp32 overall
+
+
+def test_an_untested_horovod_version_is_refused_with_a_clear_error() -> None:
+    """commcomp.horovod builds on Horovod's private optimizer API, so it names the versions it was
+    checked against and refuses others (the check runs when commcomp.horovod is imported)."""
+    from commcomp.shims.horovod_internals import TESTED_VERSIONS, check_version
+
+    check_version(TESTED_VERSIONS[0])
+    with pytest.raises(RuntimeError, match=r"tested with Horovod 0\.28\.1 but found 0\.27\.0"):
+        check_version("0.27.0")

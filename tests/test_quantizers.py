@@ -504,3 +504,38 @@ def test_error_is_what_decompress_dropped(name: str, options: dict, dtype: torch
     err = q.error(x, payload)
     assert err.dtype == dtype and err.shape == x.shape
     assert torch.equal(err, x - q.decompress(payload).to(dtype))
+
+
+def _choco_consensus(scale: float, steps: int = 200, gamma: float = 0.05) -> float:
+    """CHOCO-SGD's consensus (no gradients) on a ring of 4 with rescaled 10% rand-k, written out:
+    x_i += gamma (s_i - x^_i); x^_i += a Q(x_i - x^_i). Returns the final distance to the average
+    relative to the initial one."""
+    gen = torch.Generator().manual_seed(0)
+    x = [torch.randn(1000, generator=gen) for _ in range(4)]
+    mean = sum(x) / 4
+    xhat = [torch.zeros(1000) for _ in range(4)]
+    qs = [RandK(ratio=0.1, seed=i) for i in range(4)]
+    start = max(float((xi - mean).norm()) for xi in x)
+    for _ in range(steps):
+        s = [(xhat[i - 1] + xhat[i] + xhat[(i + 1) % 4]) / 3 for i in range(4)]
+        x = [xi + gamma * (si - hi) for xi, si, hi in zip(x, s, xhat)]
+        xhat = [h + scale * q.decompress(q.compress(xi - h)) for h, q, xi in zip(xhat, qs, x)]
+    return max(float((xi - mean).norm()) for xi in x) / start
+
+
+def test_randk_omega_makes_choco_contractive() -> None:
+    """The review's case: rescaled rand-k inside CHOCO blows up (NaN within 200 steps). Its variance
+    factor omega = 1/ratio - 1 lets CHOCO scale by 1 / (1 + omega), the unscaled form, which converges."""
+    q = RandK(ratio=0.1)
+    assert q.omega == pytest.approx(9.0) and RandK(k=5).omega is None and RandK(rescale=False).omega is None
+    plain = _choco_consensus(1.0)
+    assert not math.isfinite(plain) or plain > 1e6
+    assert _choco_consensus(1.0 / (1.0 + q.omega)) < 0.05
+
+
+def test_sign_treats_negative_zero_as_non_negative() -> None:
+    x = torch.tensor([-0.0, 0.0, -1.0, 2.0])
+    q = quantizers.get("sign", bucket_size=4)
+    payload = q.compress(x)
+    assert q.decompress(payload).tolist() == [0.75, 0.75, -0.75, 0.75]
+    assert torch.equal(q.error(x, payload), x - q.decompress(payload))

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from commcomp import quantizers
-from commcomp.consistency import options_text, verify_options_with_root
+from commcomp.consistency import check_saved_options, verify_options_with_root
 from commcomp.gossip.transport import TorchTransport, Transport
 from commcomp.quantizers import Payload, Quantizer, pack_payloads, unpack_payloads
 from commcomp.stats import CommStats, timer
@@ -242,10 +242,7 @@ class GossipAlgorithm(ABC):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if options_text(state["options"]) != options_text(self.options()):
-            raise ValueError(
-                f"state_dict was saved with options {state['options']}, this {self.name} has {self.options()}"
-            )
+        check_saved_options(type(self).__name__, state["options"], self.options())
         for key, tensors in self.buffers.items():
             saved = state["buffers"][key]
             for name, t in zip(self.names, tensors):

@@ -7,18 +7,24 @@
 """
 
 from commcomp.gradiveq.codec import LayerCodec, SlicePlan, plan_slices
-from commcomp.gradiveq.hook import GradiVeQExchange, GradiVeQState, Share, gradiveq_hook
+from commcomp.gradiveq.fitted import FittedExchange, FittedOptions, Share
+from commcomp.gradiveq.hook import GradiVeQState, gradiveq_hook
 from commcomp.gradiveq.refit import refit_bases
 from commcomp.gradiveq.schedule import Schedule
+from commcomp.gradiveq.tracked import TrackedLayer, orthonormalize, square_plan
 
 __all__ = [
-    "GradiVeQExchange",
+    "FittedExchange",
+    "FittedOptions",
     "GradiVeQState",
     "LayerCodec",
     "Schedule",
     "Share",
     "SlicePlan",
+    "TrackedLayer",
     "gradiveq_hook",
+    "orthonormalize",
     "plan_slices",
     "refit_bases",
+    "square_plan",
 ]

@@ -1,54 +1,43 @@
-"""The GradiVeQ DDP communication hook.
+"""The GradiVeQ DDP communication hook and its state.
 
-Per bucket and step, by the schedule (`commcomp.gradiveq.Schedule`):
-  1. warm-up / sampling steps: all-reduce the gradients as they are (divided by N first); on
-     sampling steps every rank adds the averaged gradients' slices to its PCA statistics;
-  2. first compressed step of a cycle: rank `src_rank` fits each layer's basis in float64 and
-     broadcasts (d, U, mu); every rank then all-gathers a checksum and refuses to go on if any
-     rank's copy differs;
-  3. compressed steps: every rank sends U^T (g_n/N - mu/N) per slice; one all-reduce sums the
-     coefficients (with the uncompressed leftovers and small layers riding in the same buffer);
-     every rank decodes U c + mu.
-All collectives are issued from the hook body, in bucket order (the refit by `exchange_codec`, the
-all-reduce by `commcomp.exchange`); callbacks only decode. `GradiVeQExchange` is the per-step codec
-the exchange engine runs, for DDP buckets and Horovod tensors alike.
+Two ways to get the basis each layer's slices are projected onto (`basis=`):
+
+- "tracked" (default): the basis follows the gradients. Every step after `warmup_steps` is
+  compressed with two summed exchanges per bucket: the coefficients X_n U, then the basis update
+  X_n^T P with P the orthonormalised summed coefficients; every rank decodes P P^T X and keeps the
+  update as the next basis (`commcomp.gradiveq.tracked`, `commcomp.gradiveq.pipeline`). Error
+  feedback is on: what a step drops is added to the next step's gradient, and since the basis turns
+  towards what the gradients (residual included) hold, the residual is delivered within a few steps.
+- "fitted": the paper's schedule. Warm-up and sampling steps are all-reduced as they are and feed
+  PCA statistics; rank `src_rank` fits each layer's basis, broadcasts it, and it stays fixed for
+  `compress_steps` steps (`commcomp.gradiveq.fitted`). `GradiVeQState.paper()` is the paper's own
+  setting.
+
+All collectives are issued from hook bodies, in bucket order; callbacks only decode.
 Paper: https://arxiv.org/abs/1811.03617
 """
 
-from dataclasses import dataclass
+
+from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from commcomp.error_feedback import ErrorFeedback
-from commcomp.exchange import Encoded, ExchangeCodec
+from commcomp.exchange import ExchangeCodec, TorchWire, nbytes, send
 from commcomp.gradiveq.codec import LayerCodec, plan_slices
-from commcomp.gradiveq.refit import refit_bases
+from commcomp.gradiveq.fitted import FittedExchange, FittedOptions, refit
+from commcomp.gradiveq.pipeline import TrackedCoefficients, TrackedGroup
 from commcomp.gradiveq.schedule import Schedule
+from commcomp.gradiveq.tracked import TrackedLayer, square_plan
 from commcomp.hooks.base import HookState, exchange_hook, register_simple_method
 from commcomp.hooks.quantized import QuantizedExchange, QuantizerState
 from commcomp.quantizers import Quantizer
-from commcomp.stats import timer
 
-__all__ = ["GradiVeQExchange", "GradiVeQState", "Share", "gradiveq_hook"]
+__all__ = ["GradiVeQState", "gradiveq_hook"]
 
-
-@dataclass
-class Share:
-    """One gradient's part of a summed buffer: the tensors to sum ([coefficients, leftover values]
-    when compressed, [values] when dense), how to decode their sum (codec None: sent as it is), and
-    the error-feedback residual to keep once the step decodes cleanly."""
-
-    parts: list[torch.Tensor]
-    codec: LayerCodec | None
-    num_coeffs: int  # how many coefficient values (0 when dense)
-    num_plain: int  # how many values are sent as they are
-    residual: torch.Tensor | None
-
-    @property
-    def numel(self) -> int:
-        return self.num_coeffs + self.num_plain
+WIRE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class GradiVeQState(HookState):
@@ -56,227 +45,238 @@ class GradiVeQState(HookState):
 
     Args:
         process_group: the group to reduce over (None: the whole world).
-        energy_threshold: lambda; each layer keeps the fewest principal components holding at least
-            1 - lambda of its sampled gradients' variance (0 keeps all K: lossless but no savings).
-        warmup_steps, sample_steps, compress_steps: the schedule. Defaults suit short runs
-            (hundreds to thousands of steps); the paper used 2500 / 100 / 400 with lambda 0.01
-            (`GradiVeQState.paper()`).
-        slice_length: target K; the real K is a multiple of the layer's F*D (conv) or row length
-            (Linear) near it. max_slice_length caps K (the PCA is K x K).
+        basis: "tracked" (default: the basis turns with the gradients every step) or "fitted" (the
+            paper's PCA fits on sampled steps, fixed in between).
+        rank: tracked basis only: components d per layer (default 8). Each compressed layer sends
+            (S + K) * d values per step instead of S * K; layers where that is not at least 2x
+            smaller go uncompressed.
+        wire_dtype: tracked basis only: "bf16" (default; float32's range, half its bytes), "fp32" or
+            "fp16" (may overflow on large gradients). The maths runs in float32 either way.
+        warmup_steps: steps all-reduced uncompressed first (tracked: 0, fitted: 50).
         min_numel: parameters with fewer values (biases, norms, tiny layers) go uncompressed.
-        max_components: cap on d per layer (None: only the energy threshold decides).
-        fit_slices: at most this many slices per sampled gradient enter the PCA statistics.
-        error_feedback: add what a compressed step dropped to the next step's gradient (off, as in
-            the paper). What a fixed basis drops lies outside it and is never sent by a compressed
-            step, so the next uncompressed step carries the whole residual and clears it.
-        sample_quantizer, sample_quantizer_options: send the sampling steps through this quantizer
-            (the paper sends them as 4-bit QSGD: `sample_quantizer="qsgd",
-            sample_quantizer_options={"bits": 4}`); the PCA then fits on the decoded averages.
-            None (default): sampling steps are all-reduced uncompressed.
-        src_rank: the rank (in the group) whose fit is broadcast.
+        error_feedback: add what a compressed step dropped to the next step's gradient (tracked:
+            on by default; fitted: refused, because a fixed basis can never send what it drops).
+        energy_threshold, sample_steps, compress_steps, slice_length, max_slice_length,
+        max_components, fit_slices, sample_quantizer, sample_quantizer_options, src_rank: the
+            fitted basis's options (see `commcomp.gradiveq.fitted`); giving one with the tracked
+            basis raises.
         check_finite: refuse gradients with NaN/Inf, raising on every rank.
 
-    Tuning: lower energy_threshold (0.001) or raise max_components when accuracy lags; raise
-    sample_steps when the loss is still changing fast; a shorter compress_steps refits more often.
+    Tuning (tracked): raise `rank` (16) when accuracy lags fp32; lower it (4) or keep bf16 when
+    bytes matter most; a few warm-up steps help when the first steps' gradients are very large.
     """
+
+    default_wire_dtype = "bf16"  # where the collective library sums bfloat16 (gloo, NCCL)
 
     def __init__(
         self,
         process_group: dist.ProcessGroup | None = None,
         *,
-        energy_threshold: float = 0.01,
-        warmup_steps: int = 50,
-        sample_steps: int = 20,
-        compress_steps: int = 100,
-        slice_length: int = 256,
-        max_slice_length: int = 256,
+        basis: str = "tracked",
+        rank: int | None = None,
+        wire_dtype: str | None = None,
+        warmup_steps: int | None = None,
         min_numel: int = 1024,
+        error_feedback: bool | None = None,
+        energy_threshold: float | None = None,
+        sample_steps: int | None = None,
+        compress_steps: int | None = None,
+        slice_length: int | None = None,
+        max_slice_length: int | None = None,
         max_components: int | None = None,
-        fit_slices: int = 64,
-        error_feedback: bool = False,
+        fit_slices: int | None = None,
         sample_quantizer: str | Quantizer | None = None,
         sample_quantizer_options: dict[str, Any] | None = None,
-        src_rank: int = 0,
+        src_rank: int | None = None,
         check_finite: bool = True,
     ) -> None:
         super().__init__(process_group, check_finite)
-        if not 0.0 <= energy_threshold < 1.0:
-            raise ValueError(f"energy_threshold must be in [0, 1), got {energy_threshold}")
-        if slice_length < 1 or max_slice_length < slice_length:
-            raise ValueError(f"need 1 <= slice_length <= max_slice_length, got {slice_length} and {max_slice_length}")
-        if max_components is not None and max_components < 1:
-            raise ValueError(f"max_components must be >= 1 or None, got {max_components}")
-        if fit_slices < 1 or min_numel < 1:
-            raise ValueError(f"fit_slices and min_numel must be >= 1, got {fit_slices} and {min_numel}")
-        # --- hyperparameters ---
-        self.energy_threshold = energy_threshold
-        self.schedule = Schedule(warmup_steps, sample_steps, compress_steps)
-        self.slice_length = slice_length
-        self.max_slice_length = max_slice_length
-        self.min_numel = min_numel
-        self.max_components = max_components
-        self.fit_slices = fit_slices
-        self.src_rank = src_rank
-        # --- internal state ---
-        self.codecs: dict[str, LayerCodec | None] = {}  # None: sent uncompressed
-        self.memory = ErrorFeedback() if error_feedback else None
-        self._loaded_codecs: dict[str, Any] = {}
-        # the quantizer sampling steps are sent through (None: sent uncompressed)
-        self.sampling: QuantizerState | None = (
-            None
-            if sample_quantizer is None
-            else QuantizerState(
-                process_group,
-                quantizer=sample_quantizer,
-                check_finite=check_finite,
-                **(sample_quantizer_options or {}),
-            )
+        fitted: dict[str, Any] = dict(
+            energy_threshold=energy_threshold,
+            sample_steps=sample_steps,
+            compress_steps=compress_steps,
+            slice_length=slice_length,
+            max_slice_length=max_slice_length,
+            max_components=max_components,
+            fit_slices=fit_slices,
+            sample_quantizer=sample_quantizer,
+            sample_quantizer_options=sample_quantizer_options,
+            src_rank=src_rank,
         )
+        given = {name: value for name, value in fitted.items() if value is not None}
+        if min_numel < 1:
+            raise ValueError(f"min_numel must be >= 1, got {min_numel}")
+        if warmup_steps is not None and warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if basis == "tracked":
+            if given:
+                raise ValueError(f"GradiVeQ option(s) {sorted(given)} apply to basis='fitted' only, not 'tracked'")
+            if rank is not None and rank < 1:
+                raise ValueError(f"rank must be >= 1, got {rank}")
+            if wire_dtype is not None and wire_dtype not in WIRE_DTYPES:
+                raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
+        elif basis == "fitted":
+            if rank is not None or wire_dtype is not None:
+                raise ValueError("GradiVeQ options rank and wire_dtype apply to basis='tracked' only")
+            if error_feedback:
+                raise ValueError(
+                    "GradiVeQ error_feedback needs basis='tracked': a fitted basis stays fixed between refits, so "
+                    "what it drops lies outside it and could only be sent all at once, as one huge step"
+                )
+        else:
+            raise ValueError(f"basis must be 'tracked' or 'fitted', got {basis!r}")
+        tracked = basis == "tracked"
+        # --- hyperparameters ---
+        self.basis = basis
+        self.rank_per_layer = rank or 8
+        self.wire_dtype = WIRE_DTYPES[wire_dtype or self.default_wire_dtype]
+        self.warmup_steps = warmup_steps if warmup_steps is not None else (0 if tracked else 50)
+        self.min_numel = min_numel
+        self.fitted = None if tracked else FittedOptions(**given)
+        # --- internal state ---
+        self.memory = ErrorFeedback() if tracked and error_feedback is not False else None
+        self.layers: dict[str, TrackedLayer | None] = {}  # tracked bases (None: sent uncompressed)
+        self.codecs: dict[str, LayerCodec | None] = {}  # fitted PCA state (None: sent uncompressed)
+        self._loaded: dict[str, Any] = {}  # per-layer state loaded before the layer was seen
+        self._waiting: tuple[TrackedGroup, torch.futures.Future[torch.Tensor], torch.Tensor] | None = None
+        self.schedule: Schedule | None = None
+        self.sampling: QuantizerState | None = None  # the quantizer fitted sampling steps go through
+        if self.fitted is not None:
+            self.schedule = Schedule(self.warmup_steps, self.fitted.sample_steps, self.fitted.compress_steps)
+            if self.fitted.sample_quantizer is not None:
+                self.sampling = QuantizerState(
+                    process_group,
+                    quantizer=self.fitted.sample_quantizer,
+                    check_finite=check_finite,
+                    **(self.fitted.sample_quantizer_options or {}),
+                )
 
     @classmethod
     def paper(cls, process_group: dist.ProcessGroup | None = None, **overrides: Any) -> "GradiVeQState":
-        """The paper's schedule: 2,500 warm-up steps, cycles of 100 sampled + 400 compressed, lambda 0.01."""
-        settings: dict[str, Any] = dict(energy_threshold=0.01, warmup_steps=2500, sample_steps=100, compress_steps=400)
+        """The paper's setting: fitted basis, 2,500 warm-up steps, cycles of 100 sampled + 400 compressed,
+        lambda 0.01."""
+        settings: dict[str, Any] = dict(
+            basis="fitted", energy_threshold=0.01, warmup_steps=2500, sample_steps=100, compress_steps=400
+        )
         return cls(process_group, **{**settings, **overrides})
 
     def options(self) -> dict[str, Any]:
+        fitted = None if self.fitted is None else asdict(self.fitted)
+        if fitted is not None and self.sampling is not None:
+            fitted["sample_quantizer"] = self.sampling.options()
         return {
             **super().options(),
-            "energy_threshold": self.energy_threshold,
-            "schedule": [self.schedule.warmup, self.schedule.sample, self.schedule.compress],
-            "slices": [self.slice_length, self.max_slice_length, self.min_numel, self.fit_slices],
-            "max_components": self.max_components,
+            "basis": self.basis,
+            "rank": self.rank_per_layer,
+            "wire_dtype": str(self.wire_dtype),
+            "warmup_steps": self.warmup_steps,
+            "min_numel": self.min_numel,
             "error_feedback": self.memory is not None,
-            "src_rank": self.src_rank,
-            "sample_quantizer": None if self.sampling is None else self.sampling.options(),
+            "fitted": fitted,
         }
+
+    # ----- per-layer state, created when a parameter is first seen -----
+    def tracked_layer(self, key: str, shape: torch.Size) -> TrackedLayer | None:
+        if key not in self.layers:
+            plan = square_plan(shape, self.min_numel)
+            layer = None if plan is None else TrackedLayer(plan, self.rank_per_layer, key)
+            if layer is not None and not layer.worth_compressing():
+                layer = None
+            if layer is not None and key in self._loaded:
+                layer.basis = self._loaded.pop(key).clone()
+            self.layers[key] = layer
+        return self.layers[key]
 
     def codec(self, key: str, shape: torch.Size) -> LayerCodec | None:
         if key not in self.codecs:
-            plan = plan_slices(shape, self.slice_length, self.max_slice_length, self.min_numel)
-            codec = None if plan is None else LayerCodec(plan, self.fit_slices)
-            if codec is not None and key in self._loaded_codecs:
-                codec.load_state_dict(self._loaded_codecs.pop(key))
+            f = self.fitted
+            assert f is not None, "fitted-basis state used with basis='tracked'"
+            plan = plan_slices(shape, f.slice_length, f.max_slice_length, self.min_numel)
+            codec = None if plan is None else LayerCodec(plan, f.fit_slices)
+            if codec is not None and key in self._loaded:
+                codec.load_state_dict(self._loaded.pop(key))
             self.codecs[key] = codec
         return self.codecs[key]
 
-    # ----- the exchange (DDP buckets and Horovod steps alike) -----
+    def compressing(self) -> bool:
+        """Whether this step is a tracked compressed step (else: the one-exchange path)."""
+        return self.basis == "tracked" and self.step >= self.warmup_steps
+
+    # ----- the engine's codec: the fitted basis, warm-up steps, and the tracked basis on Horovod -----
     def exchange_codec(self, params: list[tuple[str, torch.Size]], like: torch.Tensor) -> ExchangeCodec:
-        """This step's codec for `params`; on the first compressed step of a cycle, refit their bases
-        first (blocking collectives, issued here in the hook body)."""
+        """This step's codec for `params`; on the first compressed step of a fitted cycle, refit the
+        bases first (blocking collectives, issued here in the hook body)."""
+        if self.schedule is None:  # tracked basis: the coefficients exchange (Horovod), or a warm-up step
+            return TrackedCoefficients(self) if self.compressing() else FittedExchange(self, "warmup")
         codecs = [self.codec(key, shape) for key, shape in params]
         phase = self.schedule.phase(self.step)
         if phase == "compress" and self.schedule.refit(self.step):
-            self.refit([c for c in codecs if c is not None], like)
+            refit(self, [c for c in codecs if c is not None], like)
         if phase == "sample" and self.sampling is not None:  # the paper's quantized sampling steps
-            return GradiVeQExchange(self, phase, QuantizedExchange(self.sampling))
-        return GradiVeQExchange(self, phase)
+            return FittedExchange(self, phase, QuantizedExchange(self.sampling))
+        return FittedExchange(self, phase)
 
-    def refit(self, codecs: list[LayerCodec], like: torch.Tensor) -> None:
-        """Step 2: fit on `src_rank`, broadcast, check (blocking collectives on `self.collectives()`)."""
-        with timer(like) as fit_time:
-            comm = self.collectives()
-            refit_bases(codecs, comm, self.src_rank, self, like.device)
-        self.stats.sent(comm.bytes_sent)
-        self.stats.encoded(fit_time.seconds)
-
-    def encode(self, key: str, grad: torch.Tensor, phase: str) -> Share:
-        """This rank's summable share of one gradient: U^T (g_n/N - mu/N) per slice plus the leftover
-        values on compressed steps (with error feedback if on), g_n/N otherwise."""
-        n = self.world_size
-        h = grad / n
-        codec = self.codecs.get(key)
-        if phase == "compress" and codec is not None and codec.basis is not None:
-            if self.memory is not None:
-                h = self.memory.compensate(key, h)
-            coeffs, rest = codec.compress(h, n)
-            residual = None
-            if self.memory is not None:
-                residual = self.memory.residual_of(h, codec.decompress(coeffs, rest, n))
-            return Share([coeffs.reshape(-1), rest], codec, coeffs.numel(), rest.numel(), residual)
-        if self.memory is not None and key in self.memory.residuals:
-            # an uncompressed step carries everything error feedback still owes, and clears it: a fixed
-            # basis never sends the residual (it lies outside the basis), so without this flush it
-            # would only grow until the next refit
-            h = self.memory.compensate(key, h)
-            return Share([h.reshape(-1)], None, 0, h.numel(), torch.zeros_like(h))
-        return Share([h.reshape(-1)], None, 0, h.numel(), None)
-
-    def decode(self, share: Share, summed: list[torch.Tensor]) -> torch.Tensor:
-        """The summed parts of a share -> the averaged gradient (flat when the share was dense)."""
-        if share.codec is None:
-            return summed[0]
-        coeffs, plain = summed
-        return share.codec.decompress(coeffs.view(-1, share.codec.d), plain)
-
-    def commit(self, keys: list[str], grads: list[torch.Tensor], shares: list[Share], phase: str) -> None:
-        """After a clean decode: on sampling steps feed the averaged gradients to the PCA statistics;
-        keep the error-feedback residuals of compressed gradients."""
-        if phase == "sample":
-            with timer(grads[0]) as obs:
-                for key, g in zip(keys, grads):
-                    codec = self.codecs.get(key)
-                    if codec is not None:
-                        codec.observe(g)
-            self.stats.encoded(obs.seconds)
-        if self.memory is not None:
-            for key, share in zip(keys, shares):
-                if share.residual is not None:
-                    self.memory.set(key, share.residual)
-
+    # ----- checkpointing -----
     def state_dict(self) -> dict[str, Any]:
+        layers = {k: t.basis.cpu() for k, t in self.layers.items() if t is not None and t.basis is not None}
         codecs = {k: c.state_dict() for k, c in self.codecs.items() if c is not None}
         return {
             **super().state_dict(),
-            "codecs": {**self._loaded_codecs, **codecs},
+            "layers": {**self._loaded, **layers, **codecs},
             "residuals": None if self.memory is None else self.memory.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.codecs = {}
-        self._loaded_codecs = dict(state["codecs"])  # applied when each parameter is next seen
+        self.layers, self.codecs = {}, {}
+        self._loaded = dict(state["layers"])  # applied when each parameter is next seen
         if self.memory is not None and state.get("residuals") is not None:
             self.memory.load_state_dict(state["residuals"])
 
 
-class GradiVeQExchange:
-    """`ExchangeCodec` of one GradiVeQ step in phase `phase`: every gradient's `Share` summed in one
-    all-reduce, or, on sampling steps with a sample quantizer, the gradients sent through `sampling`.
-    Committing feeds the PCA on sampling steps and keeps error-feedback residuals."""
-
-    def __init__(self, state: GradiVeQState, phase: str, sampling: QuantizedExchange | None = None) -> None:
-        self.state, self.phase, self.sampling = state, phase, sampling
-
-    @property
-    def summed(self) -> bool:
-        return True if self.sampling is None else self.sampling.summed
-
-    def encode(self, keys: list[str], grads: list[torch.Tensor]) -> Encoded:
-        if self.sampling is not None:
-            return self.sampling.encode(keys, grads)
-        shares = [self.state.encode(key, g, self.phase) for key, g in zip(keys, grads)]
-        return Encoded(keys, grads, [part for s in shares for part in s.parts], shares)
-
-    def decode(self, received: list[torch.Tensor], encoded: Encoded) -> list[torch.Tensor]:
-        if self.sampling is not None:
-            return self.sampling.decode(received, encoded)
-        out, pieces = [], iter(received)
-        for share in encoded.context:
-            out.append(self.state.decode(share, [next(pieces) for _ in share.parts]))
-        return out
-
-    def commit(self, encoded: Encoded) -> None:
-        if self.sampling is not None:
-            self.sampling.commit(encoded)
-            self.state.commit(encoded.keys, encoded.grads, [], self.phase)
-        else:
-            self.state.commit(encoded.keys, encoded.grads, encoded.context, self.phase)
-
-
 def gradiveq_hook(state: GradiVeQState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook running GradiVeQ; use with `model.register_comm_hook(state, gradiveq_hook)`."""
-    return exchange_hook(state, bucket)
+    if not state.compressing():
+        return exchange_hook(state, bucket)
+    state.begin_bucket(bucket)
+    _start_waiting_basis_update(state)  # the previous bucket's second exchange, in this hook body
+    buf, grads = bucket.buffer(), bucket.gradients()
+    keys = [state.param_key(p) for p in bucket.parameters()]
+    wire = TorchWire(state.process_group)
+    item = send(state, TrackedCoefficients(state), keys, grads, wire, like=buf, dense_bytes=nbytes(buf))
+    result: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    state._waiting = (TrackedGroup(state, [item], buf, bucket.index()), result, buf)
+    if bucket.is_last():
+        _start_waiting_basis_update(state)
+    return result
+
+
+def _start_waiting_basis_update(state: GradiVeQState) -> None:
+    """Wait for the waiting bucket's coefficients and start its basis update; its callback decodes."""
+    if state._waiting is None:
+        return
+    group, result, buf = state._waiting
+    state._waiting = None
+    try:
+        pending = group.start_basis_update(TorchWire(state.process_group))
+    except BaseException:
+        state.end_bucket()
+        raise
+
+    def done(fut: torch.futures.Future[Any]) -> None:
+        error: BaseException | None = None
+        try:
+            group.complete(fut.value()[0])
+        except BaseException as e:  # handed to DDP through the bucket's future
+            error = e
+        finally:
+            state.end_bucket()  # before the future completes: DDP may return from backward at once
+        if error is None:
+            result.set_result(buf)
+        else:
+            result.set_exception(error)  # type: ignore[arg-type]  # torch's stub says Tensor
+
+    pending.future.then(done)
 
 
 register_simple_method("gradiveq", GradiVeQState, gradiveq_hook)

@@ -17,8 +17,11 @@ __all__ = ["FitOptions", "refit_bases"]
 
 
 class FitOptions(Protocol):
-    energy_threshold: float
-    max_components: int | None
+    @property
+    def energy_threshold(self) -> float: ...
+
+    @property
+    def max_components(self) -> int | None: ...
 
 
 def refit_bases(

@@ -65,6 +65,11 @@ class QuantizerState(HookState):
             quantizers.check_error_feedback(self.quantizer, f"{type(self).__name__} with error_feedback=True")
         self.memory = ErrorFeedback() if error_feedback else None
         self._ranked = False  # the quantizer knows this rank (set before its first compress)
+        # buffers reused from step to step with error feedback (a fresh gradient-sized tensor costs
+        # page faults): the compensated input, and the spare residual that the next one is written to
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._spares: dict[str, torch.Tensor] = {}
+        self._gathered: dict[str, torch.Tensor] = {}  # all-gathered bytes per group
 
     def exchange_codec(self, params: list[tuple[str, torch.Size]], like: torch.Tensor) -> "QuantizedExchange":
         return QuantizedExchange(self)
@@ -80,7 +85,7 @@ class QuantizerState(HookState):
             self._ranked = True
         h = grad / self.world_size if q.linear else grad
         if self.memory is not None:
-            h = self.memory.compensate(key, h)
+            h = self.memory.compensate(key, h, out=_reusable(self._inputs, key, h))
         if isinstance(q, StochasticQuantizer):
             q.set_stream(key)  # random numbers per parameter: independent of DDP's bucket layout
         return h
@@ -89,12 +94,32 @@ class QuantizerState(HookState):
         """This rank's payload for one gradient and the residual to keep once the step decodes
         cleanly (quantizers without agreement; see `QuantizedExchange.encode` for the others)."""
         h = self.prepare(key, grad)
-        return self._with_residual(h, self.quantizer.compress(h))
+        return self._with_residual(key, h, self.quantizer.compress(h))
 
-    def _with_residual(self, h: torch.Tensor, payload: Payload) -> tuple[Payload, torch.Tensor | None]:
+    def _with_residual(self, key: str, h: torch.Tensor, payload: Payload) -> tuple[Payload, torch.Tensor | None]:
         if self.memory is None:
             return payload, None
-        return payload, self.quantizer.error(h, payload)  # h - decompress(payload), cheap for sparsifiers
+        # h - decompress(payload), cheap for sparsifiers and sign, into the spare (the kept residual
+        # stays as it is until the step decodes cleanly on every rank)
+        return payload, self.quantizer.error(h, payload, out=_reusable(self._spares, key, h))
+
+    def gathered_buffer(self, key: str, ranks: int, row: torch.Tensor) -> torch.Tensor:
+        """A [ranks, len(row)] buffer for the all-gathered bytes of the group named `key`, kept
+        from step to step (one per group, so groups decoding at the same time never share one)."""
+        buf = self._gathered.get(key)
+        if buf is None or buf.shape != (ranks, row.numel()) or buf.dtype != row.dtype or buf.device != row.device:
+            buf = self._gathered[key] = torch.empty(ranks, row.numel(), dtype=row.dtype, device=row.device)
+        return buf
+
+    def keep_residual(self, key: str, residual: torch.Tensor) -> None:
+        """Commit `residual` for `key`; the one it replaces becomes the spare for the next step."""
+        if self.memory is not None:
+            old = self.memory.residuals.get(key)
+            self.memory.set(key, residual)
+            if self._spares.get(key) is residual:  # never write the next residual over this one
+                del self._spares[key]
+            if old is not None and old is not residual:
+                self._spares[key] = old
 
     def agree(self, stats: torch.Tensor, op: str) -> torch.Tensor:
         """Combine every rank's per-chunk statistics (`op`: "max" or "sum") with one blocking
@@ -165,7 +190,7 @@ class QuantizedExchange:
         out = []
         for key, h, piece in zip(keys, inputs, pieces):
             q.set_stream(key)
-            out.append(state._with_residual(h, q.compress_shared(h, piece, state.world_size)))
+            out.append(state._with_residual(key, h, q.compress_shared(h, piece, state.world_size)))
         return out
 
     def decode(self, received: list[torch.Tensor], encoded: Encoded) -> list[torch.Tensor]:
@@ -173,22 +198,37 @@ class QuantizedExchange:
         q, n = self.state.quantizer, self.state.world_size
         templates = [payload for payload, _ in encoded.context]
         if self.summed:
-            return [q.decompress(p) for p in _relayout(received, templates)]
-        batches = unpack_batch(torch.stack(received), templates)  # [N, bytes]: the compressed bytes only
-        out = []
-        for grad, batch in zip(encoded.grads, batches):
-            # into the gradient itself when it is float32 (then the engine's copy is a no-op)
-            into = grad.view(-1) if grad.dtype == torch.float32 and grad.is_contiguous() else None
-            total = q.decode_sum(batch, into if into is not None else torch.empty(grad.numel(), device=grad.device))
-            out.append(total.div_(n))
-        return out
+            payloads = _relayout(received, templates)
+            if not isinstance(q, SharedScaleQuantizer):
+                return [q.decompress(p) for p in payloads]
+            batches = [Payload([t.unsqueeze(0) for t in p.tensors], p.shape, p.dtype, p.meta) for p in payloads]
+            return [q.decode_sum(b, _float32_view(g)) for g, b in zip(encoded.grads, batches)]
+        # every rank's bytes as one [N, bytes] tensor, in a buffer reused per group (named by its first key)
+        rows = self.state.gathered_buffer(encoded.keys[0], len(received), received[0])
+        batches = unpack_batch(torch.stack(received, out=rows), templates)
+        return [q.decode_sum(b, _float32_view(g)).div_(n) for g, b in zip(encoded.grads, batches)]
 
     def commit(self, encoded: Encoded) -> None:
-        memory = self.state.memory
-        if memory is not None:
-            for key, (_, residual) in zip(encoded.keys, encoded.context):
-                if residual is not None:
-                    memory.set(key, residual)
+        for key, (_, residual) in zip(encoded.keys, encoded.context):
+            if residual is not None:
+                self.state.keep_residual(key, residual)
+
+
+def _reusable(buffers: dict[str, torch.Tensor], key: str, like: torch.Tensor) -> torch.Tensor:
+    """The buffer kept under `key` if it matches `like` (shape, dtype, device), else a new one."""
+    buf = buffers.pop(key, None)
+    if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = torch.empty_like(like, memory_format=torch.contiguous_format)
+    buffers[key] = buf
+    return buf
+
+
+def _float32_view(grad: torch.Tensor) -> torch.Tensor:
+    """Where to decode a gradient: the gradient itself when it is contiguous float32 (then the
+    engine's copy into it is a no-op), else a float32 buffer."""
+    if grad.dtype == torch.float32 and grad.is_contiguous():
+        return grad.view(-1)
+    return torch.empty(grad.numel(), device=grad.device)
 
 
 def _relayout(tensors: list[torch.Tensor], templates: list[Payload]) -> list[Payload]:

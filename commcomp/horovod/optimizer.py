@@ -20,6 +20,7 @@ from commcomp import quantizers
 from commcomp.comm import Collectives
 from commcomp.exchange import ExchangeCodec, InFlight, finish, nbytes, send
 from commcomp.gradiveq import GradiVeQState
+from commcomp.gradiveq.pipeline import TrackedCoefficients, finish_tracked
 from commcomp.hooks.base import HookState
 from commcomp.hooks.quantized import QuantizerState
 from commcomp.horovod.collectives import HorovodCollectives, HorovodPending, HorovodWire
@@ -53,7 +54,12 @@ class _OnHorovod(HookState):
 
 
 class HorovodGradiVeQState(_OnHorovod, GradiVeQState):
-    """`GradiVeQState` (same options, schedule and checkpoints) whose collectives run on Horovod."""
+    """`GradiVeQState` (same options, schedule and checkpoints) whose collectives run on Horovod.
+
+    The tracked basis's payloads default to float32 here: Horovod's CPU build has no bfloat16
+    collectives (pass wire_dtype="bf16" on a build that has them)."""
+
+    default_wire_dtype = "fp32"
 
 
 class HorovodQuantizerState(_OnHorovod, QuantizerState):
@@ -73,12 +79,12 @@ def compressor_names() -> list[str]:
 
 
 def make_state(
-    compressor: str | Quantizer, *, error_feedback: bool = False, check_finite: bool = True, **options: Any
+    compressor: str | Quantizer, *, error_feedback: bool | None = None, check_finite: bool = True, **options: Any
 ) -> HookState:
     """The per-parameter compression state for `compressor` (a name or a Quantizer instance)."""
     if isinstance(compressor, Quantizer):
         return HorovodQuantizerState(
-            quantizer=compressor, error_feedback=error_feedback, check_finite=check_finite, **options
+            quantizer=compressor, error_feedback=bool(error_feedback), check_finite=check_finite, **options
         )
     if compressor == "gradiveq":
         check_options("compressor 'gradiveq'", GradiVeQState, options)
@@ -87,7 +93,7 @@ def make_state(
         return HorovodGradiVeQState(error_feedback=error_feedback, check_finite=check_finite, **options)
     if compressor in quantizers.names():
         return HorovodQuantizerState(
-            quantizer=compressor, error_feedback=error_feedback, check_finite=check_finite, **options
+            quantizer=compressor, error_feedback=bool(error_feedback), check_finite=check_finite, **options
         )
     raise ValueError(f"unknown compressor {compressor!r}; valid names: {', '.join(compressor_names())}")
 
@@ -119,8 +125,11 @@ class _Traffic:
     def finish(self, items: list[InFlight[HorovodPending]]) -> None:
         """Wait for every collective, raise on every rank if any rank had NaN/Inf, decode into the
         gradients; the step counts as done either way (as in the DDP hooks)."""
-        self.codec = None
-        finish(self.state, list(items))
+        codec, self.codec = self.codec, None
+        if isinstance(codec, TrackedCoefficients) and isinstance(self.state, GradiVeQState):  # two exchanges
+            finish_tracked(self.state, list(items), self.wire, f"commcomp.basis.{self.state.step}")
+        else:
+            finish(self.state, list(items))
 
 
 # ----------------------------------------------------------------------------- the optimizer
@@ -178,7 +187,7 @@ def DistributedOptimizer(
     named_parameters: Iterable[tuple[str, torch.Tensor]],
     compressor: str | Quantizer = "gradiveq",
     *,
-    error_feedback: bool = False,
+    error_feedback: bool | None = None,
     check_finite: bool = True,
     **options: Any,
 ) -> torch.optim.Optimizer:
@@ -189,9 +198,10 @@ def DistributedOptimizer(
         named_parameters: `model.named_parameters()`; names key the compressor's state and must be
             the same on every rank.
         compressor: "gradiveq" or a quantizer name (`compressor_names()`), or a Quantizer instance.
-        error_feedback: keep what compression dropped and add it to the next step's gradient.
+        error_feedback: keep what compression dropped and add it to the next step's gradient (None:
+            the compressor's default: on for GradiVeQ's tracked basis, off for the quantizers).
         check_finite: refuse NaN/Inf gradients, raising `NonFiniteGradientError` on every rank.
-        **options: the compressor's options: `GradiVeQState`'s (energy_threshold, warmup_steps, ...)
+        **options: the compressor's options: `GradiVeQState`'s (rank, warmup_steps, basis, ...)
             or the quantizer's (bits=4 for qsgd, ratio for topk, ...).
 
     The result also has `stats` (CommStats), `comm_state`, and `state_dict()` carrying the

@@ -48,15 +48,15 @@ def names() -> list[str]:
 
 
 def check_error_feedback(quantizer: Quantizer, who: str) -> None:
-    """Refuse a quantizer whose error can exceed its input many times over, for `who` (error feedback,
-    CHOCO): both keep what compression dropped and compress it again, so such an error compounds.
+    """Refuse a quantizer whose error can exceed its input many times over, for `who` (error
+    feedback): it keeps what compression dropped and compresses it again, so such an error compounds.
 
-    Refused: unbiased quantizers that are not contractive and declare no variance bound `omega`,
-    i.e. rand-k with rescale=True (its error is (n/k - 1) times its input in expectation; the
-    residual grows about that much per step). Allowed: contractive quantizers, and QSGD, whose
-    variance is bounded by its `omega` (CHOCO scales it by 1 / (1 + omega)).
+    Refused: quantizers that decode kept values multiplied up (`scales_up`: rand-k with
+    rescale=True, whose error is n/k - 1 times its input in expectation; the residual grew about
+    that much per step). Allowed: everything else, e.g. QSGD, whose every decoded value stays within
+    its bucket's scale.
     """
-    if quantizer.unbiased and not quantizer.contractive and getattr(quantizer, "omega", None) is None:
+    if quantizer.scales_up:
         raise ValueError(
             f"{who} needs a contractive quantizer, and {quantizer!r} is not: its error grows the residual "
             f"every step. For rand-k use rescale=False (contractive, delta = k/n)"

@@ -51,6 +51,8 @@ class Quantizer(ABC):
     unbiased: bool = False  # E[decompress(compress(x))] == x
     # E||Q(x) - x||^2 <= (1 - delta) ||x||^2 for some delta > 0: what error feedback and CHOCO need
     contractive: bool = False
+    # decodes kept values multiplied up (rand-k's n/k): its error can be many times its input
+    scales_up: bool = False
 
     @abstractmethod
     def compress(self, tensor: torch.Tensor) -> Payload: ...
@@ -58,10 +60,12 @@ class Quantizer(ABC):
     @abstractmethod
     def decompress(self, payload: Payload) -> torch.Tensor: ...
 
-    def error(self, tensor: torch.Tensor, payload: Payload) -> torch.Tensor:
+    def error(self, tensor: torch.Tensor, payload: Payload, out: torch.Tensor | None = None) -> torch.Tensor:
         """What compressing `tensor` into `payload` dropped: tensor - decompress(payload) (the
-        error-feedback residual), as a new tensor. Sparsifiers compute it without a dense decode."""
-        return (tensor - self.decompress(payload).to(tensor.dtype)).detach()
+        error-feedback residual), as a new tensor or written into `out` (same shape and dtype).
+        Sparsifiers and sign compute it without a dense decode."""
+        decoded = self.decompress(payload).to(tensor.dtype)
+        return torch.sub(tensor.detach(), decoded, out=out) if out is not None else (tensor - decoded).detach()
 
     def decode_sum(self, batch: Payload, out: torch.Tensor) -> torch.Tensor:
         """Write the sum over ranks of the decoded payloads in `batch` into `out` and return it.

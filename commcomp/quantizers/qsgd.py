@@ -19,7 +19,7 @@ from commcomp.quantizers.packing import bucketize, chunks, code_sum, pack_bits, 
 from commcomp.quantizers.registry import QUANTIZERS
 from commcomp.quantizers.stochastic import NOISE_BITS, StochasticQuantizer, random_int16
 
-__all__ = ["QSGD", "StochasticQuantizer", "check_positive_int", "stochastic_bytes", "stochastic_codes"]
+__all__ = ["QSGD", "StochasticQuantizer", "check_positive_int", "stochastic_codes"]
 
 
 def _shifted_levels(
@@ -27,11 +27,11 @@ def _shifted_levels(
 ) -> torch.Tensor:
     """s + s * v / S + u as float32, with u uniform in [0, 1): its floor is the stochastic code.
 
-    Two operations a value: one fused s + 0.5 + s * v / S and one add of 16-bit noise (as
-    (L + 2^15) / 2^16 - 0.5 for L from `random_int16`, exact in float32 below 2^8). The result lies
-    in [0, 2s + 1) up to a last-bit rounding of s * v / S when |v| = S.
+    v / S is divided first (a value equal to S maps exactly to level s), then scaled and shifted by
+    s + 1/2, then 16-bit noise is added as (L + 2^15) / 2^16 - 1/2 for L from `random_int16`
+    (exact in float32 below 2^8). The result lies in [0, 2s + 1).
     """
-    shifted = torch.addcdiv(values.new_full((1,), levels + 0.5), values, scales, value=levels)
+    shifted = torch.div(values, scales).mul_(levels).add_(levels + 0.5)
     noise = random_int16(shifted.numel(), generator, values.device).view_as(shifted)
     return shifted.add_(noise, alpha=2.0**-NOISE_BITS)
 
@@ -39,19 +39,15 @@ def _shifted_levels(
 def stochastic_codes(
     values: torch.Tensor, scales: torch.Tensor, levels: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """Codes in [0, 2s] (s = `levels`, float32) of `values` [buckets, B] on the grid of step S/s
+    """Codes in [0, 2s] (s = `levels`, uint8) of `values` [buckets, B] on the grid of step S/s
     (`scales` [buckets, 1], S >= max |v|): code = floor(s + s * v / S + u), u uniform in [0, 1),
     which rounds s * v / S up with probability its fractional part, so E[code - s] = s * v / S.
-    Clamped to [0, 2s] against a last-bit rounding when |v| = S."""
-    return _shifted_levels(values, scales, levels, generator).floor_().clamp_(0, 2 * levels)
 
-
-def stochastic_bytes(
-    values: torch.Tensor, scales: torch.Tensor, levels: int, generator: torch.Generator
-) -> torch.Tensor:
-    """`stochastic_codes` as uint8, cheaper: the conversion to uint8 truncates, which is the floor for
-    these non-negative values (and maps the -tiny of a last-bit rounding to 0); then a clamp at 2s."""
-    return _shifted_levels(values, scales, levels, generator).to(torch.uint8).clamp_(max=2 * levels)
+    The float-to-integer conversion truncates, which is the floor for these non-negative values;
+    it goes through int16 (several times faster than converting float32 to uint8 directly on a CPU).
+    """
+    shifted = _shifted_levels(values, scales, levels, generator)
+    return shifted.to(torch.int16).to(torch.uint8).clamp_(max=2 * levels)
 
 
 @QUANTIZERS.register("qsgd")
@@ -130,7 +126,7 @@ class QSGD(StochasticQuantizer):
             part = buckets[b0:b1]
             scale = part.abs().amax(1, keepdim=True) if self.norm == "max" else part.norm(dim=1, keepdim=True)
             scales[b0:b1] = scale.view(-1)
-            codes = stochastic_bytes(part, scale.masked_fill_(scale == 0, 1.0), s, gen).view(-1)[: v1 - v0]
+            codes = stochastic_codes(part, scale.masked_fill_(scale == 0, 1.0), s, gen).view(-1)[: v1 - v0]
             packed[v0 * self.bits // 8 : packed_nbytes(v1, self.bits)] = pack_bits(codes, self.bits)
         return Payload([packed, scales], tensor.shape, tensor.dtype)
 

@@ -84,6 +84,23 @@ class SharedScaleQuantizer(StochasticQuantizer):
             f"{self.name!r}), or a quantizer without agreement elsewhere"
         )
 
+    def decode_levels(self, levels: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+        """Write the values that the summed integer `levels` (flat) stand for into `out` (float32)."""
+        raise NotImplementedError
+
+    def decode_sum(self, batch: Payload, out: torch.Tensor) -> torch.Tensor:
+        """The decoded sum, written into `out` (float32): the codes of N ranks (usually N = 1: the
+        all-reduce has summed them already) are summed, then decoded once on the agreed grid."""
+        levels = batch.tensors[0]
+        total = levels[0] if levels.shape[0] == 1 else levels.sum(0)
+        self.decode_levels(total.reshape(-1), batch.meta["scales"], out)
+        return out
+
+    def decompress(self, payload: Payload) -> torch.Tensor:
+        out = torch.empty(payload.shape.numel(), device=payload.tensors[0].device)
+        batch = Payload([t.unsqueeze(0) for t in payload.tensors], payload.shape, payload.dtype, payload.meta)
+        return self.decode_sum(batch, out).to(payload.dtype).view(payload.shape)
+
     def stats_bytes(self, n: int) -> int:
         """Bytes of the agreement all-reduce for a tensor of n values."""
         return 4 * -(-n // self.bucket_size)
@@ -94,6 +111,19 @@ class SharedScaleQuantizer(StochasticQuantizer):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._rank = int(state["rank"])
         super().load_state_dict(state)
+
+
+def _scaled_chunks(values: torch.Tensor, scales: torch.Tensor, bucket_size: int, out: torch.Tensor) -> None:
+    """out[i] = values[i] * scales[i // bucket_size] (values: integers, out: flat float32), chunk by
+    chunk in cache; the integers are promoted inside the multiplication."""
+    n, B = values.numel(), bucket_size
+    full = n // B * B
+    for b0, b1 in chunks(n // B, B):
+        torch.mul(
+            values[b0 * B : b1 * B].view(b1 - b0, B), scales[b0:b1, None], out=out[b0 * B : b1 * B].view(b1 - b0, B)
+        )
+    if full < n:  # the last, partial bucket
+        torch.mul(values[full:], scales[-1], out=out[full:])
 
 
 @QUANTIZERS.register("qsgd_ar")
@@ -142,14 +172,13 @@ class SharedScaleQSGD(SharedScaleQuantizer):
         gen = self.generator(x.device)
         for b0, b1 in chunks(buckets.shape[0], B):
             v0, v1 = b0 * B, min(b1 * B, n)
-            levels[v0:v1] = stochastic_codes(buckets[b0:b1], safe[b0:b1], s, gen).sub_(s).view(-1)[: v1 - v0]
+            codes = stochastic_codes(buckets[b0:b1], safe[b0:b1], s, gen).view(-1)[: v1 - v0]
+            levels[v0:v1] = codes.to(torch.int16).sub_(s)  # signed levels in [-s, s]
         return Payload([levels], tensor.shape, tensor.dtype, {"scales": agreed})
 
-    def decompress(self, payload: Payload) -> torch.Tensor:
-        """S / s * (summed levels), per chunk, in float32 (then the original dtype)."""
-        n, B = payload.shape.numel(), self.bucket_size
-        out = bucketize(payload.tensors[0].float(), B).mul_(payload.meta["scales"].float().unsqueeze(1) / self.levels)
-        return out.view(-1)[:n].to(payload.dtype).view(payload.shape)
+    def decode_levels(self, levels: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+        """out = S / s * levels per chunk, straight from the integers (no float copy of them)."""
+        _scaled_chunks(levels, scales.float().div(self.levels), self.bucket_size, out)
 
     def options(self) -> dict[str, Any]:
         return {"bits": self.bits, "bucket_size": self.bucket_size, "seed": self.seed}
@@ -195,10 +224,9 @@ class SignVote(SharedScaleQuantizer):
         votes = tensor.detach().reshape(-1).sign().to(wire_dtype(1, world_size))
         return Payload([votes], tensor.shape, tensor.dtype, {"scales": agreed})
 
-    def decompress(self, payload: Payload) -> torch.Tensor:
-        n, B = payload.shape.numel(), self.bucket_size
-        out = bucketize(payload.tensors[0].sign().float(), B).mul_(payload.meta["scales"].float().unsqueeze(1))
-        return out.view(-1)[:n].to(payload.dtype).view(payload.shape)
+    def decode_levels(self, levels: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+        """out = m * sign(summed votes) per chunk."""
+        _scaled_chunks(levels.sign(), scales.float(), self.bucket_size, out)
 
     def options(self) -> dict[str, Any]:
         return {"bucket_size": self.bucket_size}

@@ -55,18 +55,20 @@ class Sign(Quantizer):
             means[-1] *= B / (n % B)
         return Payload([packed, means], tensor.shape, tensor.dtype)
 
-    def error(self, tensor: torch.Tensor, payload: Payload) -> torch.Tensor:
+    def error(self, tensor: torch.Tensor, payload: Payload, out: torch.Tensor | None = None) -> torch.Tensor:
         """v - m sign(v), worked out bucket by bucket from `tensor` and the means (no unpacking)."""
         x, B = tensor.detach().reshape(-1), self.bucket_size
         means = payload.tensors[1].to(x.dtype).unsqueeze(1)  # the decoded magnitudes, in the tensor's dtype
-        out = torch.empty_like(x)
+        result = torch.empty_like(tensor, memory_format=torch.contiguous_format) if out is None else out
+        out = result.view(-1)
         buckets, errors = bucketize(x, B), bucketize(out, B)
         for b0, b1 in chunks(buckets.shape[0], B):
-            part, m = buckets[b0:b1], means[b0:b1]
-            torch.where(part < 0, part + m, part - m, out=errors[b0:b1])
+            part = buckets[b0:b1]
+            # the decoded value is +m for v >= 0 (also -0.0: adding +0.0 makes it +0.0), -m for v < 0
+            torch.sub(part, torch.copysign(means[b0:b1], part + 0.0), out=errors[b0:b1])
         if errors.data_ptr() != out.data_ptr():  # the last bucket was partial: bucketize padded a copy
             out.copy_(errors.view(-1)[: x.numel()])
-        return out.view(tensor.shape)
+        return result
 
     def decode_sum(self, batch: Payload, out: torch.Tensor) -> torch.Tensor:
         """sum_r m_r (1 - 2 c_r) = sum_r m_r - sum_r 2 m_r c_r, per bucket, in one pass."""

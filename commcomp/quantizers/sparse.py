@@ -58,10 +58,13 @@ def random_subset(n: int, k: int, generator: torch.Generator, device: torch.devi
     return draws[torch.randperm(draws.numel(), generator=generator, device=device)[:k]]
 
 
-def _without(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """A copy of `tensor` with the values at the flat `indices` set to zero."""
-    flat = tensor.detach().clone(memory_format=torch.contiguous_format).view(-1)
-    return flat.index_fill_(0, indices.long(), 0).view(tensor.shape)
+def _without(tensor: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """A copy of `tensor` (into `out` if given) with the values at the flat `indices` set to zero."""
+    if out is None:
+        out = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+    out.copy_(tensor.detach())
+    out.view(-1).index_fill_(0, indices.long(), 0)
+    return out
 
 
 class _Sparsifier(Quantizer):
@@ -122,9 +125,9 @@ class TopK(_Sparsifier):
         indices = top_indices(x.abs(), self.count(x.numel()))
         return Payload([x[indices], indices.to(torch.int32)], tensor.shape, tensor.dtype)
 
-    def error(self, tensor: torch.Tensor, payload: Payload) -> torch.Tensor:
+    def error(self, tensor: torch.Tensor, payload: Payload, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor with the sent values zeroed (they were sent exactly)."""
-        return _without(tensor, payload.tensors[1].long())
+        return _without(tensor, payload.tensors[1], out)
 
     def decode_sum(self, batch: Payload, out: torch.Tensor) -> torch.Tensor:
         """One scatter-add of every rank's values at every rank's indices (accumulating index_put_,
@@ -150,9 +153,9 @@ class RandK(_Sparsifier, StochasticQuantizer):
         k: send exactly min(k, n) values instead.
         seed: seed shared by every rank.
         rescale: decode the kept values times n/k, which makes the quantizer unbiased
-            (E[decompress(compress(x))] = x) with variance factor n/k - 1, but not contractive:
-            error feedback and CHOCO refuse it. Without it, it is biased and contractive with
-            delta = k/n (use it with error feedback).
+            (E[decompress(compress(x))] = x) with variance factor omega = n/k - 1, but not
+            contractive: error feedback refuses it, and CHOCO's 1 / (1 + omega) scale undoes it.
+            Without it, it is biased and contractive with delta = k/n (use it with error feedback).
     """
 
     name = "randk"
@@ -163,8 +166,11 @@ class RandK(_Sparsifier, StochasticQuantizer):
         self.seed = int(seed)
         StochasticQuantizer.__init__(self, str(self.seed))
         self.rescale = bool(rescale)
-        self.unbiased = self.rescale
+        self.unbiased = self.scales_up = self.rescale
         self.contractive = not self.rescale
+        # variance factor n/k - 1 <= 1/ratio - 1: CHOCO's 1 / (1 + omega) scale then sends the
+        # unscaled (contractive) form; with a fixed k it depends on n, so none is declared
+        self.omega = 1.0 / self.ratio - 1.0 if self.rescale and self.ratio is not None else None
 
     def indices(self, n: int, device: torch.device) -> torch.Tensor:
         """The next k of n coordinates from the shared generator (advances it)."""
@@ -176,11 +182,11 @@ class RandK(_Sparsifier, StochasticQuantizer):
         indices = self.indices(x.numel(), x.device)
         return Payload([x[indices]], tensor.shape, tensor.dtype, {"indices": indices})
 
-    def error(self, tensor: torch.Tensor, payload: Payload) -> torch.Tensor:
+    def error(self, tensor: torch.Tensor, payload: Payload, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.rescale:
-            return super().error(tensor, payload)
+            return super().error(tensor, payload, out)
         # unscaled: the kept values decode exactly, so the error is the tensor without them
-        return _without(tensor, payload.meta["indices"])
+        return _without(tensor, payload.meta["indices"], out)
 
     def decode_sum(self, batch: Payload, out: torch.Tensor) -> torch.Tensor:
         """Every rank's values sit at the same coordinates: sum them, scale once, scatter once."""

@@ -1,12 +1,12 @@
-"""A restartable commcomp training job: DDP + GradiVeQ (error feedback) on MNIST-1D, with checkpoints.
+"""A restartable commcomp training job: DDP + GradiVeQ (tracked basis, error feedback) on MNIST-1D, with checkpoints.
 
-    torchrun --max-restarts 1 ... launch/workers/train_ckpt.py --dir DIR [--steps 32] [--every 8]
-                                                               [--step-delay S] [--timeout S]
+    torchrun --max-restarts 1 ... benchmarks/train_ckpt.py --dir DIR [--steps 32] [--every 8]
+                                                          [--step-delay S] [--timeout S]
 
 Every rank trains the same 1-D CNN (benchmarks.data.CNN1D) on its own deterministic batch for each
 step: the examples of its shard picked by a generator seeded with (step, rank), so a step computes
-the same thing whether or not the job was restarted before it. The GradiVeQ schedule is short
-(warm-up 2, sample 3, compress 5), so bases are refitted every 8 steps.
+the same thing whether or not the job was restarted before it. GradiVeQ compresses every step after
+two warm-up steps, and its bases and residuals change at every step.
 
 Every `--every` steps the job checkpoints into DIR, atomically (a temporary file, then os.replace):
   ckpt-<step>.rank<r>.pt   rank r's model, optimizer, step and GradiVeQ hook state (the error-feedback
@@ -34,13 +34,16 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+if __package__ in (None, ""):  # run as a script: make `benchmarks`, `commcomp` and `launch` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import commcomp
 from benchmarks.data import CNN1D, load_mnist1d, shard
 from launch.dist import finish, init_from_env
 
 __all__ = ["atomic_save", "latest_step", "main"]
 
-SCHEDULE: dict[str, Any] = dict(warmup_steps=2, sample_steps=3, compress_steps=5, fit_slices=64, error_feedback=True)
+SCHEDULE: dict[str, Any] = dict(warmup_steps=2)
 BATCH = 32
 
 
@@ -123,7 +126,7 @@ def main() -> int:
 
     params = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).cpu()
     atomic_save(
-        {"params": params, "compressed_layers": sum(c is not None for c in state.codecs.values())},
+        {"params": params, "compressed_layers": sum(t is not None for t in state.layers.values())},
         opts.dir / f"final.rank{rank}.pt",
     )
     finish()

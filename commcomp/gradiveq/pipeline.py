@@ -1,0 +1,169 @@
+"""The tracked-basis GradiVeQ step: two summed exchanges, for DDP buckets and Horovod steps alike.
+
+A compressed step needs two all-reduces, the second (basis updates B_n = X_n^T P) computed from the
+first's sum (coefficients C = X U, see `commcomp.gradiveq.tracked`). Both are issued from hook bodies
+(on Horovod: from `synchronize()`), so every rank issues them in the same order. On DDP:
+
+    hook body of bucket b:   [bucket b-1: wait for its coefficients, start its basis update]
+                             bucket b: start its coefficients
+                             [last bucket: wait for its coefficients, start its basis update]
+    callback of bucket b's basis update: decode, keep residuals and bases, end the bucket.
+
+Bucket b's coefficients travel while autograd computes bucket b+1's gradients; the wait for them
+happens in the next hook body. Uncompressed gradients (small layers, leftovers, biases) and the
+NaN/Inf flags ride with the coefficients; the basis updates carry one checksum slot per rank, so
+ranks whose orthonormalisation differed (another BLAS) stop with an error instead of drifting apart.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from commcomp.exchange import Encoded, InFlight, Pending, Wire, nbytes
+from commcomp.flat import flatten, unflatten
+from commcomp.gradiveq.tracked import TrackedLayer, orthonormalize
+from commcomp.stats import timer
+
+if TYPE_CHECKING:
+    from commcomp.gradiveq.hook import GradiVeQState
+
+__all__ = ["TrackedCoefficients", "TrackedGroup", "finish_tracked"]
+
+P = TypeVar("P", bound=Pending)
+
+
+@dataclass
+class _Grad:
+    """One gradient between the two exchanges."""
+
+    key: str
+    grad: torch.Tensor
+    layer: TrackedLayer | None  # None: sent as it is
+    x: torch.Tensor | None = None  # this rank's compensated slices X_n [S, K], float32
+    summed: list[torch.Tensor] = field(default_factory=list)  # [values] or [coefficients, leftovers]
+    p: torch.Tensor | None = None  # orthonormalised summed coefficients [S, d]
+    b: torch.Tensor | None = None  # this rank's basis update B_n [K, d]
+
+
+class TrackedCoefficients:
+    """`ExchangeCodec` of the first exchange: X_n U for compressed layers, g_n/N for the others."""
+
+    summed = True
+
+    def __init__(self, state: GradiVeQState) -> None:
+        self.state = state
+
+    def encode(self, keys: list[str], grads: list[torch.Tensor]) -> Encoded:
+        state, n = self.state, self.state.world_size
+        parts: list[torch.Tensor] = []
+        records: list[_Grad] = []
+        for key, g in zip(keys, grads):
+            layer = state.tracked_layer(key, g.shape)
+            h = g.detach() / n
+            if layer is None:
+                parts.append(h.reshape(-1).to(state.wire_dtype))
+                records.append(_Grad(key, g, None))
+                continue
+            x, rest = layer.plan.split(h)
+            x = x.float()
+            if state.memory is not None:
+                x = state.memory.compensate(key, x)
+            parts += [layer.coefficients(x).to(state.wire_dtype).reshape(-1), rest.to(state.wire_dtype)]
+            records.append(_Grad(key, g, layer, x))
+        return Encoded(keys, grads, parts, records)
+
+    def decode(self, received: list[torch.Tensor], encoded: Encoded) -> list[torch.Tensor]:
+        raise NotImplementedError("the tracked step decodes through TrackedGroup")
+
+    def commit(self, encoded: Encoded) -> None:
+        raise NotImplementedError("the tracked step commits through TrackedGroup")
+
+
+class TrackedGroup:
+    """Gradients whose coefficients are in flight (`items`, sent with `TrackedCoefficients`)."""
+
+    def __init__(self, state: GradiVeQState, items: list[InFlight[Any]], like: torch.Tensor, index: int = 0) -> None:
+        self.state, self.items, self.like, self.index = state, items, like, index
+        self.grads: list[_Grad] = [rec for item in items for rec in item.encoded.context]
+
+    def start_basis_update(self, wire: Wire[P], name: str = "") -> P:
+        """Wait for the coefficients, check the flags (raising on every rank if a rank had NaN/Inf),
+        orthonormalise, start the basis update."""
+        state, n = self.state, self.state.world_size
+        received = [item.pending.wait() for item in self.items]
+        with timer(self.like) as enc:
+            flags = torch.zeros(n, dtype=torch.float32, device=self.like.device)
+            for item, out in zip(self.items, received):
+                assert isinstance(out, torch.Tensor)
+                flags += out[-n:].float()
+                pieces = iter(unflatten(out[:-n], item.sent_parts))
+                for rec in item.encoded.context:
+                    rec.summed = [next(pieces)] if rec.layer is None else [next(pieces), next(pieces)]
+            state.raise_if_nonfinite(flags, self.index)
+            updates: list[torch.Tensor] = []
+            for rec in self.grads:
+                if rec.layer is not None and rec.x is not None:
+                    rec.p = orthonormalize(rec.summed[0].view(rec.layer.plan.S, rec.layer.d))
+                    rec.b = TrackedLayer.basis_update(rec.x, rec.p)
+                    updates.append(rec.b.to(state.wire_dtype))
+            checks = torch.zeros(n, _CHECK_BYTES, dtype=state.wire_dtype, device=self.like.device)
+            checks[state.rank] = _checksum([rec.p for rec in self.grads if rec.p is not None], self.like.device)
+            flat = flatten([*updates, checks])
+        state.stats.encoded(enc.seconds)
+        state.stats.sent(nbytes(flat))
+        return wire.start(flat, True, name)
+
+    def complete(self, received: torch.Tensor) -> None:
+        """Decode the averaged gradients into place; keep residuals and the next bases."""
+        state, n = self.state, self.state.world_size
+        checks = received[-n * _CHECK_BYTES :].view(n, _CHECK_BYTES)
+        odd = [r for r in range(n) if not torch.equal(checks[r], checks[state.rank])]
+        if odd:
+            raise RuntimeError(
+                f"GradiVeQ: ranks {odd} orthonormalised the same coefficients to other bases than rank "
+                f"{state.rank}; every rank must run the same torch build and linear-algebra library"
+            )
+        with timer(self.like) as dec:
+            shapes = [rec.b.shape for rec in self.grads if rec.b is not None]
+            updates = iter(unflatten(received[: -n * _CHECK_BYTES], shapes))
+            for rec in self.grads:
+                if rec.layer is None:
+                    rec.grad.copy_(rec.summed[0].view_as(rec.grad))
+                    continue
+                assert rec.p is not None and rec.b is not None and rec.x is not None
+                x_hat = rec.layer.decode(rec.p, next(updates).float())
+                rec.grad.copy_(rec.layer.plan.join(x_hat.to(rec.grad.dtype), rec.summed[1]))
+                if state.memory is not None:  # what this rank's share lost: X_n - P P^T X_n
+                    state.memory.set(rec.key, rec.x - rec.p @ rec.b.T)
+        state.stats.decoded(dec.seconds)
+
+
+_CHECK_BYTES = 4  # a CRC-32, one byte per slot: exact in every wire dtype
+
+
+def _checksum(ps: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The CRC-32 of a position-weighted sum of the orthonormalised coefficients, as 4 byte values
+    (equal bits give equal checksums; one number leaves the device per group)."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for p in ps:
+        w = torch.arange(1, p.numel() + 1, dtype=torch.float64, device=p.device).remainder_(9973)
+        total += (p.double().reshape(-1) * w).sum()
+    crc = zlib.crc32(struct.pack("<d", float(total)))
+    return torch.tensor(list(crc.to_bytes(4, "little")), dtype=torch.float32, device=device)
+
+
+def finish_tracked(state: GradiVeQState, items: list[InFlight[Any]], wire: Wire[Any], name: str) -> None:
+    """Both exchanges' second half for a whole step at once (Horovod's `synchronize()`): wait for the
+    coefficients, start and wait for the basis update, decode; the step's group ends either way."""
+    try:
+        group = TrackedGroup(state, items, items[0].encoded.grads[0])
+        received = group.start_basis_update(wire, name).wait()
+        assert isinstance(received, torch.Tensor)
+        group.complete(received)
+    finally:
+        state.end_bucket()

@@ -1,0 +1,94 @@
+"""GradiVeQ with a tracked basis: pure tensor code for one layer (no communication).
+
+Letters: a gradient's share h = g_n/N (plus its error-feedback residual) is cut into S slices of K
+values, the matrix X_n [S, K] (`SlicePlan`); U [K, d] is the layer's basis, identical on every rank.
+A compressed step is two summed exchanges:
+
+  1. coefficients: every rank sends C_n = X_n U [S, d]; the all-reduce sums them to C = X U, where
+     X = sum_n X_n is the averaged gradient's slice matrix;
+  2. basis update: every rank orthonormalises P = orth(C) [S, d] (the same bits everywhere, since C
+     is) and sends B_n = X_n^T P [K, d]; the all-reduce sums them to B = X^T P;
+  3. decode: X_hat = P B^T = P P^T X, the averaged slices projected onto the span of the current
+     step's coefficients, and B becomes the next step's basis U (one power-iteration step per
+     training step, warm-started from the last: the basis turns with the gradients).
+
+Both payloads are linear in X_n, so plain all-reduces sum them; what a step drops from X_n,
+X_n - P P^T X_n = X_n - P B_n^T, is this rank's error-feedback residual, and the residuals of all
+ranks sum to exactly what the averaged update missed. The bases start from a random matrix drawn from
+a generator seeded by the layer's name, so every rank starts from the same U without communicating.
+(This is the power step of PowerSGD, Vogels et al. 2019, on GradiVeQ's slice matrix.)
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+
+from commcomp.gradiveq.codec import SlicePlan, plan_slices
+
+__all__ = ["TrackedLayer", "orthonormalize", "square_plan"]
+
+
+def square_plan(shape: tuple[int, ...] | torch.Size, min_numel: int) -> SlicePlan | None:
+    """A slice plan whose matrix is as close to square as the layout allows (K near sqrt(M)).
+
+    For a rank-d message (S + K) d is smallest when S = K; K stays a multiple (or divisor) of the
+    layer's natural unit (F*D for a conv, the row for a Linear), as in `plan_slices`.
+    """
+    numel = math.prod(int(s) for s in shape) if len(shape) else 1
+    side = max(1, round(math.sqrt(numel)))
+    return plan_slices(shape, side, side, min_numel)
+
+
+def orthonormalize(c: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning `c` [S, d] (reduced QR with a sign convention), in float32.
+
+    Deterministic: the same input bits give the same output bits on a given device and library, so
+    ranks that summed the same coefficients get the same P without communicating.
+    """
+    q, r = torch.linalg.qr(c.float())
+    signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
+    return q * signs
+
+
+class TrackedLayer:
+    """One layer's tracked basis U [K, d] (float32) and the maths of a compressed step."""
+
+    def __init__(self, plan: SlicePlan, rank: int, name: str) -> None:
+        self.plan = plan
+        self.d = max(1, min(rank, plan.S, plan.K))
+        self.seed = zlib.crc32(name.encode())  # the same on every rank and in every run
+        self.basis: torch.Tensor | None = None  # [K, d] float32, created on first use
+
+    @property
+    def wire_values(self) -> int:
+        """Values this layer sends per step: coefficients S*d, basis update K*d."""
+        return (self.plan.S + self.plan.K) * self.d
+
+    def worth_compressing(self) -> bool:
+        """Whether the two payloads are less than half of the layer's values."""
+        return 2 * self.wire_values <= self.plan.S * self.plan.K
+
+    def start_basis(self, device: torch.device) -> torch.Tensor:
+        if self.basis is None:
+            gen = torch.Generator().manual_seed(self.seed)
+            self.basis = torch.randn(self.plan.K, self.d, generator=gen)
+        if self.basis.device != device:
+            self.basis = self.basis.to(device)
+        return self.basis
+
+    def coefficients(self, x: torch.Tensor) -> torch.Tensor:
+        """Step 1: C_n = X_n U [S, d] for this rank's slices `x` [S, K] (float32)."""
+        return x @ self.start_basis(x.device)
+
+    @staticmethod
+    def basis_update(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Step 2: B_n = X_n^T P [K, d]."""
+        return x.T @ p
+
+    def decode(self, p: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Step 3: the averaged slices P B^T [S, K]; B becomes the next basis."""
+        self.basis = b.float().clone()
+        return p @ self.basis.T

@@ -1,0 +1,50 @@
+"""The flatten helper and the cross-rank consistency pieces, in one process (the collectives that use
+them are exercised across ranks by the hook, Horovod, PQASGD, gossip and MoE tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from commcomp.consistency import bad_ranks, check_saved_options, flag_slots, has_nonfinite, options_digest
+from commcomp.flat import flatten, unflatten
+
+
+def test_unflatten_inverts_flatten_with_views() -> None:
+    tensors = [torch.randn(3, 4), torch.randn(5), torch.randn(2, 1, 3), torch.randn(0)]
+    flat = flatten(tensors)
+    assert flat.shape == (sum(t.numel() for t in tensors),)
+    back = unflatten(flat, [t.shape for t in tensors])
+    for t, b in zip(tensors, back):
+        assert torch.equal(t, b)
+    flat.zero_()  # the pieces are views of the buffer, not copies
+    assert all(int(torch.count_nonzero(b)) == 0 for b in back)
+    assert flatten(tensors, torch.float64).dtype == torch.float64
+
+
+def test_unflatten_refuses_a_wrong_length() -> None:
+    with pytest.raises(ValueError, match="cannot cut 7 values"):
+        unflatten(torch.zeros(7), [(2, 3)])
+
+
+def test_digest_depends_on_every_option_but_not_on_key_order() -> None:
+    a = {"quantizer": "qsgd", "bits": 4, "shape": (2, 3)}
+    assert options_digest(a) == options_digest(dict(reversed(list(a.items()))))
+    assert options_digest(a) != options_digest({**a, "bits": 8})
+    assert 0 <= options_digest(a) < 2**56  # 7 bytes: fits an int64 tensor
+
+
+def test_saved_options_name_the_keys_that_differ() -> None:
+    check_saved_options("X", {"a": (1, 2), "b": torch.float16}, {"a": [1, 2], "b": "torch.float16"})
+    with pytest.raises(ValueError, match=r"X.load_state_dict: .* different options \['b', 'c'\]"):
+        check_saved_options("X", {"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 0})
+
+
+def test_flags_mark_the_bad_ranks_after_a_sum() -> None:
+    world = 4
+    per_rank = [[torch.ones(3)], [torch.tensor([1.0, float("nan")])], [torch.ones(2)], [torch.tensor([float("inf")])]]
+    cpu = torch.device("cpu")
+    summed = torch.stack([flag_slots(has_nonfinite(t), r, world, torch.float16, cpu) for r, t in enumerate(per_rank)])
+    summed = summed.sum(0)
+    assert bad_ranks(summed) == [1, 3]
+    assert bad_ranks(torch.zeros(world)) == []
