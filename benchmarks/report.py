@@ -300,7 +300,8 @@ def _accuracy_panels(axes: Sequence[Any], ran: list[Row]) -> None:
         if target is not None:
             ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target:.3f}")
     axes[0].set(xlabel="training seconds (evaluation excluded)", ylabel="test accuracy", title="accuracy vs time")
-    axes[0].legend(fontsize=7)
+    if any(r["curve"] for r in ran):
+        axes[0].legend(fontsize=7)
     if len(axes) > 1:
         axes[1].set(xlabel="step", ylabel="test accuracy", title="accuracy vs step")
 

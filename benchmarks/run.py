@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", default="", help="model width per workload, e.g. cnn=256,mlp=2048")
     p.add_argument("--horovod", default="auto", choices=["auto", "on", "off"], help="the Horovod rows")
     p.add_argument("--horovod-steps", type=int, default=3, help="MLP steps per Horovod method")
+    p.add_argument("--horovod-timeout", type=float, default=240.0, help="seconds before the Horovod phase is given up")
     p.add_argument("--collectives", default="16", help="payload MB for the wire-efficiency pass ('' skips it)")
     p.add_argument(
         "--results-md", default="", help="also write the markdown report here, e.g. docs/results.md ('' does not)"
@@ -87,7 +88,8 @@ def _run_horovod(hosts: Hosts, args: argparse.Namespace, out: Path) -> list[dict
     path = out / "horovod.json"
     argv = [sys.executable, str(HERE / "train_horovod.py"), "--steps", str(args.horovod_steps), "--out", str(path)]
     argv += [*(("--width", args.width) if args.width else ()), *_method_args(args)]
-    job = start_mpirun(hosts, argv, timeout=args.timeout, stream=False, nproc_per_host=args.nproc_per_node)
+    timeout = min(args.timeout, args.horovod_timeout)  # a stuck mpirun must not eat the run's budget
+    job = start_mpirun(hosts, argv, timeout=timeout, stream=False, nproc_per_host=args.nproc_per_node)
     follower = follow(job, r"\[cnn\]|\[mlp\]|wrote|Error")
     job.wait(check=True)
     follower.join(timeout=5)
@@ -120,11 +122,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print("== Horovod rows (mpirun)", flush=True)
             try:
                 rows += _run_horovod(hosts, args, out)
-                phases["horovod"] = time.monotonic() - started
             except Exception as e:  # the training rows stand on their own; say what failed
                 if args.horovod == "on":
                     raise
-                print(f"Horovod rows failed, left out: {e}", flush=True)
+                print(f"Horovod rows failed, left out: {str(e)[-2000:]}", flush=True)
+                rows.append({"method": "hvd-*", "label": "Horovod rows", "workload": "mlp", "skipped": "failed"})
+            phases["horovod"] = time.monotonic() - started
         elif args.horovod == "on":
             raise SystemExit(f"--horovod on, but {why}")
         else:
