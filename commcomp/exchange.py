@@ -11,7 +11,7 @@ Every integration runs the same sequence, written once here:
      5. wait for every collective of the group, then raise on every rank if any rank was flagged;
      6. decode into the gradients;
      7. commit: the codec keeps what it learns only from a clean step (error-feedback residuals,
-        PCA statistics);
+        PCA statistics), at the end of the step, once every group of the step decoded cleanly;
      8. end: the host state's bookkeeping (`HookState.end_bucket`) closes the step after its last group.
 
 The pieces plugged in:
@@ -23,7 +23,8 @@ The pieces plugged in:
 - `Wire` issues the collective: `TorchWire` on a torch.distributed group (DDP), the Horovod wire in
   `commcomp.horovod`.
 - The `Host` owns the step (`commcomp.hooks.base.HookState` is one): its rank and world size, its
-  NaN/Inf flag and policy (`nonfinite`, `raise_if_nonfinite`), stats and bucket bookkeeping.
+  NaN/Inf flag and policy (`nonfinite`, `skip_step`), the step-end commits, stats and bucket
+  bookkeeping.
 
 Ordering rule: `send` is called from hook bodies only, in the same order on every rank; `finish`
 (called from callbacks) never issues a collective.
@@ -31,14 +32,17 @@ Ordering rule: `send` is called from hook bodies only, in the same order on ever
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from commcomp.consistency import flag_slots
+from commcomp.consistency import bad_ranks, flag_slots
 from commcomp.flat import flatten, unflatten
+from commcomp.overflow import poison
 from commcomp.stats import CommStats, timer
 
 __all__ = [
@@ -112,8 +116,13 @@ class Host(Protocol):
         """This rank's flag: True if checking is on and any tensor holds NaN/Inf."""
         ...
 
-    def raise_if_nonfinite(self, flags: torch.Tensor, bucket_index: int) -> None:
-        """Act on the per-rank flags every rank received (raise on every rank, or let a policy pass)."""
+    def skip_step(self, flags: torch.Tensor, bucket_index: int) -> None:
+        """Some rank was flagged (every rank received the same flags): the step leaves the state
+        untouched (or every rank raises, by policy)."""
+        ...
+
+    def commit_at_step_end(self, commit: Callable[[], None]) -> None:
+        """Run `commit` when the step ends cleanly."""
         ...
 
     def end_bucket(self) -> None:
@@ -202,7 +211,8 @@ def send(
             flags = torch.tensor([int(bad)], dtype=torch.uint8, device=like.device)
         flat = flatten([*encoded.parts, flags])
     host.stats.encoded(enc.seconds)
-    host.stats.sent(nbytes(flat), dense=dense_bytes)
+    kind = "allreduce" if codec.summed else "allgather"
+    host.stats.sent(nbytes(flat), dense=dense_bytes, kind=kind, world_size=host.world_size)
     pending = wire.start(flat, codec.summed, name)
     return InFlight(codec, encoded, pending, [p.shape for p in encoded.parts])
 
@@ -216,19 +226,24 @@ def _split(item: InFlight[Any], received: Received, world_size: int) -> tuple[li
 
 def finish(host: Host, items: list[InFlight[Any]], index: int = 0) -> None:
     """Steps 5-8 for `items` (one DDP bucket, or every tensor of a Horovod step; not empty): wait for
-    all, raise on every rank if any rank was flagged, decode into the gradients, commit, end the group.
-    The group ends (`end_bucket`) even when it raises, so the step counter stays in step."""
+    all; if any rank was flagged, fill the gradients with NaN on every rank (or raise on every rank)
+    and mark the step skipped; else decode into the gradients and queue the commits for the step's
+    end. The group ends (`end_bucket`) even when it raises, so the bookkeeping stays in step."""
     try:
         received = [item.pending.wait() for item in items]  # every collective done before any raise
         with timer(items[0].encoded.grads[0]) as dec:
             split = [_split(item, r, host.world_size) for item, r in zip(items, received)]
             flags = torch.stack([f.to(torch.float32) for _, f in split]).sum(0)
-            host.raise_if_nonfinite(flags, index)
+            if bad_ranks(flags):
+                for item in items:
+                    poison(item.encoded.grads)
+                host.skip_step(flags, index)
+                return
             for item, (payload, _) in zip(items, split):
                 for grad, value in zip(item.encoded.grads, item.codec.decode(payload, item.encoded)):
                     grad.copy_(value.view_as(grad))
         host.stats.decoded(dec.seconds)
         for item in items:
-            item.codec.commit(item.encoded)
+            host.commit_at_step_end(functools.partial(item.codec.commit, item.encoded))
     finally:
         host.end_bucket()

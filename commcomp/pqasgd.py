@@ -32,7 +32,9 @@ from torch import nn
 from commcomp import quantizers
 from commcomp.comm import Collectives, TorchCollectives
 from commcomp.consistency import bad_ranks, check_saved_options, flag_slots, has_nonfinite, verify_options
+from commcomp.elastic import world_size_error
 from commcomp.flat import flatten, unflatten
+from commcomp.overflow import GradientWatch, check_nonfinite, gradients_nonfinite
 from commcomp.quantizers import Payload, Quantizer, StochasticQuantizer, pack_payloads, unpack_payloads
 from commcomp.quantizers.registry import QUANTIZERS
 from commcomp.quantizers.sparse import RandK
@@ -63,6 +65,10 @@ class PQASGD:
         seed: seeds the shared coordinate generator (density) and the quantizer's default seed.
         sync_start: broadcast rank 0's parameters at construction so every rank starts alike.
         check_finite: refuse to synchronise NaN/Inf, raising NonFiniteModelError on every rank.
+        nonfinite: "propagate" (default) or "raise": after each backward pass the ranks sum one NaN/Inf
+            flag each (`commcomp.overflow.GradientWatch`); on an overflow "propagate" makes every rank's
+            gradients NaN (a GradScaler then skips the step everywhere, and `step()` skips a step whose
+            gradients are non-finite without counting it), "raise" raises on every rank.
         **quantizer_options: for the quantizer, e.g. bits=4, bucket_size=512.
 
     Example::
@@ -93,6 +99,7 @@ class PQASGD:
         seed: int = 0,
         sync_start: bool = True,
         check_finite: bool = True,
+        nonfinite: str = "propagate",
         **quantizer_options: Any,
     ) -> None:
         _check_int(period, "period", 1)
@@ -106,6 +113,7 @@ class PQASGD:
         self.density = density
         self.seed = int(seed)
         self.check_finite = check_finite
+        self.nonfinite_policy = check_nonfinite(nonfinite)
         self.quantizer: Quantizer | None = None
         self.coordinate_sampler: RandK | None = None  # density: picks the coordinates averaged
         if density is not None:
@@ -131,11 +139,15 @@ class PQASGD:
             self._broadcast_params()
         self.x_bar = [p.detach().clone() for p in self.params]  # last synchronised model
         self._hook = optimizer.register_step_post_hook(lambda *_: self.step()) if optimizer is not None else None
+        self.watch = GradientWatch(self.params, self.comm, self.nonfinite_policy, "PQASGD", self.stats)
 
     # ----- the algorithm -----
     @torch.no_grad()
     def step(self) -> None:
-        """Count one local step; average (exactly, quantized or sparsely) when this step is due."""
+        """Count one local step; average (exactly, quantized or sparsely) when this step is due. A step
+        whose gradients are non-finite (an overflow, on every rank alike) is skipped and not counted."""
+        if gradients_nonfinite(self.params):
+            return
         self.steps += 1
         if self.steps <= self.warmup_steps:
             self._average_exactly()
@@ -144,7 +156,7 @@ class PQASGD:
                 self._average_sparsely(self.coordinate_sampler)
             elif self.quantizer is not None:
                 self._average_quantized(self.quantizer)
-        self.stats.sent(0, self._dense)
+        self.stats.sent(0, self._dense, kind="allreduce", world_size=self.comm.world_size)
         self.stats.end_step()
 
     @property
@@ -172,7 +184,7 @@ class PQASGD:
             flag = torch.tensor([self._nonfinite(self.params)], dtype=torch.uint8, device=device)
             flat = flatten([pack_payloads(payloads).to(device), flag])
         self.stats.encoded(enc.seconds)
-        self.stats.sent(flat.numel() * flat.element_size())
+        self.stats.sent(flat.numel() * flat.element_size(), kind="allgather", world_size=self.comm.world_size)
         gathered = self.comm.all_gather(flat)
         with timer(self.x_bar[0]) as dec:
             self._raise_if_nonfinite(torch.stack([t[-1] for t in gathered]))
@@ -201,7 +213,7 @@ class PQASGD:
         """Sum `flat` over ranks with one slot per rank appended that flags non-finite values."""
         flags = flag_slots(self._nonfinite([flat]), self.comm.rank, self.comm.world_size, flat.dtype, flat.device)
         buf = flatten([flat, flags])
-        self.stats.sent(buf.numel() * buf.element_size())
+        self.stats.sent(buf.numel() * buf.element_size(), kind="allreduce", world_size=self.comm.world_size)
         total = self.comm.all_reduce_sum(buf)
         self._raise_if_nonfinite(total[-self.comm.world_size :])
         return total[: flat.numel()]
@@ -225,6 +237,7 @@ class PQASGD:
             "density": self.density,
             "seed": self.seed,
             "check_finite": self.check_finite,
+            "nonfinite": self.nonfinite_policy,
             "quantizer": None if self.quantizer is None else self.quantizer.name,
             "quantizer_options": None if self.quantizer is None else self.quantizer.options(),
             "params": [[list(p.shape), str(p.dtype)] for p in self.params],
@@ -232,13 +245,14 @@ class PQASGD:
 
     def _check_same_everywhere(self) -> None:
         """Raise on every rank if the options or parameter shapes differ across ranks."""
-        self.stats.sent(verify_options("PQASGD", self.options(), self.comm, self.params[0].device))
+        nbytes = verify_options("PQASGD", self.options(), self.comm, self.params[0].device)
+        self.stats.sent(nbytes, kind="allgather", world_size=self.comm.world_size)
 
     @torch.no_grad()
     def _broadcast_params(self) -> None:
         flat = flatten([p.detach() for p in self.params])
         if self.comm.rank == 0:
-            self.stats.sent(flat.numel() * flat.element_size())
+            self.stats.sent(flat.numel() * flat.element_size(), kind="broadcast", world_size=self.comm.world_size)
         flat = self.comm.broadcast(flat, 0)
         for p, v in zip(self.params, self._split(flat)):
             p.copy_(v)
@@ -247,7 +261,8 @@ class PQASGD:
         return unflatten(flat, [p.shape for p in self.params])
 
     def close(self) -> None:
-        """Remove the optimizer post-step hook (if one was installed)."""
+        """Remove the optimizer post-step hook (if one was installed) and the gradient watch."""
+        self.watch.remove()
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -263,9 +278,12 @@ class PQASGD:
             "coordinate_sampler": None if self.coordinate_sampler is None else self.coordinate_sampler.state_dict(),
             "stats": self.stats.state_dict(),
             "options": self.options(),
+            "world_size": self.comm.world_size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("world_size", self.comm.world_size) != self.comm.world_size:
+            raise world_size_error("PQASGD", state["world_size"], self.comm.world_size)
         check_saved_options("PQASGD", state["options"], self.options())
         self.steps = int(state["steps"])
         for xb, saved in zip(self.x_bar, state["x_bar"]):

@@ -90,7 +90,7 @@ def reference(
         with torch.no_grad():
             for p, v in zip(m.parameters(), init):
                 p.copy_(v)
-    qopts = {k: v for k, v in options.items() if k != "consensus_step"}
+    qopts = {k: v for k, v in options.items() if k not in ("consensus_step", "compression_scale")}
     qs = [quantizers.get(quantizer, **qopts) for _ in range(n)]
     for r, q in enumerate(qs):
         if hasattr(q, "set_rank"):
@@ -142,6 +142,10 @@ def reference(
                     replicas[i][j] = lin((1 - 2 / t, replicas[i][j]), (2 / t, cz[j]))
         elif name == "choco":
             gamma = options["consensus_step"]
+            # a = 1 / (1 + omega) for an unbiased quantizer with variance bound omega (CHOCO's rule)
+            omega = getattr(qs[0], "omega", None)
+            default = 1 / (1 + omega) if qs[0].unbiased and omega is not None else 1.0
+            a = options.get("compression_scale") or default
             half = [lin((1.0, x[i]), (-LR, g[i])) for i in range(n)]
             x = [
                 lin(
@@ -150,7 +154,7 @@ def reference(
                 )
                 for i in range(n)
             ]
-            q = [C[i](lin((1.0, x[i]), (-1.0, replicas[i][i]))) for i in range(n)]
+            q = [lin((a, C[i](lin((1.0, x[i]), (-1.0, replicas[i][i]))))) for i in range(n)]
             for i in range(n):
                 for j in [*nb[i], i]:
                     replicas[i][j] = lin((1.0, replicas[i][j]), (1.0, q[j]))

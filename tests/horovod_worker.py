@@ -194,7 +194,7 @@ def _error_runs() -> dict[str, str]:
     def nan_step() -> None:
         model = build("conv")
         opt = chvd.DistributedOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), "gradiveq"
+            torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), "gradiveq", nonfinite="raise"
         )
         x, y = batch(rank, 0)
         if rank == 1:

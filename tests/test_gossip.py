@@ -7,6 +7,7 @@ per neighbour and applies each paper's update rule literally.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -122,6 +123,8 @@ def _errors(rank: int) -> dict[str, str]:
         "quantizer": {"quantizer": "nope", "consensus_step": 0.5},
         "transport": {"transport": "tcp", "consensus_step": 0.5},
         "gamma": {"consensus_step": 0.0},
+        "scale": {"consensus_step": 0.5, "compression_scale": 1.5},
+        "randk": {"quantizer": "randk", "ratio": 0.25, "consensus_step": 0.5},  # rescaled: not contractive
     }.items():
         try:
             CHOCO(model, opt, **kwargs)
@@ -148,6 +151,27 @@ def _consensus(rank: int) -> dict[str, Any]:
     }
 
 
+def _contraction(rank: int) -> dict[str, Any]:
+    """Pure consensus (lr 0) from different models with CHOCO and 2-bit QSGD, gamma 0.4: the
+    distance to the network average, with the default scale 1 / (1 + omega) and unscaled."""
+    out: dict[str, Any] = {}
+    for label, scale in (("default", None), ("unscaled", 1.0)):
+        model = build_model(rank)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        algo = CHOCO(
+            model, opt, quantizer="qsgd", bits=2, consensus_step=0.4, compression_scale=scale, sync_initial=False
+        )
+        distances = []
+        for _ in range(200):
+            algo.step()
+            flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            mean = flat.clone()
+            dist.all_reduce(mean)
+            distances.append(float((flat - mean / WORLD).norm()))
+        out[label] = {"distances": distances, "scale": algo.compression_scale}
+    return out
+
+
 def everything(rank: int, world_size: int) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": {}}
     for label, name, quantizer, options in CONFIGS:
@@ -156,6 +180,7 @@ def everything(rank: int, world_size: int) -> dict[str, Any]:
     out["ddp"] = _ddp_route(rank)
     out["errors"] = _errors(rank)
     out["consensus"] = _consensus(rank)
+    out["contraction"] = _contraction(rank)
     out["session"] = transport_session(rank, "torch")
     return out
 
@@ -214,7 +239,8 @@ def test_bytes_counted_from_the_sent_buffers(results: list[dict[str, Any]], labe
     q = quantizers.get(quantizer, **qopts)
     payload = sum(q.compress(p).nbytes for p in results[0]["runs"][label]["init"])
     for r in results:
-        assert r["runs"][label]["bytes"][1:] == [2 * (8 + payload)] * (STEPS - 1)  # 2 neighbours, size + data
+        flags = 4 * WORLD  # the NaN/Inf flags summed after each backward pass (one float32 per rank)
+        assert r["runs"][label]["bytes"][1:] == [2 * (8 + payload) + flags] * (STEPS - 1)  # 2 neighbours
         assert r["runs"][label]["bytes"][0] > 2 * (8 + payload)  # step 1 also carries the setup
 
 
@@ -238,6 +264,22 @@ def test_errors_name_the_problem(results: list[dict[str, Any]]) -> None:
         assert "unknown quantizer 'nope'" in r["errors"]["quantizer"]
         assert "unknown transport 'tcp'" in r["errors"]["transport"]
         assert "consensus_step must be a number in (0, 1]" in r["errors"]["gamma"]
+        assert "compression_scale must be a number in (0, 1], got 1.5" in r["errors"]["scale"]
+        assert "CHOCO needs a contractive quantizer" in r["errors"]["randk"]
+
+
+def test_choco_with_coarse_qsgd_reaches_consensus(results: list[dict[str, Any]]) -> None:
+    """2-bit QSGD is not contractive (omega = sqrt(512) > 1): CHOCO scales it by 1 / (1 + omega) by
+    default, and the models then approach their average instead of blowing up."""
+    omega = quantizers.get("qsgd", bits=2).omega
+    for r in results:
+        c = r["contraction"]
+        assert c["default"]["scale"] == pytest.approx(1 / (1 + omega))
+        d = c["default"]["distances"]
+        assert all(math.isfinite(x) for x in d) and d[-1] < 0.5 * d[0], d[::20]
+        assert c["unscaled"]["scale"] == 1.0
+        u = c["unscaled"]["distances"]
+        assert not u[-1] < u[0], u[::20]  # the setting does exercise the problem: unscaled, it diverges
 
 
 def test_consensus_model_is_the_average_and_leaves_training_alone(results: list[dict[str, Any]]) -> None:

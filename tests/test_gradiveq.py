@@ -385,7 +385,7 @@ def test_checkpoint_resume_is_exact(tmp_path, mode):
 def _nan_worker(rank, world, mode):
     torch.manual_seed(0)
     ddp = DDP(Net(), bucket_cap_mb=0.004)
-    commcomp.register(ddp, "gradiveq", **mode)
+    commcomp.register(ddp, "gradiveq", nonfinite="raise", **mode)
     x, y = _batch(rank, 0)
     if rank == 1:
         x[0, 0, 0] = float("nan")

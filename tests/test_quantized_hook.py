@@ -211,7 +211,7 @@ def _errors_worker(rank: int, world: int) -> dict[str, str]:
         commcomp.register(model, "qsgdd")
     except ValueError as e:
         out["unknown_method"] = str(e)
-    state = commcomp.register(model, "topk", ratio=0.1, error_feedback=True)
+    state = commcomp.register(model, "topk", ratio=0.1, error_feedback=True, nonfinite="raise")
     out["state"] = type(state).__name__
     x, y = _batch(rank, 0)
     loss = F.cross_entropy(model(x), y) * (float("nan") if rank == 1 else 1.0)

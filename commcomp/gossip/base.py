@@ -14,8 +14,9 @@ the same thing. Every rank must call `step()` the same number of times (each one
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +25,9 @@ from torch import nn
 
 from commcomp import quantizers
 from commcomp.consistency import check_saved_options, verify_options_with_root
+from commcomp.elastic import world_size_error
 from commcomp.gossip.transport import TorchTransport, Transport
+from commcomp.overflow import GradientWatch, check_nonfinite, gradients_nonfinite
 from commcomp.quantizers import Payload, Quantizer, pack_payloads, unpack_payloads
 from commcomp.stats import CommStats, timer
 from commcomp.topologies import Topology
@@ -72,6 +75,12 @@ class GossipAlgorithm(ABC):
         process_group: the torch.distributed group (None: the whole world).
         topology_options: passed to the topology (e.g. {"shape": (2, 4)} for a torus).
         sync_initial: broadcast rank 0's parameters first (the theory assumes equal starts).
+        nonfinite: "propagate" (default) or "raise": what a NaN/Inf gradient on any rank does (see
+            `commcomp.overflow`). After each backward pass the ranks share one flag each (a small
+            all-reduce); with "propagate" every rank's gradients then become NaN, so
+            `torch.amp.GradScaler` skips that step everywhere (`scaler.step(algo)` works: the
+            algorithm has the optimizer's `param_groups`), and `step()` itself skips a step whose
+            gradients are non-finite, leaving the parameters and the gossip state as they were.
         **quantizer_options: passed to the quantizer (e.g. bits=4 for qsgd).
     """
 
@@ -89,6 +98,7 @@ class GossipAlgorithm(ABC):
         process_group: dist.ProcessGroup | None = None,
         topology_options: dict[str, Any] | None = None,
         sync_initial: bool = True,
+        nonfinite: str = "propagate",
         **quantizer_options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -99,7 +109,9 @@ class GossipAlgorithm(ABC):
         self.model = model
         self.optimizer = optimizer
         self.sync_initial = bool(sync_initial)
+        self.nonfinite_policy = check_nonfinite(nonfinite)
         self.quantizer = quantizers.get(quantizer, **quantizer_options)
+        self.check_quantizer()  # before any collective: a refusal is raised on every rank alike
         self.transport = make_transport(transport, topology, topology_options, process_group)
         self.topology = self.transport.topology
         self.rank = self.transport.rank
@@ -122,14 +134,18 @@ class GossipAlgorithm(ABC):
         self._previous: Tensors | None = None
         # --- statistics ---
         self.stats = CommStats()
-        sent = self.transport.bytes_sent
-        self._verify_options()
+        # setup traffic lands in step 1's count
+        with self._counted("allreduce"):  # the options check: a digest broadcast and a flag sum
+            self._verify_options()
         if sync_initial:
-            with torch.no_grad():
+            with torch.no_grad(), self._counted("broadcast"):
                 for p in self.params:
                     self.transport.broadcast(p.data, 0)
-        self.buffers: dict[str, Tensors] = self.init_buffers()
-        self.stats.sent(self.transport.bytes_sent - sent)  # setup traffic lands in step 1's count
+        with self._counted("p2p"):  # DCD and ECD exchange their models once
+            self.buffers: dict[str, Tensors] = self.init_buffers()
+        self.watch: GradientWatch | None = GradientWatch(
+            self.params, self.transport, self.nonfinite_policy, type(self).__name__, self.stats
+        )
 
     # ----- the algorithm -----
     @abstractmethod
@@ -137,9 +153,17 @@ class GossipAlgorithm(ABC):
         """The algorithm's per-parameter state (replica sums, public copies), after the broadcast."""
 
     @abstractmethod
+    def resized_buffers(self, params: Tensors, averaged: dict[str, Tensors]) -> dict[str, Tensors]:
+        """The buffers after a change of world size (`commcomp.elastic.load`): every rank's parameters
+        are `params` (the old ranks' average) and `averaged` holds the old ranks' average of each buffer."""
+
+    @abstractmethod
     def update(self, previous: Tensors, current: Tensors) -> Tensors:
         """New parameters from x_i (`previous`; empty if `needs_previous` is False) and the optimizer's
         result (`current`)."""
+
+    def check_quantizer(self) -> None:  # noqa: B027  (a hook with a default, not an abstract method)
+        """Raise ValueError if the algorithm cannot work with `self.quantizer` (default: any works)."""
 
     def options(self) -> dict[str, Any]:
         """Options that must agree on every rank."""
@@ -151,6 +175,7 @@ class GossipAlgorithm(ABC):
             "quantizer_options": self.quantizer.options(),
             "shapes": [list(p.shape) for p in self.params],
             "sync_initial": self.sync_initial,  # checked before the broadcast, so a mismatch cannot hang
+            "nonfinite": self.nonfinite_policy,
         }
 
     # ----- the step -----
@@ -172,7 +197,13 @@ class GossipAlgorithm(ABC):
         self.stats.end_step()
 
     def step(self, closure: Any = None) -> Any:
-        """`optimizer.step(closure)` followed by the gossip exchange; returns the closure's loss."""
+        """`optimizer.step(closure)` followed by the gossip exchange; returns the closure's loss.
+
+        A step whose gradients hold NaN/Inf (on every rank alike, after the gradient watch) is
+        skipped: no optimizer step, no exchange, nothing counted.
+        """
+        if closure is None and gradients_nonfinite(self.params):
+            return None
         self.begin()
         loss = self.optimizer.step(closure)
         self.finish()
@@ -180,6 +211,17 @@ class GossipAlgorithm(ABC):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def close(self) -> None:
+        """Remove the gradient watch (its autograd hook): overflows are then no longer shared."""
+        if self.watch is not None:
+            self.watch.remove()
+            self.watch = None
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups, so `torch.amp.GradScaler.step(algo)` can unscale them."""
+        return self.optimizer.param_groups
 
     # ----- sending -----
     def exchange(self, tensors: Tensors) -> tuple[Tensors, list[Tensors]]:
@@ -189,15 +231,21 @@ class GossipAlgorithm(ABC):
         with timer(tensors[0]) as enc:
             payloads = [q.compress(t) for t in tensors]
             flat = pack_payloads(payloads)
-        sent = self.transport.bytes_sent
-        received = self.transport.exchange(flat)
-        self.stats.sent(self.transport.bytes_sent - sent, self.dense_bytes)
+        with self._counted("p2p", self.dense_bytes):
+            received = self.transport.exchange(flat)
         with timer(tensors[0]) as dec:
             own = [q.decompress(p) for p in payloads]
             theirs = [self._decode(buf, payloads) for buf in received]
         self.stats.encoded(enc.seconds)
         self.stats.decoded(dec.seconds)
         return own, theirs
+
+    @contextlib.contextmanager
+    def _counted(self, kind: str, dense: int = 0) -> Iterator[None]:
+        """Count the bytes the transport handed over inside the block as one collective `kind`."""
+        before = self.transport.bytes_sent
+        yield
+        self.stats.sent(self.transport.bytes_sent - before, dense, kind=kind, world_size=self.topology.size)
 
     def exchange_exact(self, tensors: Sequence[torch.Tensor]) -> list[Tensors]:
         """Send `tensors` uncompressed (used once to initialise replicas); return the neighbours'."""
@@ -242,6 +290,9 @@ class GossipAlgorithm(ABC):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved_world = state["options"].get("world_size")
+        if saved_world != self.topology.size:
+            raise world_size_error(type(self).__name__, saved_world, self.topology.size)
         check_saved_options(type(self).__name__, state["options"], self.options())
         for key, tensors in self.buffers.items():
             saved = state["buffers"][key]

@@ -1,8 +1,9 @@
 """The DDP route: `commcomp.register(ddp_model, "choco", optimizer=opt, ...)` and friends.
 
 Registers "dpsgd", "dcd", "ecd" and "choco" as communication methods. The installed comm hook skips
-DDP's global all-reduce (each rank keeps its own gradients), and the gossip update runs from the
-optimizer's step hooks: the pre-hook remembers the parameters, the post-hook exchanges and mixes.
+DDP's global all-reduce of the gradients (each rank keeps its own; only one NaN/Inf flag per rank
+is summed, so an overflow reaches every rank), and the gossip update runs from the optimizer's
+step hooks: the pre-hook remembers the parameters, the post-hook exchanges and mixes.
 Parameters are never modified during backward (autograd's version counters stay intact), and the
 result equals the optimizer-wrapper API step for step. Hence `optimizer=` is required.
 (No `from __future__ import annotations` here: DDP inspects the hook's annotations at run time.)
@@ -14,9 +15,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from commcomp.consistency import bad_ranks, flag_slots, has_nonfinite
 from commcomp.gossip.algorithms import CHOCO, DCD, DPSGD, ECD
 from commcomp.gossip.base import GossipAlgorithm
 from commcomp.hooks.base import HookState, register_method
+from commcomp.overflow import NonFiniteGradientError, poison
 
 __all__ = ["GossipState", "local_gradient_hook"]
 
@@ -28,6 +31,9 @@ class GossipState(HookState):
         super().__init__(process_group, check_finite=False)
         self.algorithm = algorithm
         self.stats = algorithm.stats
+        if algorithm.watch is not None:  # the comm hook shares the flags here (DDP overwrites .grad)
+            algorithm.watch.remove()
+            algorithm.watch = None
         opt = algorithm.optimizer
         self._handles = [
             opt.register_step_pre_hook(lambda *_: algorithm.begin()),
@@ -54,11 +60,28 @@ class GossipState(HookState):
 
 
 def local_gradient_hook(state: GossipState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP comm hook that communicates nothing: every rank keeps its local gradients."""
-    del state
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    fut.set_result(bucket.buffer())
-    return fut
+    """DDP comm hook that sends no gradients: every rank keeps its local gradients.
+
+    It sums one NaN/Inf flag per rank (an all-reduce of `world_size` floats per bucket), so an
+    overflow on any rank fills every rank's bucket with NaN ("propagate": GradScaler then skips
+    the optimizer step, and with it the gossip, on every rank) or raises on every rank ("raise").
+    """
+    buf = bucket.buffer()
+    flags = flag_slots(has_nonfinite([buf]), state.rank, state.world_size, torch.float32, buf.device)
+    state.stats.sent(flags.numel() * flags.element_size(), kind="allreduce", world_size=state.world_size)
+    policy = state.algorithm.nonfinite_policy
+
+    def settle(fut: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
+        bad = bad_ranks(fut.value()[0])
+        if bad and policy == "raise":
+            raise NonFiniteGradientError(
+                f"{type(state.algorithm).__name__}: NaN or Inf in the gradients of rank(s) {bad}"
+            )
+        if bad:
+            poison([buf])
+        return buf
+
+    return dist.all_reduce(flags, group=state.process_group, async_op=True).get_future().then(settle)
 
 
 def _factory(cls: type[GossipAlgorithm], method: str) -> Any:

@@ -74,7 +74,7 @@ def refit(state: GradiVeQState, codecs: list[LayerCodec], like: torch.Tensor) ->
     with timer(like) as fit_time:
         comm = state.collectives()
         refit_bases(codecs, comm, state.fitted.src_rank, state.fitted, like.device)
-    state.stats.sent(comm.bytes_sent)
+    state.stats.sent(comm.bytes_sent, kind="broadcast", world_size=comm.world_size)  # mostly the bases
     state.stats.encoded(fit_time.seconds)
 
 

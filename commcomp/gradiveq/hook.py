@@ -17,7 +17,6 @@ All collectives are issued from hook bodies, in bucket order; callbacks only dec
 Paper: https://arxiv.org/abs/1811.03617
 """
 
-
 from dataclasses import asdict
 from typing import Any
 
@@ -60,7 +59,10 @@ class GradiVeQState(HookState):
         max_components, fit_slices, sample_quantizer, sample_quantizer_options, src_rank: the
             fitted basis's options (see `commcomp.gradiveq.fitted`); giving one with the tracked
             basis raises.
-        check_finite: refuse gradients with NaN/Inf, raising on every rank.
+        check_finite: look for NaN/Inf in the gradients (a flag per rank rides along).
+        nonfinite: "propagate" (default: a NaN/Inf on any rank makes every rank's gradients NaN, so a
+            GradScaler skips the step everywhere, and the step leaves this state untouched) or "raise"
+            (`NonFiniteGradientError` on every rank); see `commcomp.overflow`.
 
     Tuning (tracked): raise `rank` (16) when accuracy lags fp32; lower it (4) or keep bf16 when
     bytes matter most; a few warm-up steps help when the first steps' gradients are very large.
@@ -89,8 +91,9 @@ class GradiVeQState(HookState):
         sample_quantizer_options: dict[str, Any] | None = None,
         src_rank: int | None = None,
         check_finite: bool = True,
+        nonfinite: str = "propagate",
     ) -> None:
-        super().__init__(process_group, check_finite)
+        super().__init__(process_group, check_finite, nonfinite)
         fitted: dict[str, Any] = dict(
             energy_threshold=energy_threshold,
             sample_steps=sample_steps,
@@ -148,6 +151,7 @@ class GradiVeQState(HookState):
                     process_group,
                     quantizer=self.fitted.sample_quantizer,
                     check_finite=check_finite,
+                    nonfinite=nonfinite,
                     **(self.fitted.sample_quantizer_options or {}),
                 )
 

@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from commcomp.consistency import bad_ranks
 from commcomp.exchange import Encoded, InFlight, Pending, Wire, nbytes
 from commcomp.flat import flatten, unflatten
 from commcomp.gradiveq.tracked import TrackedLayer, orthonormalize
+from commcomp.overflow import poison
 from commcomp.stats import timer
 
 if TYPE_CHECKING:
@@ -90,6 +92,7 @@ class TrackedGroup:
     def __init__(self, state: GradiVeQState, items: list[InFlight[Any]], like: torch.Tensor, index: int = 0) -> None:
         self.state, self.items, self.like, self.index = state, items, like, index
         self.grads: list[_Grad] = [rec for item in items for rec in item.encoded.context]
+        self.skipped = False  # a rank flagged NaN/Inf: every rank skips the step alike
 
     def start_basis_update(self, wire: Wire[P], name: str = "") -> P:
         """Wait for the coefficients, check the flags (raising on every rank if a rank had NaN/Inf),
@@ -104,10 +107,12 @@ class TrackedGroup:
                 pieces = iter(unflatten(out[:-n], item.sent_parts))
                 for rec in item.encoded.context:
                     rec.summed = [next(pieces)] if rec.layer is None else [next(pieces), next(pieces)]
-            state.raise_if_nonfinite(flags, self.index)
+            self.skipped = bool(bad_ranks(flags))
+            if self.skipped:  # every rank sees the same flags: all send only the checksums below
+                state.skip_step(flags, self.index)  # raises on every rank with nonfinite="raise"
             updates: list[torch.Tensor] = []
             for rec in self.grads:
-                if rec.layer is not None and rec.x is not None:
+                if rec.layer is not None and rec.x is not None and not self.skipped:
                     rec.p = orthonormalize(rec.summed[0].view(rec.layer.plan.S, rec.layer.d))
                     rec.b = TrackedLayer.basis_update(rec.x, rec.p)
                     updates.append(rec.b.to(state.wire_dtype))
@@ -115,12 +120,15 @@ class TrackedGroup:
             checks[state.rank] = _checksum([rec.p for rec in self.grads if rec.p is not None], self.like.device)
             flat = flatten([*updates, checks])
         state.stats.encoded(enc.seconds)
-        state.stats.sent(nbytes(flat))
+        state.stats.sent(nbytes(flat), kind="allreduce", world_size=n)
         return wire.start(flat, True, name)
 
     def complete(self, received: torch.Tensor) -> None:
         """Decode the averaged gradients into place; keep residuals and the next bases."""
         state, n = self.state, self.state.world_size
+        if self.skipped:  # an overflow step: NaN gradients on every rank, the bases and residuals stay
+            poison([rec.grad for rec in self.grads])
+            return
         checks = received[-n * _CHECK_BYTES :].view(n, _CHECK_BYTES)
         odd = [r for r in range(n) if not torch.equal(checks[r], checks[state.rank])]
         if odd:
@@ -131,16 +139,26 @@ class TrackedGroup:
         with timer(self.like) as dec:
             shapes = [rec.b.shape for rec in self.grads if rec.b is not None]
             updates = iter(unflatten(received[: -n * _CHECK_BYTES], shapes))
+            keep: list[tuple[_Grad, torch.Tensor]] = []
             for rec in self.grads:
                 if rec.layer is None:
                     rec.grad.copy_(rec.summed[0].view_as(rec.grad))
                     continue
                 assert rec.p is not None and rec.b is not None and rec.x is not None
-                x_hat = rec.layer.decode(rec.p, next(updates).float())
+                b = next(updates).float()
+                x_hat = rec.p @ b.T  # step 3, P B^T; B becomes the next basis when the step ends cleanly
                 rec.grad.copy_(rec.layer.plan.join(x_hat.to(rec.grad.dtype), rec.summed[1]))
+                keep.append((rec, b))
+        state.stats.decoded(dec.seconds)
+
+        def commit() -> None:  # at the step's end, unless another bucket of the step overflowed
+            for rec, b in keep:
+                assert rec.layer is not None and rec.p is not None and rec.b is not None and rec.x is not None
+                rec.layer.basis = b.clone()
                 if state.memory is not None:  # what this rank's share lost: X_n - P P^T X_n
                     state.memory.set(rec.key, rec.x - rec.p @ rec.b.T)
-        state.stats.decoded(dec.seconds)
+
+        state.commit_at_step_end(commit)
 
 
 _CHECK_BYTES = 4  # a CRC-32, one byte per slot: exact in every wire dtype

@@ -19,7 +19,10 @@ from torch import nn
 
 from commcomp import consistency
 from commcomp.comm import Collectives, TorchCollectives
+from commcomp.elastic import world_size_error
 from commcomp.exchange import ExchangeCodec, TorchWire, finish, nbytes, send
+from commcomp.overflow import NonFiniteGradientError, check_nonfinite
+from commcomp.quantizers import Quantizer
 from commcomp.registry import Registry, check_options
 from commcomp.stats import CommStats
 
@@ -36,21 +39,26 @@ __all__ = [
 Hook = Callable[[Any, dist.GradBucket], torch.futures.Future[torch.Tensor]]
 
 
-class NonFiniteGradientError(FloatingPointError):
-    """Some rank's gradients contain NaN or Inf; raised on every rank."""
-
-
 class HookState:
     """Base of every hook state: process group, step counter, stats, checks, checkpointing.
 
     Subclasses add their own fields and extend `options()`, `state_dict()` and `load_state_dict()`.
     The process group is left out of pickling and of `state_dict()`.
+
+    Overflow steps (`nonfinite`, see `commcomp.overflow`): a step in which any rank flags NaN/Inf
+    leaves the state as it was. What a step learns is committed only when its last group decodes
+    cleanly; the random streams its sending half advanced (`volatile()`) are put back otherwise, and
+    the step is not counted. "propagate" fills the flagged groups' gradients with NaN on every rank;
+    "raise" raises `NonFiniteGradientError` on every rank.
     """
 
-    def __init__(self, process_group: dist.ProcessGroup | None = None, check_finite: bool = True) -> None:
+    def __init__(
+        self, process_group: dist.ProcessGroup | None = None, check_finite: bool = True, nonfinite: str = "propagate"
+    ) -> None:
         # --- configuration ---
         self.process_group = process_group
         self.check_finite = check_finite
+        self.nonfinite_policy = check_nonfinite(nonfinite)
         # --- internal state ---
         self.step = 0  # finished steps (backward passes)
         self._names: dict[int, str] = {}  # id(param) -> stable name
@@ -58,6 +66,9 @@ class HookState:
         self._pending = 0  # buckets of this step still decoding
         self._last_seen = False
         self._lock = threading.Lock()
+        self._skip_step = False  # a group of this step was flagged
+        self._commits: list[Callable[[], None]] = []  # what this step learned, applied when it ends cleanly
+        self._restore: list[tuple[Any, dict[str, Any]]] = []  # volatile objects' states at the step's start
         # --- statistics ---
         self.num_buckets = 0  # buckets in the latest step
         self.stats = CommStats()
@@ -90,13 +101,14 @@ class HookState:
     # ----- configuration checks -----
     def options(self) -> dict[str, Any]:
         """Options that must agree on every rank."""
-        return {"class": type(self).__name__, "check_finite": self.check_finite}
+        return {"class": type(self).__name__, "check_finite": self.check_finite, "nonfinite": self.nonfinite_policy}
 
     def verify_options(self, device: torch.device) -> None:
         """Compare `options()` (and the world size) across ranks, raising on every rank if any rank
         differs (one all-gather on `collectives()`); runs once, at the first bucket."""
         comm, name = self.collectives(), type(self).__name__
-        self.stats.sent(consistency.verify_options(name, self.options(), comm, device, [self.world_size]))
+        nbytes = consistency.verify_options(name, self.options(), comm, device, [self.world_size])
+        self.stats.sent(nbytes, kind="allgather", world_size=self.world_size)
         self._verified = True
 
     # ----- bucket bookkeeping -----
@@ -116,6 +128,9 @@ class HookState:
             self.verify_options(like.device)
         if index == 0:
             self._last_seen = False
+            self._skip_step = False
+            self._commits = []
+            self._restore = [(obj, obj.state_dict()) for obj in self.volatile()]
         with self._lock:
             self._pending += 1
         if last:
@@ -129,21 +144,47 @@ class HookState:
             done = self._pending == 0 and self._last_seen
             if done:
                 self._last_seen = False
-                self.step += 1
+                if self._skip_step:  # the step never happened, as far as the state is concerned
+                    for obj, saved in self._restore:
+                        obj.load_state_dict(saved)
+                    self.stats.skipped()
+                else:
+                    for commit in self._commits:
+                        commit()
+                    self.step += 1
+                self._commits, self._restore = [], []
                 self.stats.end_step()
 
-    def nonfinite(self, tensors: list[torch.Tensor]) -> bool:
-        """True if checking is on and any of `tensors` holds NaN/Inf (this rank's flag)."""
-        return self.check_finite and consistency.has_nonfinite(tensors)
+    def volatile(self) -> list[Any]:
+        """Objects whose state the sending half of a step changes before anyone knows whether the step
+        is clean (the quantizers' random streams); saved at the step's start, restored if it is skipped."""
+        found: list[Any] = []
+        for value in vars(self).values():
+            if isinstance(value, Quantizer):
+                found.append(value)
+            elif isinstance(value, HookState):
+                found.extend(value.volatile())
+        return found
 
-    def raise_if_nonfinite(self, flags: torch.Tensor, bucket_index: int) -> None:
-        """Raise `NonFiniteGradientError` (on every rank: all see the same flags) if a rank is flagged."""
+    def commit_at_step_end(self, commit: Callable[[], None]) -> None:
+        """Run `commit` (keep residuals, statistics) when the step ends, unless an overflow skips it."""
+        with self._lock:
+            self._commits.append(commit)
+
+    def skip_step(self, flags: torch.Tensor, bucket_index: int) -> None:
+        """Some rank flagged NaN/Inf (every rank sees the same `flags`): the step will leave the state
+        untouched; with nonfinite="raise", raise `NonFiniteGradientError` on every rank."""
         bad = consistency.bad_ranks(flags)
-        if bad:
+        self._skip_step = True
+        if self.nonfinite_policy == "raise":
             raise NonFiniteGradientError(
                 f"{type(self).__name__}: NaN or Inf in the gradients of rank(s) {bad} "
                 f"(bucket {bucket_index}, step {self.step}); no update was applied from them"
             )
+
+    def nonfinite(self, tensors: list[torch.Tensor]) -> bool:
+        """True if checking is on and any of `tensors` holds NaN/Inf (this rank's flag)."""
+        return self.check_finite and consistency.has_nonfinite(tensors)
 
     # ----- the exchange -----
     def exchange_codec(self, params: list[tuple[str, torch.Size]], like: torch.Tensor) -> ExchangeCodec:
@@ -154,13 +195,27 @@ class HookState:
         """
         raise NotImplementedError(f"{type(self).__name__} does not send through the exchange engine")
 
+    @property
+    def residuals_summed(self) -> bool:
+        """Error-feedback residuals are shares of a summed payload (g/N), not parts of a gradient that
+        is averaged after decoding; `commcomp.elastic` splits them accordingly at another world size."""
+        return True
+
     # ----- checkpointing -----
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "stats": self.stats.state_dict(), "options": self.options()}
+        return {
+            "step": self.step,
+            "stats": self.stats.state_dict(),
+            "options": self.options(),
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("options", {}).get("class") not in (None, type(self).__name__):
             raise ValueError(f"state_dict is for {state['options']['class']}, not {type(self).__name__}")
+        saved_world = state.get("world_size", self.world_size)
+        if saved_world != self.world_size:
+            raise world_size_error(type(self).__name__, saved_world, self.world_size)
         self.step = int(state["step"])
         self.stats.load_state_dict(state["stats"])
 

@@ -46,7 +46,10 @@ class QuantizerState(HookState):
         quantizer: a registered name (see `commcomp.quantizers.names()`) or a Quantizer instance.
         error_feedback: keep per-parameter residuals (recommended for biased quantizers: topk, sign);
             refused for quantizers whose error compounds (`quantizers.check_error_feedback`).
-        check_finite: refuse NaN/Inf gradients, raising on every rank.
+        check_finite: look for NaN/Inf in the gradients (a flag per rank rides along).
+        nonfinite: "propagate" (default: a NaN/Inf on any rank makes every rank's gradients NaN, so a
+            GradScaler skips the step everywhere, and the step leaves this state untouched) or "raise"
+            (`NonFiniteGradientError` on every rank); see `commcomp.overflow`.
         **quantizer_options: passed to the quantizer (e.g. bits=4 for qsgd).
     """
 
@@ -57,9 +60,10 @@ class QuantizerState(HookState):
         quantizer: str | Quantizer = "identity",
         error_feedback: bool = False,
         check_finite: bool = True,
+        nonfinite: str = "propagate",
         **quantizer_options: Any,
     ) -> None:
-        super().__init__(process_group, check_finite)
+        super().__init__(process_group, check_finite, nonfinite)
         self.quantizer = quantizers.get(quantizer, **quantizer_options)
         if error_feedback:
             quantizers.check_error_feedback(self.quantizer, f"{type(self).__name__} with error_feedback=True")
@@ -70,6 +74,12 @@ class QuantizerState(HookState):
         self._inputs: dict[str, torch.Tensor] = {}
         self._spares: dict[str, torch.Tensor] = {}
         self._gathered: dict[str, torch.Tensor] = {}  # all-gathered bytes per group
+
+    @property
+    def residuals_summed(self) -> bool:
+        """Error-feedback residuals are shares of a summed payload (g/N: linear quantizers), not
+        parts of a gradient that is averaged after decoding (see `commcomp.elastic`)."""
+        return self.quantizer.linear
 
     def exchange_codec(self, params: list[tuple[str, torch.Size]], like: torch.Tensor) -> "QuantizedExchange":
         return QuantizedExchange(self)
@@ -124,7 +134,7 @@ class QuantizerState(HookState):
     def agree(self, stats: torch.Tensor, op: str) -> torch.Tensor:
         """Combine every rank's per-chunk statistics (`op`: "max" or "sum") with one blocking
         all-reduce, issued from the hook body; its bytes are counted as sent."""
-        self.stats.sent(stats.numel() * stats.element_size())
+        self.stats.sent(stats.numel() * stats.element_size(), kind="allreduce", world_size=self.world_size)
         reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
         dist.all_reduce(stats, op=reduce_op, group=self.process_group)
         return stats

@@ -200,7 +200,8 @@ def DistributedOptimizer(
         compressor: "gradiveq" or a quantizer name (`compressor_names()`), or a Quantizer instance.
         error_feedback: keep what compression dropped and add it to the next step's gradient (None:
             the compressor's default: on for GradiVeQ's tracked basis, off for the quantizers).
-        check_finite: refuse NaN/Inf gradients, raising `NonFiniteGradientError` on every rank.
+        check_finite: look for NaN/Inf in the gradients; `nonfinite="propagate"` (default, in **options)
+            makes every rank's gradients NaN when any rank overflows, "raise" raises on every rank.
         **options: the compressor's options: `GradiVeQState`'s (rank, warmup_steps, basis, ...)
             or the quantizer's (bits=4 for qsgd, ratio for topk, ...).
 

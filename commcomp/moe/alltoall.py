@@ -40,9 +40,15 @@ def group_rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _sent(stats: CommStats, tensor: Tensor, dense: Tensor | None = None) -> None:
-    dense = tensor if dense is None else dense
-    stats.sent(tensor.numel() * tensor.element_size(), dense.numel() * dense.element_size())
+def _sent(stats: CommStats, tensor: Tensor, group: dist.ProcessGroup | None, splits: list[int], dense: Tensor) -> None:
+    """Count an all-to-all of `tensor`'s rows (`splits` per rank); the rows kept for this rank do not
+    cross the network. `dense`: what would have been sent without payload compression."""
+    rank, world = group_rank_and_size(group)
+    nbytes = tensor.numel() * tensor.element_size()
+    rows = sum(splits)
+    wire = nbytes * (rows - splits[rank]) / rows if rows else 0.0
+    dense_bytes = dense.numel() * dense.element_size()
+    stats.sent(nbytes, dense_bytes, kind="alltoall", world_size=world, wire=wire, dense_kind="alltoall")
 
 
 def check_peers(
@@ -60,7 +66,7 @@ def check_peers(
     """
     comm = TorchCollectives(group)
     table = gather_ints(comm, [int(problem is not None), *fields.values()], device)  # (W, 1 + fields)
-    stats.sent(comm.bytes_sent, comm.bytes_sent)
+    stats.sent(comm.bytes_sent, comm.bytes_sent, kind="allgather", world_size=comm.world_size, dense_kind="allgather")
     if problem is not None:
         raise problem
     bad = [r for r, row in enumerate(table) if row[0]]
@@ -81,7 +87,7 @@ def exchange_counts(group: dist.ProcessGroup | None, send_counts: Tensor, stats:
     send_counts = send_counts.contiguous()
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts, group=group)
-    _sent(stats, send_counts)
+    _sent(stats, send_counts, group, [send_counts.shape[1]] * send_counts.shape[0], send_counts)
     return recv_counts
 
 
@@ -157,7 +163,7 @@ class _AllToAll(torch.autograd.Function):
         wire_recv = recv_splits if wire_send is send_splits else [n + 1 for n in recv_splits]
         out = payload.new_empty((sum(wire_recv), *payload.shape[1:]))
         dist.all_to_all_single(out, payload, wire_recv, wire_send, group=group)
-        _sent(stats, payload, x)
+        _sent(stats, payload, group, wire_send, x)
         return decode_payload(out, recv_splits, payload_dtype, x.dtype)
 
     @staticmethod

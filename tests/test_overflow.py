@@ -1,0 +1,179 @@
+"""Overflow steps under a real torch.amp.GradScaler: skipped on every rank, compressor state untouched.
+
+For every DDP method, PQASGD and the gossip algorithms (both routes), one run has an inf loss on
+one rank at one step (tests/overflow_workload.py) and a reference run leaves that step out. Every
+rank must skip exactly that step, see non-finite gradients at it, and end with the reference run's
+parameters bit for bit: nothing of the overflow step (error-feedback residuals, PCA statistics,
+quantizer random streams, step counters, models mixed by gossip) may survive it. Horovod's
+optimizer and PQASGD on Horovod are held to the same under a real `horovodrun`
+(tests/overflow_horovod_worker.py). `nonfinite="raise"` raises on every rank instead.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from harness import run
+from overflow_workload import BAD_STEP, LR, batch, build_model, train
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import commcomp
+from commcomp.gossip import CHOCO, DCD
+from commcomp.overflow import NonFiniteGradientError
+
+WORLD = 2
+
+FITTED = {"basis": "fitted", "min_numel": 1024, "warmup_steps": 2}
+# (label, method, options) for commcomp.register
+DDP_METHODS: list[tuple[str, str, dict[str, Any]]] = [
+    ("gradiveq", "gradiveq", {"min_numel": 1024, "warmup_steps": 2}),  # tracked basis, error feedback
+    ("gradiveq-fitted-compress", "gradiveq", {**FITTED, "sample_steps": 2, "compress_steps": 2}),
+    ("gradiveq-fitted-refit", "gradiveq", {**FITTED, "sample_steps": 3, "compress_steps": 2}),
+    ("gradiveq-fitted-sample", "gradiveq", {**FITTED, "sample_steps": 4, "compress_steps": 2}),
+    ("qsgd", "qsgd", {"bits": 4}),
+    ("qsgd-ef", "qsgd", {"bits": 2, "error_feedback": True}),
+    ("topk-ef", "topk", {"ratio": 0.1, "error_feedback": True}),
+    ("sign-ef", "sign", {"error_feedback": True}),
+    ("randk", "randk", {"ratio": 0.25}),
+    ("fp16", "fp16", {}),
+    ("bf16", "bf16", {}),
+    ("identity", "identity", {}),
+    ("choco-ddp", "choco", {"quantizer": "qsgd", "bits": 4, "consensus_step": 0.5}),
+]
+
+
+def _ddp(rank: int, method: str, options: dict[str, Any], overflow: bool) -> dict[str, Any]:
+    net = build_model()
+    ddp = DDP(net)
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
+    extra = {"optimizer": opt} if method == "choco" else {}
+    commcomp.register(ddp, method, **extra, **options)
+    return train(rank, ddp, list(net.parameters()), opt, overflow)
+
+
+def _pqasgd(rank: int, overflow: bool) -> dict[str, Any]:
+    net = build_model()
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
+    commcomp.PQASGD(net, opt, period=2, quantizer="qsgd", bits=4)
+    return train(rank, net, list(net.parameters()), opt, overflow)
+
+
+def _gossip(rank: int, cls: type, options: dict[str, Any], overflow: bool) -> dict[str, Any]:
+    net = build_model()
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
+    algo = cls(net, opt, **options)
+    return train(rank, net, list(net.parameters()), algo, overflow)  # scaler.step(algo)
+
+
+def _raises(rank: int) -> dict[str, str]:
+    """With nonfinite="raise", one backward with an inf loss on rank 1: the error on every rank."""
+
+    def ddp(net: nn.Module, opt: torch.optim.Optimizer) -> nn.Module:
+        model = DDP(net)
+        commcomp.register(model, "qsgd", bits=4, nonfinite="raise")
+        return model
+
+    def choco_ddp(net: nn.Module, opt: torch.optim.Optimizer) -> nn.Module:
+        model = DDP(net)
+        commcomp.register(model, "choco", optimizer=opt, quantizer="sign", consensus_step=0.5, nonfinite="raise")
+        return model
+
+    def choco(net: nn.Module, opt: torch.optim.Optimizer) -> nn.Module:
+        CHOCO(net, opt, quantizer="sign", consensus_step=0.5, nonfinite="raise")
+        return net
+
+    def pqasgd(net: nn.Module, opt: torch.optim.Optimizer) -> nn.Module:
+        commcomp.PQASGD(net, opt, period=2, nonfinite="raise")
+        return net
+
+    out = {}
+    for label, make in {"qsgd": ddp, "choco-ddp": choco_ddp, "choco": choco, "pqasgd": pqasgd}.items():
+        net = build_model()
+        model = make(net, torch.optim.SGD(net.parameters(), lr=LR))
+        x, y = batch(rank, 0)
+        loss = F.mse_loss(model(x), y) * (float("inf") if rank == 1 else 1.0)
+        try:
+            loss.backward()
+            out[label] = ""
+        except (NonFiniteGradientError, RuntimeError) as err:  # DDP wraps errors of hook callbacks
+            out[label] = str(err)
+    return out
+
+
+def everything(rank: int, world: int) -> dict[str, Any]:
+    del world
+    out: dict[str, Any] = {"raises": _raises(rank)}
+    for overflow in (True, False):
+        runs: dict[str, Any] = {}
+        for label, method, options in DDP_METHODS:
+            runs[label] = _ddp(rank, method, options, overflow)
+        runs["pqasgd"] = _pqasgd(rank, overflow)
+        runs["choco"] = _gossip(rank, CHOCO, {"quantizer": "sign", "consensus_step": 0.5}, overflow)
+        runs["dcd"] = _gossip(rank, DCD, {"quantizer": "qsgd", "bits": 8}, overflow)
+        out["overflow" if overflow else "reference"] = runs
+    return out
+
+
+LABELS = [label for label, _, _ in DDP_METHODS] + ["pqasgd", "choco", "dcd"]
+
+
+@pytest.fixture(scope="module")
+def results() -> list[dict[str, Any]]:
+    return run(everything, WORLD, timeout=600)
+
+
+def _check(results: list[dict[str, Any]], label: str) -> None:
+    for rank, r in enumerate(results):
+        got, want = r["overflow"][label], r["reference"][label]
+        assert got["poisoned"], f"{label}: rank {rank} saw finite gradients at the overflow step"
+        assert got["skipped"] == [BAD_STEP], f"{label}: rank {rank} skipped {got['skipped']}"
+        assert want["skipped"] == []
+        for k, (a, b) in enumerate(zip(got["params"], want["params"], strict=True)):
+            assert torch.equal(a, b), f"{label}: rank {rank} parameter {k} differs from the run without that step"
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_overflow_step_is_skipped_everywhere_and_leaves_no_trace(results: list[dict[str, Any]], label: str) -> None:
+    _check(results, label)
+
+
+@pytest.fixture(scope="module")
+def horovod(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    outdir = tmp_path_factory.mktemp("overflow-horovod")
+    bin_dir = Path(sys.executable).parent
+    worker = Path(__file__).with_name("overflow_horovod_worker.py")
+    command = [str(bin_dir / "horovodrun"), "-np", str(WORLD), "--gloo", sys.executable, str(worker), str(outdir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # horovodrun and every rank it started
+        output, _ = proc.communicate()
+        pytest.fail(f"horovodrun did not finish within 300 s:\n{output[-6000:]}")
+    assert proc.returncode == 0, output[-6000:]
+    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("label", ["hvd-gradiveq", "hvd-qsgd-ef", "hvd-fp16", "hvd-pqasgd"])
+def test_horovod_overflow_step_is_skipped_everywhere_and_leaves_no_trace(
+    horovod: list[dict[str, Any]], label: str
+) -> None:
+    _check(horovod, label)
+
+
+def test_raise_policy_raises_on_every_rank(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        for label, message in r["raises"].items():
+            assert "NaN or Inf in the gradients of rank(s) [1]" in message, (label, message)
