@@ -32,6 +32,7 @@ MODULES: dict[str, set[str]] = {
     "test_benchmarks": {"multiprocess"},
     "test_cluster": {"multiprocess"},
     "test_ddp_loops": {"multiprocess"},
+    "test_elastic": {"multiprocess", "slow"},
     "test_elastic_cluster": {"multiprocess", "netns", "slow"},
     "test_faults": {"multiprocess", "netns", "slow"},
     "test_gossip": {"multiprocess"},
@@ -80,7 +81,7 @@ TESTS: dict[tuple[str, str], set[str]] = {
     ("test_pqasgd", "test_identity_equals*"): {"slow"},
     ("test_quantized_hook", "test_resume_is_exact*"): {"slow"},
     ("test_allreduce_quantizers", "test_convergence_*"): {"slow"},
-    ("test_elastic", "*2to3*"): {"slow"},  # the fast lane resumes 4 ranks on 2 only
+    ("test_allreduce_quantizers", "test_refused_step_*"): {"slow"},
     ("test_allreduce_quantizers", "test_gloo_sums_*"): {"slow"},
     ("test_allreduce_quantizers", "test_error_feedback_refuses_*"): {"slow"},
 }
