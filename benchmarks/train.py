@@ -149,7 +149,8 @@ def run_method(
                 print(f"  [{workload.name}] {name}: step {step + 1}/{steps}, {dt:.3f} s/step{acc}", flush=True)
         accs = [acc for _, _, acc in curve]  # workloads without evaluation: step time only
         c = s.counters()
-        floor = _compute_only_step(s, x, y, workload.batch_size, gen) if name == "fp32" else None
+        timed = name == "fp32" and workload.eval_every  # the floor of the time-to-target ratios
+        floor = _compute_only_step(s, x, y, workload.batch_size, gen) if timed else None
         return {
             "method": name,
             "label": METHODS[name].label,

@@ -5,11 +5,12 @@ Quick start::
     model = torch.nn.parallel.DistributedDataParallel(net)
     state = commcomp.register(model, "gradiveq")   # or "qsgd", "topk", "fp16", "choco", ...
 
-Submodules: `quantizers`, `topologies`, `gossip`, `moe`, `pqasgd`; `commcomp.horovod` (imported on its
+Submodules: `quantizers`, `topologies`, `gossip`, `moe`, `pqasgd`, `elastic` (checkpoints across world
+sizes), `overflow` (mixed-precision overflow steps); `commcomp.horovod` (imported on its
 own, since it needs Horovod).
 """
 
-from commcomp import gossip, moe, quantizers, topologies  # gossip registers "dpsgd", "dcd", "ecd", "choco"
+from commcomp import elastic, gossip, moe, overflow, quantizers, topologies  # gossip registers "dpsgd", "dcd", ...
 from commcomp.ddp import GradiVeQState, QuantizerState, gradiveq_hook, method_names, quantizer_hook, register
 from commcomp.error_feedback import ErrorFeedback
 from commcomp.pqasgd import PQASGD
@@ -21,10 +22,12 @@ __all__ = [
     "ErrorFeedback",
     "GradiVeQState",
     "QuantizerState",
+    "elastic",
     "gossip",
     "gradiveq_hook",
     "method_names",
     "moe",
+    "overflow",
     "quantizer_hook",
     "quantizers",
     "register",

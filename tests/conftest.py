@@ -32,6 +32,7 @@ MODULES: dict[str, set[str]] = {
     "test_benchmarks": {"multiprocess"},
     "test_cluster": {"multiprocess"},
     "test_ddp_loops": {"multiprocess"},
+    "test_elastic": {"multiprocess", "slow"},
     "test_elastic_cluster": {"multiprocess", "netns", "slow"},
     "test_faults": {"multiprocess", "netns", "slow"},
     "test_gossip": {"multiprocess"},
@@ -72,7 +73,7 @@ TESTS: dict[tuple[str, str], set[str]] = {
     ("test_horovod", "*mpirun*"): {"slow"},  # the fast lane runs the Horovod suite under horovodrun only
     ("test_horovod", "test_same_parameters_as_the_ddp_hook*"): {"slow"},
     ("test_moe_dist", "test_ddp_on_dense_part*"): {"slow"},
-    ("test_overflow", "test_horovod_overflow*"): {"horovod"},
+    ("test_overflow", "test_horovod_overflow*"): {"horovod", "slow"},
     ("test_pqasgd", "test_convergence_*"): {"slow"},
     ("test_pqasgd", "test_resume_is_exact*"): {"slow"},
     ("test_pqasgd", "test_clear_errors*"): {"slow"},
@@ -80,6 +81,7 @@ TESTS: dict[tuple[str, str], set[str]] = {
     ("test_pqasgd", "test_identity_equals*"): {"slow"},
     ("test_quantized_hook", "test_resume_is_exact*"): {"slow"},
     ("test_allreduce_quantizers", "test_convergence_*"): {"slow"},
+    ("test_allreduce_quantizers", "test_refused_step_*"): {"slow"},
     ("test_allreduce_quantizers", "test_gloo_sums_*"): {"slow"},
     ("test_allreduce_quantizers", "test_error_feedback_refuses_*"): {"slow"},
 }
