@@ -32,4 +32,3 @@ def unflatten(flat: torch.Tensor, shapes: Sequence[torch.Size | tuple[int, ...]]
     if sum(sizes) != flat.numel():
         raise ValueError(f"cannot cut {flat.numel()} values into tensors of {sum(sizes)} values in total")
     return [piece.view(shape) for piece, shape in zip(flat.split(sizes), shapes)]
-

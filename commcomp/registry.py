@@ -45,9 +45,7 @@ class Registry(Generic[T]):
         try:
             return self._factories[name]
         except KeyError:
-            raise ValueError(
-                f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}"
-            ) from None
+            raise ValueError(f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}") from None
 
     def get(self, name: str, **options: Any) -> T:
         factory = self.factory(name)
