@@ -156,7 +156,7 @@ class TrackedGroup:
                 assert rec.layer is not None and rec.p is not None and rec.b is not None and rec.x is not None
                 rec.layer.basis = b.clone()
                 if state.memory is not None:  # what this rank's share lost: X_n - P P^T X_n
-                    state.memory.set(rec.key, rec.x - rec.p @ rec.b.T)
+                    state.memory.set(rec.key, torch.addmm(rec.x, rec.p, rec.b.T, alpha=-1))
 
         state.commit_at_step_end(commit)
 
