@@ -24,8 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from commcomp import quantizers
-from commcomp.consistency import check_saved_options, verify_options_with_root
-from commcomp.elastic import world_size_error
+from commcomp.consistency import check_saved_options, verify_options_with_root, world_size_error
 from commcomp.gossip.connect import make_transport
 from commcomp.gossip.transport import Transport
 from commcomp.overflow import GradientWatch, check_nonfinite, gradients_nonfinite

@@ -31,8 +31,14 @@ from torch import nn
 
 from commcomp import quantizers
 from commcomp.comm import Collectives, TorchCollectives
-from commcomp.consistency import bad_ranks, check_saved_options, flag_slots, has_nonfinite, verify_options
-from commcomp.elastic import world_size_error
+from commcomp.consistency import (
+    bad_ranks,
+    check_saved_options,
+    flag_slots,
+    has_nonfinite,
+    verify_options,
+    world_size_error,
+)
 from commcomp.flat import flatten, unflatten
 from commcomp.overflow import GradientWatch, check_nonfinite, gradients_nonfinite
 from commcomp.pqasgd.rules import (
