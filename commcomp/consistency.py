@@ -6,7 +6,9 @@ Two things must never differ silently between ranks:
   an `options()` dict; `options_digest` turns it into one 56-bit number (the first 7 bytes of the
   SHA-256 of its canonical JSON), and `verify_options` (an all-gather) or
   `verify_options_with_root` (a broadcast and an all-reduce, for transports without all-gather)
-  compare it across ranks and raise a ValueError on every rank if any rank differs.
+  compare it across ranks and raise a ValueError on every rank if any rank differs. A checkpoint
+  is held against the current options with `check_saved_options`; one saved at another world size
+  is refused with `world_size_error` (it needs `commcomp.elastic`).
 - Other per-rank facts (the MoE layer's sizes) are compared the same way with `gather_ints`.
 - Finite values. A rank whose tensors hold NaN/Inf sets a flag that rides along with the data in
   the same collective: one slot per rank in a summed buffer (`flag_slots`), or one byte per rank in
@@ -35,6 +37,7 @@ __all__ = [
     "options_text",
     "verify_options",
     "verify_options_with_root",
+    "world_size_error",
 ]
 
 
@@ -75,6 +78,16 @@ def check_saved_options(owner: str, saved: dict[str, Any], current: dict[str, An
     if mine != theirs:
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         raise ValueError(f"{owner}.load_state_dict: the state was saved with different options {diff}")
+
+
+def world_size_error(owner: str, saved: int, current: int) -> ValueError:
+    """The error a plain `load_state_dict` raises for a state saved at another world size."""
+    return ValueError(
+        f"{owner}: this state was saved at world size {saved}, but this job has {current} ranks; per-rank "
+        "states cannot be loaded one to one at another world size. Save with commcomp.elastic.save(obj, path) "
+        "(every rank's state in one file) and load with commcomp.elastic.load(obj, path), which splits it "
+        "for the new world size"
+    )
 
 
 def _differ(owner: str, odd: list[int], options: dict[str, Any]) -> ValueError:

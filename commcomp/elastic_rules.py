@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from commcomp.elastic import mean
 from commcomp.gossip.base import GossipAlgorithm
 from commcomp.hooks.base import HookState
 from commcomp.pqasgd import PQASGD
@@ -54,6 +53,14 @@ def _rederive(quantizer: Any, rank: int) -> None:
     """Per-rank random streams restart from the seed and the new rank (shared streams are kept)."""
     if quantizer is not None and hasattr(quantizer, "set_rank"):
         quantizer.set_rank(rank)
+
+
+def mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Element-wise mean, summed in rank order (so every rank computes the same bits)."""
+    out = tensors[0].clone()
+    for t in tensors[1:]:
+        out += t
+    return out / len(tensors)
 
 
 @torch.no_grad()
