@@ -6,12 +6,17 @@ Two things must never differ silently between ranks:
   an `options()` dict; `options_digest` turns it into one 56-bit number (the first 7 bytes of the
   SHA-256 of its canonical JSON), and `verify_options` (an all-gather) or
   `verify_options_with_root` (a broadcast and an all-reduce, for transports without all-gather)
-  compare it across ranks and raise a ValueError on every rank if any rank differs.
+  compare it across ranks and raise a ValueError on every rank if any rank differs. A checkpoint
+  is held against the current options with `check_saved_options`; one saved at another world size
+  is refused with `world_size_error` (it needs `commcomp.elastic`).
 - Other per-rank facts (the MoE layer's sizes) are compared the same way with `gather_ints`.
 - Finite values. A rank whose tensors hold NaN/Inf sets a flag that rides along with the data in
   the same collective: one slot per rank in a summed buffer (`flag_slots`), or one byte per rank in
   a gathered one. Every rank then sees the same flags and raises together (`bad_ranks`), so a bad
   rank never leaves the others waiting in the next collective.
+
+Results computed from every rank's data (decoded payloads, checkpoints of several ranks) are summed
+in rank order with `sum_in_order`, so every rank holds bitwise the same numbers.
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ __all__ = [
     "has_nonfinite",
     "options_digest",
     "options_text",
+    "sum_in_order",
     "verify_options",
     "verify_options_with_root",
+    "world_size_error",
 ]
 
 
@@ -75,6 +82,16 @@ def check_saved_options(owner: str, saved: dict[str, Any], current: dict[str, An
     if mine != theirs:
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         raise ValueError(f"{owner}.load_state_dict: the state was saved with different options {diff}")
+
+
+def world_size_error(owner: str, saved: int, current: int) -> ValueError:
+    """The error a plain `load_state_dict` raises for a state saved at another world size."""
+    return ValueError(
+        f"{owner}: this state was saved at world size {saved}, but this job has {current} ranks; per-rank "
+        "states cannot be loaded one to one at another world size. Save with commcomp.elastic.save(obj, path) "
+        "(every rank's state in one file) and load with commcomp.elastic.load(obj, path), which splits it "
+        "for the new world size"
+    )
 
 
 def _differ(owner: str, odd: list[int], options: dict[str, Any]) -> ValueError:
@@ -135,3 +152,14 @@ def flag_slots(bad: bool, rank: int, world_size: int, dtype: torch.dtype, device
 def bad_ranks(flags: torch.Tensor) -> list[int]:
     """The ranks whose flag is set (summed slots, or one gathered flag per rank)."""
     return [int(r) for r in torch.nonzero(flags).flatten().tolist()]
+
+
+# ----------------------------------------------------------------------------- sums alike everywhere
+
+
+def sum_in_order(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum in list (rank) order into a new tensor, so every rank gets bitwise the same result."""
+    out = tensors[0].clone()
+    for t in tensors[1:]:
+        out += t
+    return out

@@ -34,19 +34,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["FORMAT", "gather", "load", "save", "world_size_error"]
+from commcomp.elastic_rules import apply
+from commcomp.gossip.base import GossipAlgorithm
+from commcomp.pqasgd import PQASGD
+
+__all__ = ["FORMAT", "gather", "load", "save"]
 
 FORMAT = "commcomp-elastic/1"
-
-
-def world_size_error(owner: str, saved: int, current: int) -> ValueError:
-    """The error a plain `load_state_dict` raises for a state saved at another world size."""
-    return ValueError(
-        f"{owner}: this state was saved at world size {saved}, but this job has {current} ranks; per-rank "
-        "states cannot be loaded one to one at another world size. Save with commcomp.elastic.save(obj, path) "
-        "(every rank's state in one file) and load with commcomp.elastic.load(obj, path), which splits it "
-        "for the new world size"
-    )
 
 
 # ----------------------------------------------------------------------------- what is saved
@@ -63,9 +57,6 @@ def _target(obj: Any) -> Any:
 
 
 def _averages_models(obj: Any) -> bool:
-    from commcomp.gossip.base import GossipAlgorithm
-    from commcomp.pqasgd import PQASGD
-
     return isinstance(obj, (GossipAlgorithm, PQASGD))
 
 
@@ -145,14 +136,4 @@ def load(obj: Any, checkpoint: dict[str, Any] | str | os.PathLike[str]) -> None:
         raise ValueError(f"not a commcomp.elastic checkpoint (format {ckpt.get('format')!r})")
     if ckpt["kind"] != type(target).__name__:
         raise ValueError(f"the checkpoint holds a {ckpt['kind']} state, not a {type(target).__name__}")
-    from commcomp.elastic_rules import apply  # the rules import the state classes, which import this module
-
     apply(target, ckpt["ranks"])
-
-
-def mean(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Element-wise mean, summed in rank order (so every rank computes the same bits)."""
-    out = tensors[0].clone()
-    for t in tensors[1:]:
-        out += t
-    return out / len(tensors)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from commcomp.elastic import mean
+from commcomp.consistency import sum_in_order
 from commcomp.gossip.base import GossipAlgorithm
 from commcomp.hooks.base import HookState
 from commcomp.pqasgd import PQASGD
@@ -42,11 +42,7 @@ def split_residuals(residuals: list[dict[str, torch.Tensor] | None], new_world: 
     divisor = new_world if summed else len(residuals)
     out = {}
     for key in keys:
-        parts = [r[key] for r in present if key in r]
-        total = parts[0].clone()
-        for t in parts[1:]:
-            total += t
-        out[key] = total / divisor
+        out[key] = sum_in_order([r[key] for r in present if key in r]) / divisor
     return out
 
 
@@ -54,6 +50,11 @@ def _rederive(quantizer: Any, rank: int) -> None:
     """Per-rank random streams restart from the seed and the new rank (shared streams are kept)."""
     if quantizer is not None and hasattr(quantizer, "set_rank"):
         quantizer.set_rank(rank)
+
+
+def mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Element-wise mean, summed in rank order (so every rank computes the same bits)."""
+    return sum_in_order(tensors) / len(tensors)
 
 
 @torch.no_grad()

@@ -75,6 +75,9 @@ class StepStats:
     bytes_sent, wire_bytes: bytes this rank handed to collectives, and their estimated network bytes;
     dense_bytes, dense_wire_bytes: the same for an uncompressed all-reduce of the same gradients;
     by_kind: {collective kind: [bytes handed, wire bytes]}; skipped_steps: steps an overflow skipped.
+    encode_seconds, decode_seconds: wall-clock time of the codec's work; wait_seconds: time blocked in a
+    collective issued while encoding (a shared grid's agreement), which is network time and is kept
+    out of encode_seconds.
     """
 
     steps: int = 0
@@ -84,6 +87,7 @@ class StepStats:
     dense_wire_bytes: float = 0.0
     encode_seconds: float = 0.0
     decode_seconds: float = 0.0
+    wait_seconds: float = 0.0
     skipped_steps: int = 0
     by_kind: dict[str, list[float]] = field(default_factory=dict)
 
@@ -105,6 +109,7 @@ class StepStats:
         self.dense_wire_bytes += other.dense_wire_bytes
         self.encode_seconds += other.encode_seconds
         self.decode_seconds += other.decode_seconds
+        self.wait_seconds += other.wait_seconds
         self.skipped_steps += other.skipped_steps
         for kind, (handed, wire) in other.by_kind.items():
             mine = self.by_kind.setdefault(kind, [0, 0.0])
@@ -163,6 +168,12 @@ class CommStats:
 
     def decoded(self, seconds: float) -> None:
         self.current.decode_seconds += seconds
+
+    def waited(self, seconds: float) -> None:
+        """`seconds` of an encode were spent blocked in a collective (see `StepStats`): counted as
+        waiting and taken off the encode time that the caller's timer, which includes them, adds."""
+        self.current.wait_seconds += seconds
+        self.current.encode_seconds -= seconds
 
     def end_step(self) -> None:
         self.current.steps = 1

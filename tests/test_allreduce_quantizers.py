@@ -150,6 +150,8 @@ def _hook_worker(rank: int, world: int) -> list[dict[str, Any]]:
                 "sent": sent,
                 "expected": expected,
                 "buckets": len(_BUCKETS),
+                # the agreement's blocking all-reduce counts as waiting, not as encoding
+                "times": (state.stats.total.wait_seconds, state.stats.total.encode_seconds),
             }
         )
     return results
@@ -164,6 +166,8 @@ def test_hook_matches_reference_on_three_ranks() -> None:
         # exact bytes: codes + agreement + flags every step; the first step also checks the options
         assert res["sent"][1:] == res["expected"][1:], (cfg, res["sent"], res["expected"])
         assert res["sent"][0] > res["expected"][0], cfg
+        waited, encoded = res["times"]
+        assert waited > 0 and encoded > 0, (cfg, res["times"])
 
 
 def _refusals_worker(rank: int, world: int) -> dict[str, str]:

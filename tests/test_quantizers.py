@@ -60,6 +60,25 @@ def test_pack_bits_convention(bits: int, n: int) -> None:
     assert torch.equal(unpack_bits(packed, bits, n), codes)
 
 
+def _unpack_bits_reference(packed: list[int], bits: int, n: int) -> list[int]:
+    """The documented convention read back in plain Python: code i from stream bits i*b.., LSB first."""
+    stream = [(byte >> j) & 1 for byte in packed for j in range(8)]
+    return [sum(stream[i * bits + j] << j for j in range(bits)) for i in range(n)]
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_unpack_bits_every_byte_batched(bits: int) -> None:
+    """Every byte value decodes per the convention, also from a strided [N, bytes] slice (the
+    all-gathered rows the decoders read)."""
+    rows = torch.stack([torch.arange(256, dtype=torch.uint8).roll(r) for r in range(3)])
+    packed = torch.cat([rows, rows], 1)[:, 5 : 5 + 251]  # not contiguous, odd offset
+    n = 251 * 8 // bits
+    got = unpack_bits(packed, bits, n)
+    assert got.shape == (3, n)
+    for r in range(3):
+        assert got[r].tolist() == _unpack_bits_reference(packed[r].tolist(), bits, n)
+
+
 @pytest.mark.parametrize("name,options", CONFIGS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_round_trip_shapes_dtypes(name: str, options: dict, dtype: torch.dtype) -> None:

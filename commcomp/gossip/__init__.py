@@ -15,7 +15,8 @@ from torch import nn
 
 from commcomp.gossip import ddp as _ddp  # noqa: F401  (registers the DDP methods)
 from commcomp.gossip.algorithms import CHOCO, DCD, DPSGD, ECD
-from commcomp.gossip.base import GossipAlgorithm, make_transport
+from commcomp.gossip.base import GossipAlgorithm
+from commcomp.gossip.connect import make_transport
 from commcomp.gossip.consensus import consensus_model
 from commcomp.gossip.ddp import GossipState, local_gradient_hook
 from commcomp.gossip.transport import TorchTransport, Transport

@@ -24,43 +24,17 @@ import torch.distributed as dist
 from torch import nn
 
 from commcomp import quantizers
-from commcomp.consistency import check_saved_options, verify_options_with_root
-from commcomp.elastic import world_size_error
-from commcomp.gossip.transport import TorchTransport, Transport
+from commcomp.consistency import check_saved_options, verify_options_with_root, world_size_error
+from commcomp.gossip.connect import make_transport
+from commcomp.gossip.transport import Transport
 from commcomp.overflow import GradientWatch, check_nonfinite, gradients_nonfinite
 from commcomp.quantizers import Payload, Quantizer, pack_payloads, unpack_payloads
 from commcomp.stats import CommStats, timer
 from commcomp.topologies import Topology
-from commcomp.topologies import get as get_topology
 
-__all__ = ["GossipAlgorithm", "make_transport"]
+__all__ = ["GossipAlgorithm"]
 
 Tensors = list[torch.Tensor]
-
-
-def make_transport(
-    transport: str | Transport | None,
-    topology: str | Topology | None,
-    topology_options: dict[str, Any] | None,
-    process_group: dist.ProcessGroup | None,
-) -> Transport:
-    """Build the transport: None or "torch" (torch.distributed), "mpi" (mpi4py), or an instance."""
-    options = dict(topology_options or {})
-    if transport is None or transport == "torch":
-        topo = get_topology(topology or "ring", dist.get_world_size(process_group), **options)
-        return TorchTransport(topo, process_group)
-    if transport == "mpi":
-        from commcomp.gossip.mpi import MPITransport, _mpi
-
-        if process_group is not None:
-            raise ValueError("process_group applies to transport='torch' only; MPI uses COMM_WORLD")
-        topo = get_topology(topology or "ring", _mpi().COMM_WORLD.Get_size(), **options)
-        return MPITransport(topo)
-    if isinstance(transport, str):
-        raise ValueError(f"unknown transport {transport!r}; valid: 'torch', 'mpi' or a Transport instance")
-    if topology is not None or options:
-        raise ValueError("a Transport instance carries its own topology; do not pass topology as well")
-    return transport
 
 
 class GossipAlgorithm(ABC):

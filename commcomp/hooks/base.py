@@ -19,7 +19,7 @@ from torch import nn
 
 from commcomp import consistency
 from commcomp.comm import Collectives, TorchCollectives
-from commcomp.elastic import world_size_error
+from commcomp.consistency import world_size_error
 from commcomp.exchange import ExchangeCodec, TorchWire, finish, nbytes, send
 from commcomp.overflow import NonFiniteGradientError, check_nonfinite
 from commcomp.quantizers import Quantizer

@@ -34,6 +34,7 @@ from commcomp.quantizers import (
     pack_payloads,
     unpack_batch,
 )
+from commcomp.stats import timer
 
 __all__ = ["QuantizedExchange", "QuantizerState", "flatten_summable", "quantizer_hook", "unflatten_summable"]
 
@@ -133,10 +134,13 @@ class QuantizerState(HookState):
 
     def agree(self, stats: torch.Tensor, op: str) -> torch.Tensor:
         """Combine every rank's per-chunk statistics (`op`: "max" or "sum") with one blocking
-        all-reduce, issued from the hook body; its bytes are counted as sent."""
+        all-reduce, issued from the hook body; its bytes are counted as sent, and the time it blocks
+        as waiting, not encoding (it queues behind the previous buckets' collectives)."""
         self.stats.sent(stats.numel() * stats.element_size(), kind="allreduce", world_size=self.world_size)
         reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
-        dist.all_reduce(stats, op=reduce_op, group=self.process_group)
+        with timer(stats) as wait:
+            dist.all_reduce(stats, op=reduce_op, group=self.process_group)
+        self.stats.waited(wait.seconds)
         return stats
 
     def options(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ dtype, or bad input on one rank) all raise a ValueError instead of hanging insid
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from commcomp.consistency import gather_ints
 from commcomp.stats import CommStats
 
 __all__ = [
+    "Route",
     "all_to_all",
     "check_peers",
     "decode_payload",
@@ -143,51 +145,52 @@ def decode_payload(wire: Tensor, splits: list[int], dtype: torch.dtype | None, o
     return (data * scale).to(out_dtype).view(-1, *wire.shape[1:])
 
 
+@dataclass(frozen=True)
+class Route:
+    """One uneven all-to-all: rows `send_splits[j]` go to rank j, `recv_splits[j]` come from it.
+
+    payload_dtype: the wire dtype (None: the input's own; float16 chunks are scaled, see
+    `encode_payload`). stats: where the bytes handed to the collective are counted.
+    """
+
+    send_splits: list[int]
+    recv_splits: list[int]
+    group: dist.ProcessGroup | None
+    payload_dtype: torch.dtype | None
+    stats: CommStats
+
+    def reversed(self) -> Route:
+        """The same exchange the other way round (what the backward, or the combine, sends)."""
+        return replace(self, send_splits=self.recv_splits, recv_splits=self.send_splits)
+
+
 class _AllToAll(torch.autograd.Function):
-    """Rows `send_splits[j]` of x go to rank j; the backward sends the gradients the reverse way."""
+    """x's rows travel along `route`; the backward sends the gradients along `route.reversed()`."""
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        send_splits: list[int],
-        recv_splits: list[int],
-        group: dist.ProcessGroup | None,
-        payload_dtype: torch.dtype | None,
-        stats: CommStats,
-        ends_step: bool,
-    ) -> Tensor:
-        ctx.reverse = (recv_splits, send_splits, group, payload_dtype, stats)
+    def forward(ctx: Any, x: Tensor, route: Route, ends_step: bool) -> Tensor:
+        ctx.route = route
         ctx.ends_step = ends_step
-        payload, wire_send = encode_payload(x, send_splits, payload_dtype)
-        wire_recv = recv_splits if wire_send is send_splits else [n + 1 for n in recv_splits]
+        payload, wire_send = encode_payload(x, route.send_splits, route.payload_dtype)
+        wire_recv = route.recv_splits if wire_send is route.send_splits else [n + 1 for n in route.recv_splits]
         out = payload.new_empty((sum(wire_recv), *payload.shape[1:]))
-        dist.all_to_all_single(out, payload, wire_recv, wire_send, group=group)
-        _sent(stats, payload, group, wire_send, x)
-        return decode_payload(out, recv_splits, payload_dtype, x.dtype)
+        dist.all_to_all_single(out, payload, wire_recv, wire_send, group=route.group)
+        _sent(route.stats, payload, route.group, wire_send, x)
+        return decode_payload(out, route.recv_splits, route.payload_dtype, x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        out = _AllToAll.apply(grad, *ctx.reverse, False)
+        out = _AllToAll.apply(grad, ctx.route.reversed(), False)
         if ctx.ends_step:  # the last collective of a training step
-            ctx.reverse[-1].end_step()
-        return (out, None, None, None, None, None, None)
+            ctx.route.stats.end_step()
+        return (out, None, None)
 
 
-def all_to_all(
-    x: Tensor,
-    send_splits: list[int],
-    recv_splits: list[int],
-    group: dist.ProcessGroup | None,
-    payload_dtype: torch.dtype | None,
-    stats: CommStats,
-    ends_step: bool = False,
-) -> Tensor:
-    """Differentiable `all_to_all_single` of the rows of x with uneven splits.
+def all_to_all(x: Tensor, route: Route, ends_step: bool = False) -> Tensor:
+    """Differentiable `all_to_all_single` of the rows of x with uneven splits, along `route`.
 
-    The payload is cast to `payload_dtype` (None: x's own dtype; float16 chunks are scaled, see
-    `encode_payload`) for the wire and back to x's dtype on arrival, in both directions. Bytes
-    handed to the collective are added to `stats`; when `ends_step`, the backward closes the
-    step in `stats` (`end_step()`).
+    The payload is cast to `route.payload_dtype` for the wire and back to x's dtype on arrival, in
+    both directions. Bytes handed to the collective are added to `route.stats`; when `ends_step`,
+    the backward closes the step in `route.stats` (`end_step()`).
     """
-    return _AllToAll.apply(x, send_splits, recv_splits, group, payload_dtype, stats, ends_step)
+    return _AllToAll.apply(x, route, ends_step)

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from commcomp.moe.alltoall import DTYPES, all_to_all, check_peers, exchange_counts, group_rank_and_size
+from commcomp.moe.alltoall import DTYPES, Route, all_to_all, check_peers, exchange_counts, group_rank_and_size
 from commcomp.moe.gates import make_gate
 from commcomp.moe.params import mark_experts
 from commcomp.stats import CommStats
@@ -178,9 +178,9 @@ class MoE(nn.Module):
         else:
             recv_counts = exchange_counts(self.process_group, counts.view(W, L), self.stats)  # (W, L)
             send_splits, recv_splits = counts.view(W, L).sum(1).tolist(), recv_counts.sum(1).tolist()
-            args = (self.process_group, self.dispatch_dtype, self.stats)
-            received = all_to_all(rows, send_splits, recv_splits, *args, ends_step=True)  # (R, M)
-            y = all_to_all(self._run_experts(received, recv_counts), recv_splits, send_splits, *args)  # (T, M)
+            route = Route(send_splits, recv_splits, self.process_group, self.dispatch_dtype, self.stats)
+            received = all_to_all(rows, route, ends_step=True)  # (R, M)
+            y = all_to_all(self._run_experts(received, recv_counts), route.reversed())  # (T, M)
             if not y.requires_grad:  # no backward will follow: the step ends here
                 self.stats.end_step()
         weighted = (y * weight.unsqueeze(1).to(y.dtype)).to(tokens.dtype)  # experts may run in another dtype

@@ -85,21 +85,38 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if packed.shape[-1] != packed_nbytes(n, bits):
         raise ValueError(f"{n} codes of {bits} bits need {packed_nbytes(n, bits)} bytes, got {packed.shape[-1]}")
     lead = packed.shape[:-1]
-    if 8 % bits == 0:
-        per, mask = 8 // bits, (1 << bits) - 1
-        if per == 1:
-            return packed[..., :n]
-        out = torch.empty(*packed.shape, per, dtype=torch.uint8, device=packed.device)
-        torch.bitwise_and(packed, mask, out=out[..., 0])  # code 0: the low bits
-        for j in range(1, per):  # code j: shifted down, masked unless it is the top one
-            torch.bitwise_right_shift(packed, j * bits, out=out[..., j])
-            if j < per - 1:
-                out[..., j] &= mask
-        return out.view(*lead, -1)[..., :n]
+    if bits == 8:
+        return packed[..., :n]
+    if bits in (1, 2, 4):
+        return _unpack_words(packed, bits)[..., :n]
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     stream = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(*lead, -1)[..., : n * bits].reshape(*lead, n, bits)
     weights = torch.tensor([1 << j for j in range(bits)], device=packed.device, dtype=torch.uint8)
     return (stream * weights).sum(-1, dtype=torch.uint8)
+
+
+def _unpack_words(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """`unpack_bits` of 1-, 2- and 4-bit codes, a machine word at a time: each byte, widened to a
+    word of 8/b bytes (a contiguous, aligned copy), has its codes moved one per byte, and the words
+    are viewed as bytes again ([..., bytes] -> [..., bytes * 8/b]; little-endian, like `_pack_words`).
+    4 bits: x = c0 + 16 c1 in an int16 becomes c0 + 256 c1 = (x | x << 4) & 0x0F0F. 2 bits: the
+    pairs (c0, c1) and (c2, c3) move 16 bits apart ((x | x << 12) & 0x000F000F), then each code of a
+    pair 8 bits apart ((y | y << 6) & 0x03030303). 1 bit: x * 0x0101010101010101 copies the byte into
+    all eight bytes of an int64 (no carries), & 0x8040201008040201 keeps bit k in byte k, and adding
+    0x80 - 2^k to byte k sets its top bit exactly when bit k was set (no carry leaves a byte): that
+    bit, shifted down by 7 and masked, is the code."""
+    if bits == 4:
+        x = packed.to(torch.int16)
+        return torch.bitwise_left_shift(x, 4).bitwise_or_(x).bitwise_and_(0x0F0F).view(torch.uint8)
+    if bits == 2:
+        x = packed.to(torch.int32)
+        y = torch.bitwise_left_shift(x, 12).bitwise_or_(x).bitwise_and_(0x000F000F)
+        return torch.bitwise_left_shift(y, 6).bitwise_or_(y).bitwise_and_(0x03030303).view(torch.uint8)
+    x = packed.to(torch.int64).mul_(0x0101010101010101).bitwise_and_(_BIT_PER_BYTE)
+    return x.add_(0x00406070787C7E7F).bitwise_right_shift_(7).bitwise_and_(0x0101010101010101).view(torch.uint8)
+
+
+_BIT_PER_BYTE = 0x8040201008040201 - (1 << 64)  # as a signed int64: bit k of byte k
 
 
 def bucketize(values: torch.Tensor, bucket_size: int) -> torch.Tensor:
@@ -120,29 +137,6 @@ def per_value(scales: torch.Tensor, bucket_size: int, n: int) -> torch.Tensor:
 
 
 CHUNK_VALUES = 1 << 19  # values worked on at once by chunked encoders and decoders: about 2 MB of float32
-_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _byte_table(bits: int, device: torch.device) -> torch.Tensor:
-    """[256, 8/b] float32: the codes stored in each possible byte (decoding 1- and 2-bit codes by one
-    table lookup per byte is cheaper than 8/b shifts)."""
-    table = _TABLES.get((bits, device))
-    if table is None:
-        per, mask = 8 // bits, (1 << bits) - 1
-        rows = [[(byte >> (j * bits)) & mask for j in range(per)] for byte in range(256)]
-        table = _TABLES[(bits, device)] = torch.tensor(rows, dtype=torch.float32, device=device)
-    return table
-
-
-def decodable_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """The first n codes of `packed` ([..., bytes] -> [..., n]) in the cheapest form to multiply:
-    float32 from a byte table for 1- and 2-bit codes (one lookup per byte instead of 8/b shifts),
-    uint8 otherwise."""
-    if bits <= 2:
-        lead = packed.shape[:-1]
-        codes = _byte_table(bits, packed.device).index_select(0, packed.reshape(-1).int())
-        return codes.view(*lead, -1)[..., :n]
-    return unpack_bits(packed, bits, n)
 
 
 def chunks(buckets: int, bucket_size: int, ranks: int = 1) -> list[tuple[int, int]]:
@@ -172,7 +166,7 @@ def code_sum(
     ranks, B = packed.shape[0], bucket_size
     for b0, b1 in chunks(weights.shape[1], B, ranks):
         v0, v1 = b0 * B, min(b1 * B, n)
-        codes = decodable_codes(packed[:, v0 * bits // 8 : packed_nbytes(v1, bits)], bits, v1 - v0)
+        codes = unpack_bits(packed[:, v0 * bits // 8 : packed_nbytes(v1, bits)], bits, v1 - v0)
         if v1 - v0 < (b1 - b0) * B:  # the last, partial bucket: pad its codes (their weight is moot)
             codes = torch.nn.functional.pad(codes, (0, (b1 - b0) * B - (v1 - v0)))
         # float32 first: a multiplication that promotes uint8 on the fly is about 2x slower on a CPU

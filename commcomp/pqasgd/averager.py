@@ -1,4 +1,4 @@
-"""PQASGD: periodic quantized averaging (Jiang & Agrawal, NeurIPS 2018), and sparse parameter averaging.
+"""The PQASGD averager: when to average, the collectives, and checkpoints (the update rules are in `rules.py`).
 
 Each rank trains its own copy of the model with its own optimizer (no DDP). Call `averager.step()`
 after every `optimizer.step()` (or pass the optimizer and it is called for you), like PyTorch's
@@ -31,11 +31,25 @@ from torch import nn
 
 from commcomp import quantizers
 from commcomp.comm import Collectives, TorchCollectives
-from commcomp.consistency import bad_ranks, check_saved_options, flag_slots, has_nonfinite, verify_options
-from commcomp.elastic import world_size_error
+from commcomp.consistency import (
+    bad_ranks,
+    check_saved_options,
+    flag_slots,
+    has_nonfinite,
+    verify_options,
+    world_size_error,
+)
 from commcomp.flat import flatten, unflatten
 from commcomp.overflow import GradientWatch, check_nonfinite, gradients_nonfinite
-from commcomp.quantizers import Payload, Quantizer, StochasticQuantizer, pack_payloads, unpack_payloads
+from commcomp.pqasgd.rules import (
+    apply_mean_change,
+    check_int,
+    encode_changes,
+    floating_params,
+    sample_coordinates,
+    write_coordinates,
+)
+from commcomp.quantizers import Quantizer, pack_payloads, unpack_payloads
 from commcomp.quantizers.registry import QUANTIZERS
 from commcomp.quantizers.sparse import RandK
 from commcomp.stats import CommStats, timer
@@ -102,11 +116,11 @@ class PQASGD:
         nonfinite: str = "propagate",
         **quantizer_options: Any,
     ) -> None:
-        _check_int(period, "period", 1)
-        _check_int(warmup_steps, "warmup_steps", 0)
+        check_int(period, "period", 1)
+        check_int(warmup_steps, "warmup_steps", 0)
         if collectives is not None and process_group is not None:
             raise ValueError("give process_group or collectives, not both")
-        self.names, self.params = _floating_params(model)
+        self.names, self.params = floating_params(model)
         # --- configuration ---
         self.period = period
         self.warmup_steps = warmup_steps
@@ -173,13 +187,8 @@ class PQASGD:
             xb.copy_(avg)
 
     def _average_quantized(self, q: Quantizer) -> None:
-        n = self.comm.world_size
         with timer(self.x_bar[0]) as enc:
-            payloads = []
-            for name, p, xb in zip(self.names, self.params, self.x_bar):
-                if isinstance(q, StochasticQuantizer):
-                    q.set_stream(name)
-                payloads.append(q.compress(p.detach() - xb))
+            payloads = encode_changes(q, self.names, self.params, self.x_bar)
             device = self.params[0].device
             flag = torch.tensor([self._nonfinite(self.params)], dtype=torch.uint8, device=device)
             flat = flatten([pack_payloads(payloads).to(device), flag])
@@ -189,24 +198,15 @@ class PQASGD:
         with timer(self.x_bar[0]) as dec:
             self._raise_if_nonfinite(torch.stack([t[-1] for t in gathered]))
             per_rank = [unpack_payloads(t[:-1], payloads) for t in gathered]
-            for i, (p, xb) in enumerate(zip(self.params, self.x_bar)):
-                mean = _sum_in_order([q.decompress(ps[i]) for ps in per_rank]).div_(n)
-                xb.add_(mean.to(xb.dtype))
-                p.copy_(xb)
+            apply_mean_change(q, per_rank, self.params, self.x_bar)
         self.stats.decoded(dec.seconds)
 
     def _average_sparsely(self, sampler: RandK) -> None:
-        payloads: list[Payload] = []
-        for name, p in zip(self.names, self.params):
-            sampler.set_stream(name)
-            payloads.append(sampler.compress(p.detach()))
+        payloads = sample_coordinates(sampler, self.names, self.params)
         values = flatten([pl.tensors[0] for pl in payloads])
         total = self._all_reduce_checked(values).div_(self.comm.world_size)
-        chosen_values = unflatten(total, [pl.tensors[0].shape for pl in payloads])
-        for p, xb, pl, chosen in zip(self.params, self.x_bar, payloads, chosen_values):
-            idx = pl.meta["indices"]
-            p.view(-1)[idx] = chosen
-            xb.view(-1)[idx] = chosen
+        averaged = unflatten(total, [pl.tensors[0].shape for pl in payloads])
+        write_coordinates(self.params, self.x_bar, payloads, averaged)
 
     # ----- collectives with a NaN/Inf check riding along -----
     def _all_reduce_checked(self, flat: torch.Tensor) -> torch.Tensor:
@@ -293,35 +293,3 @@ class PQASGD:
         if self.coordinate_sampler is not None:
             self.coordinate_sampler.load_state_dict(state["coordinate_sampler"])
         self.stats.load_state_dict(state["stats"])
-
-
-def _sum_in_order(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Sum in list (rank) order, so every rank gets bitwise the same result."""
-    out = tensors[0].clone()
-    for t in tensors[1:]:
-        out += t
-    return out
-
-
-def _check_int(value: Any, name: str, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _floating_params(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"PQASGD expects an nn.Module, got {type(model).__name__}")
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        raise TypeError("PQASGD replaces DDP's gradient averaging: pass the plain model, not a DDP wrapper")
-    named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
-    params = [p for _, p in named]
-    if not params:
-        raise ValueError("PQASGD: the model has no floating-point parameters")
-    dtypes = {p.dtype for p in params}
-    devices = {p.device for p in params}
-    if len(dtypes) > 1 or len(devices) > 1:
-        raise TypeError(
-            f"PQASGD needs every parameter on one dtype and device, got {sorted(map(str, dtypes))} "
-            f"on {sorted(map(str, devices))}"
-        )
-    return [n for n, _ in named], params
