@@ -17,7 +17,6 @@ ranks whose orthonormalisation differed (another BLAS) stop with an error instea
 
 from __future__ import annotations
 
-import struct
 import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -165,13 +164,11 @@ _CHECK_BYTES = 4  # a CRC-32, one byte per slot: exact in every wire dtype
 
 
 def _checksum(ps: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """The CRC-32 of a position-weighted sum of the orthonormalised coefficients, as 4 byte values
-    (equal bits give equal checksums; one number leaves the device per group)."""
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    """The CRC-32 of the orthonormalised coefficients' bytes, as 4 byte values (equal bits give
+    equal checksums)."""
+    crc = 0
     for p in ps:
-        w = torch.arange(1, p.numel() + 1, dtype=torch.float64, device=p.device).remainder_(9973)
-        total += (p.double().reshape(-1) * w).sum()
-    crc = zlib.crc32(struct.pack("<d", float(total)))
+        crc = zlib.crc32(p.detach().cpu().contiguous().numpy().tobytes(), crc)
     return torch.tensor(list(crc.to_bytes(4, "little")), dtype=torch.float32, device=device)
 
 
