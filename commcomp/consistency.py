@@ -14,6 +14,9 @@ Two things must never differ silently between ranks:
   the same collective: one slot per rank in a summed buffer (`flag_slots`), or one byte per rank in
   a gathered one. Every rank then sees the same flags and raises together (`bad_ranks`), so a bad
   rank never leaves the others waiting in the next collective.
+
+Results computed from every rank's data (decoded payloads, checkpoints of several ranks) are summed
+in rank order with `sum_in_order`, so every rank holds bitwise the same numbers.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ __all__ = [
     "has_nonfinite",
     "options_digest",
     "options_text",
+    "sum_in_order",
     "verify_options",
     "verify_options_with_root",
     "world_size_error",
@@ -148,3 +152,14 @@ def flag_slots(bad: bool, rank: int, world_size: int, dtype: torch.dtype, device
 def bad_ranks(flags: torch.Tensor) -> list[int]:
     """The ranks whose flag is set (summed slots, or one gathered flag per rank)."""
     return [int(r) for r in torch.nonzero(flags).flatten().tolist()]
+
+
+# ----------------------------------------------------------------------------- sums alike everywhere
+
+
+def sum_in_order(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum in list (rank) order into a new tensor, so every rank gets bitwise the same result."""
+    out = tensors[0].clone()
+    for t in tensors[1:]:
+        out += t
+    return out

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from commcomp.consistency import sum_in_order
 from commcomp.gossip.base import GossipAlgorithm
 from commcomp.hooks.base import HookState
 from commcomp.pqasgd import PQASGD
@@ -41,11 +42,7 @@ def split_residuals(residuals: list[dict[str, torch.Tensor] | None], new_world: 
     divisor = new_world if summed else len(residuals)
     out = {}
     for key in keys:
-        parts = [r[key] for r in present if key in r]
-        total = parts[0].clone()
-        for t in parts[1:]:
-            total += t
-        out[key] = total / divisor
+        out[key] = sum_in_order([r[key] for r in present if key in r]) / divisor
     return out
 
 
@@ -57,10 +54,7 @@ def _rederive(quantizer: Any, rank: int) -> None:
 
 def mean(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Element-wise mean, summed in rank order (so every rank computes the same bits)."""
-    out = tensors[0].clone()
-    for t in tensors[1:]:
-        out += t
-    return out / len(tensors)
+    return sum_in_order(tensors) / len(tensors)
 
 
 @torch.no_grad()

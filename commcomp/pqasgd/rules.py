@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from commcomp.consistency import sum_in_order
 from commcomp.quantizers import Payload, Quantizer, StochasticQuantizer
 from commcomp.quantizers.sparse import RandK
 
@@ -25,7 +26,6 @@ __all__ = [
     "encode_changes",
     "floating_params",
     "sample_coordinates",
-    "sum_in_order",
     "write_coordinates",
 ]
 
@@ -55,14 +55,6 @@ def apply_mean_change(q: Quantizer, per_rank: Sequence[list[Payload]], params: T
         mean = sum_in_order([q.decompress(ps[i]) for ps in per_rank]).div_(len(per_rank))
         xb.add_(mean.to(xb.dtype))
         p.copy_(xb)
-
-
-def sum_in_order(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Sum in list (rank) order, so every rank gets bitwise the same result."""
-    out = tensors[0].clone()
-    for t in tensors[1:]:
-        out += t
-    return out
 
 
 # ----------------------------------------------------------------------------- sparse averaging
