@@ -12,9 +12,12 @@ bytes / seconds; "x copy" = seconds / copy seconds.
 Part 2 (the hook path, one rank's view of an N-rank step): the gradients of the benchmark's mlp
 (784-2048-2048-10, 5.8M values) go through the DDP hook's own codec: encode once (with error
 feedback where the method uses it), then decode what N ranks sent (the all-gathered bytes of N
-ranks, or the all-reduced sum once, or the shared-grid codes once). The collective itself is not
-run: its result is prepared before timing. Reported: encode, decode and total milliseconds and
-total / the copy of the same gradients. The target is total <= 20x copy.
+ranks, or the all-reduced sum once, or the shared-grid codes once). GradiVeQ ("gradiveq", the
+registered method's defaults: tracked basis, error feedback) runs its two exchanges: encode = the
+coefficients and the basis update (orthonormalising the summed coefficients in between), decode =
+P B^T. The collectives themselves are not run: their results are prepared before timing.
+Reported: encode, decode and total milliseconds and total / the copy of the same gradients. The
+target is total <= 20x copy.
 
 Everything runs in this process with torch.set_num_threads(1). Results: a table and codecs.json.
 """
@@ -26,6 +29,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -142,13 +146,29 @@ HOOK_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "sign+ef": ("sign", {"error_feedback": True}),
     "qsgd4_ar": ("qsgd_ar", {"bits": 4}),
     "sign_ar+ef": ("sign_ar", {"error_feedback": True}),
+    "gradiveq": ("gradiveq", {}),  # the registered method's defaults (tracked basis): see `_gradiveq_path`
 }
 
 
 def _sim_state(quantizer: str, options: dict[str, Any], rank: int, world: int) -> Any:
-    """The hook's own QuantizerState, as rank `rank` of `world` without a process group: the
-    agreement of shared-grid quantizers returns the local statistic (same cost, no collective)."""
+    """The hook's own state (QuantizerState, or GradiVeQState for "gradiveq"), as rank `rank` of
+    `world` without a process group: the agreement of shared-grid quantizers returns the local
+    statistic (same cost, no collective)."""
+    from commcomp.gradiveq import GradiVeQState
     from commcomp.hooks.quantized import QuantizerState
+
+    if quantizer == "gradiveq":
+
+        class SimulatedGradiVeQ(GradiVeQState):
+            @property
+            def rank(self) -> int:
+                return rank
+
+            @property
+            def world_size(self) -> int:
+                return world
+
+        return SimulatedGradiVeQ(**options)
 
     class Simulated(QuantizerState):
         @property
@@ -166,6 +186,64 @@ def _sim_state(quantizer: str, options: dict[str, Any], rank: int, world: int) -
     return Simulated(quantizer=quantizer, **options)
 
 
+@dataclass
+class _Ready:
+    """A collective whose result was prepared before timing (`Pending`)."""
+
+    result: torch.Tensor
+
+    def wait(self) -> torch.Tensor:
+        return self.result
+
+
+class _Capture:
+    """A `Wire` that keeps what it was handed and returns `result` at once."""
+
+    def __init__(self, result: torch.Tensor | None = None) -> None:
+        self.result, self.sent = result, torch.empty(0)
+
+    def start(self, flat: torch.Tensor, summed: bool, name: str) -> _Ready:
+        del summed, name
+        self.sent = flat
+        return _Ready(flat if self.result is None else self.result)
+
+
+def _gradiveq_path(
+    options: dict[str, Any], keys: list[str], grads: list[torch.Tensor], world: int
+) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """(encode, decode) of one rank's tracked GradiVeQ step, as its DDP hook runs it on one bucket:
+    encode = the coefficients X_n U (and g_n / N for small layers, with the flags) + orthonormalising
+    their sum and the basis update X_n^T P (both counted as encoding by the hook); decode = P B^T
+    from the summed basis updates. The sums of `world` ranks (same gradients) are prepared first."""
+    from commcomp.exchange import send
+    from commcomp.gradiveq.pipeline import TrackedCoefficients, TrackedGroup
+
+    def first(state: Any, wire: _Capture) -> Any:
+        return send(state, TrackedCoefficients(state), keys, grads, wire, like=grads[0], dense_bytes=0)
+
+    states = [_sim_state("gradiveq", options, r, world) for r in range(world)]
+    wires = [_Capture() for _ in states]
+    items = [first(st, w) for st, w in zip(states, wires)]
+    coefficients = torch.stack([w.sent for w in wires]).sum(0)
+    for item in items:
+        item.pending = _Ready(coefficients)
+    updates = [_Capture() for _ in states]
+    groups = [TrackedGroup(st, [item], grads[0]) for st, item in zip(states, items)]
+    for g, w in zip(groups, updates):
+        g.start_basis_update(w)
+    summed_updates = torch.stack([w.sent for w in updates]).sum(0)
+    mine, ready = states[0], _Capture(coefficients)
+    groups[0].complete(summed_updates)
+    for commit in mine._commits:  # what the step's end keeps: the residuals the next encode adds
+        commit()
+
+    def encode() -> None:
+        item = first(mine, ready)
+        TrackedGroup(mine, [item], grads[0]).start_basis_update(_Capture(summed_updates))
+
+    return encode, partial(groups[0].complete, summed_updates)
+
+
 def hook_rows(names: list[str], world: int, reps: int) -> list[dict[str, Any]]:
     """Part 2: the hook's codec on the mlp's gradients, one rank's encode and decode of N ranks."""
     from commcomp.hooks.quantized import QuantizedExchange
@@ -178,6 +256,11 @@ def hook_rows(names: list[str], world: int, reps: int) -> list[dict[str, Any]]:
     rows = []
     for name in names:
         quantizer, options = HOOK_METHODS[name]
+        if quantizer == "gradiveq":
+            encode, decode = _gradiveq_path(options, keys, [g.clone() for g in grads], world)
+            copy, enc, dec = seconds([partial(dst.copy_, flat), encode, decode], reps)
+            rows.append(_hook_row(name, world, flat.numel(), copy, enc, dec))
+            continue
         codecs = [QuantizedExchange(_sim_state(quantizer, options, r, world)) for r in range(world)]
         sent = [c.encode(keys, [g.clone() for g in grads]) for c in codecs]  # what every rank sends
         if codecs[0].summed:  # the all-reduce's result: the element-wise sum of every rank's parts
@@ -190,21 +273,23 @@ def hook_rows(names: list[str], world: int, reps: int) -> list[dict[str, Any]]:
         copy, enc, dec = seconds(
             [partial(dst.copy_, flat), partial(mine.encode, keys, grads), partial(mine.decode, received, encoded)], reps
         )
-        rows.append(
-            {
-                "part": "hook",
-                "method": name,
-                "ranks": world,
-                "values": flat.numel(),
-                "copy_s": copy,
-                "encode_s": enc,
-                "decode_s": dec,
-                "total_s": enc + dec,
-                "x_copy": (enc + dec) / copy,
-            }
-        )
-        print(f"  [codecs] hook {name} at {world} ranks: {(enc + dec) / copy:.1f}x copy", flush=True)
+        rows.append(_hook_row(name, world, flat.numel(), copy, enc, dec))
     return rows
+
+
+def _hook_row(name: str, world: int, values: int, copy: float, enc: float, dec: float) -> dict[str, Any]:
+    print(f"  [codecs] hook {name} at {world} ranks: {(enc + dec) / copy:.1f}x copy", flush=True)
+    return {
+        "part": "hook",
+        "method": name,
+        "ranks": world,
+        "values": values,
+        "copy_s": copy,
+        "encode_s": enc,
+        "decode_s": dec,
+        "total_s": enc + dec,
+        "x_copy": (enc + dec) / copy,
+    }
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
