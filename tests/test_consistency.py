@@ -48,3 +48,23 @@ def test_flags_mark_the_bad_ranks_after_a_sum() -> None:
     summed = summed.sum(0)
     assert bad_ranks(summed) == [1, 3]
     assert bad_ranks(torch.zeros(world)) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_nonfinite_check_matches_an_element_wise_check(dtype: torch.dtype) -> None:
+    """The summed check agrees with `isfinite` element by element, extreme finite values included
+    (their sums must not overflow into a false alarm), and +inf in one tensor with -inf in another."""
+    big = torch.finfo(dtype).max
+    gen = torch.Generator().manual_seed(0)
+    cases = [
+        [torch.full((4096,), big, dtype=dtype), torch.full((7,), -big, dtype=dtype)],
+        [torch.randn(50, generator=gen).to(dtype), torch.tensor([float("inf")], dtype=dtype)],
+        [torch.tensor([float("inf")], dtype=dtype), torch.tensor([float("-inf")], dtype=dtype)],
+        [torch.randn(3, 5, generator=gen).to(dtype), torch.tensor([1.0, float("nan")], dtype=dtype)],
+        [torch.randn(9, generator=gen).to(dtype), torch.arange(5)],
+        [torch.empty(0, dtype=dtype)],
+        [],
+    ]
+    for tensors in cases:
+        expected = not all(bool(torch.isfinite(t).all()) for t in tensors)
+        assert has_nonfinite(tensors) == expected, tensors

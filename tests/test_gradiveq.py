@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commcomp
 from benchmarks.data import CNN1D, accuracy, load_mnist1d, shard
-from commcomp.gradiveq import LayerCodec, Schedule, TrackedLayer, orthonormalize, plan_slices, square_plan
+from commcomp.gradiveq import LayerCodec, Schedule, TrackedLayer, matrix_plan, orthonormalize, plan_slices
 
 # ---------------------------------------------------------------- pure codec
 
@@ -98,13 +98,20 @@ def test_round_trip_exact_when_d_equals_k():
     assert torch.allclose(codec.decompress(coeffs, rest), g, atol=1e-4)
 
 
-def test_square_plan_keeps_the_layout_unit_and_is_near_square():
-    conv = square_plan((128, 128, 3), 1024)  # F*D = 16384: K a divisor of it near sqrt(49152)
-    assert conv is not None and conv.conv and 16384 % conv.K == 0 and conv.S * conv.K == 49152
-    assert 64 <= conv.K <= 256
-    lin = square_plan((2048, 2048), 1024)  # rows of 2048: K = one row, a square matrix
-    assert lin is not None and (lin.S, lin.K) == (2048, 2048)
-    assert square_plan((10, 10), 1024) is None and square_plan((5000,), 1024) is None
+def test_matrix_plan_slices_are_the_rows_of_the_layers_own_matrix():
+    g = torch.randn(128, 64, 3)
+    conv = matrix_plan(g.shape, 1024)  # K = F: the [D*k, F] transpose of the [F, D*k] view
+    assert conv is not None and conv.conv and (conv.S, conv.K) == (64 * 3, 128)
+    slices, rest = conv.split(g)
+    assert rest.numel() == 0 and torch.equal(
+        slices, g.reshape(128, -1).T.reshape(64, 3, 128).permute(1, 0, 2).reshape(-1, 128)
+    )
+    torch.testing.assert_close(torch.linalg.svdvals(slices), torch.linalg.svdvals(g.reshape(128, -1)))
+    lin = matrix_plan((10, 960), 1024)  # a Linear keeps its rows, however long
+    assert lin is not None and (lin.S, lin.K) == (10, 960)
+    assert not TrackedLayer(lin, 8, "head").worth_compressing()  # (10 + 960) * 8 * 2 > 9600: stays dense
+    assert TrackedLayer(matrix_plan((1024, 784), 1024), 8, "fc").worth_compressing()
+    assert matrix_plan((10, 10), 1024) is None and matrix_plan((5000,), 1024) is None
 
 
 def test_orthonormalize_is_orthonormal_deterministic_and_spans_the_input():
@@ -118,20 +125,20 @@ def test_orthonormalize_is_orthonormal_deterministic_and_spans_the_input():
 def test_tracked_step_is_linear_and_error_feedback_is_exact():
     """Two exchanges on N simulated ranks: the decode is P P^T X for the summed X, the per-rank
     residuals add up to exactly what the decode missed, and a projection never grows the step."""
-    plan = square_plan((32, 24, 3), 1)
+    plan = matrix_plan((32, 24, 3), 1)
     layer = TrackedLayer(plan, 5, "w")
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(plan.S, plan.K, generator=gen) for _ in range(4)]
     c = sum(layer.coefficients(x) for x in xs)
     p = orthonormalize(c)
     bs = [TrackedLayer.basis_update(x, p) for x in xs]
-    decoded = layer.decode(p, sum(bs))
+    decoded = p @ sum(bs).T
     total = sum(xs)
     torch.testing.assert_close(decoded, p @ p.T @ total, atol=1e-4, rtol=1e-4)
     residuals = [x - p @ b.T for x, b in zip(xs, bs)]
     torch.testing.assert_close(decoded + sum(residuals), total, atol=1e-4, rtol=1e-4)
     assert decoded.norm() <= total.norm() * (1 + 1e-6)
-    assert layer.basis is not None and layer.basis.shape == (plan.K, 5)
+    assert layer.basis is not None and layer.basis.shape == (plan.K, 5)  # the starting basis
 
 
 def test_schedule_phases():
@@ -241,7 +248,7 @@ def _expected_tracked_step(shapes, world, n_buckets, rank=8) -> int:
     (K*d per compressed layer + 4 checksum bytes per rank per bucket), all in bfloat16."""
     values = 0
     for shape in shapes.values():
-        plan = square_plan(shape, 1024)
+        plan = matrix_plan(shape, 1024)
         d = 0 if plan is None else min(rank, plan.S, plan.K)
         if plan is None or 2 * (plan.S + plan.K) * d > plan.S * plan.K:
             values += math.prod(shape)
@@ -320,7 +327,7 @@ def _tracked_reference_worker(rank, world, steps):
         nn.functional.cross_entropy(ref(x), y).backward()
         for name, p in ref.named_parameters():
             g = p.grad
-            plan = square_plan(g.shape, 1024)
+            plan = matrix_plan(g.shape, 1024)
             d = 0 if plan is None else min(8, plan.S, plan.K)
             if plan is None or 2 * (plan.S + plan.K) * d > plan.S * plan.K:
                 dist.all_reduce(g)

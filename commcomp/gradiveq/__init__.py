@@ -11,7 +11,7 @@ from commcomp.gradiveq.fitted import FittedExchange, FittedOptions, Share
 from commcomp.gradiveq.hook import GradiVeQState, gradiveq_hook
 from commcomp.gradiveq.refit import refit_bases
 from commcomp.gradiveq.schedule import Schedule
-from commcomp.gradiveq.tracked import TrackedLayer, orthonormalize, square_plan
+from commcomp.gradiveq.tracked import TrackedLayer, matrix_plan, orthonormalize
 
 __all__ = [
     "FittedExchange",
@@ -23,8 +23,8 @@ __all__ = [
     "SlicePlan",
     "TrackedLayer",
     "gradiveq_hook",
+    "matrix_plan",
     "orthonormalize",
     "plan_slices",
     "refit_bases",
-    "square_plan",
 ]

@@ -15,20 +15,18 @@ The tracked basis's warm-up steps use it too (phase "warmup": everything sent as
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-from commcomp.exchange import Encoded
+from commcomp.comm import Collectives
+from commcomp.exchange import Encoded, Host
 from commcomp.gradiveq.codec import LayerCodec
 from commcomp.gradiveq.refit import refit_bases
 from commcomp.hooks.quantized import QuantizedExchange
 from commcomp.stats import timer
 
-if TYPE_CHECKING:
-    from commcomp.gradiveq.hook import GradiVeQState
-
-__all__ = ["FittedExchange", "FittedOptions", "Share", "refit"]
+__all__ = ["FittedExchange", "FittedHost", "FittedOptions", "Share", "refit"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,18 @@ class Share:
     codec: LayerCodec | None
 
 
-def refit(state: GradiVeQState, codecs: list[LayerCodec], like: torch.Tensor) -> None:
+class FittedHost(Host, Protocol):
+    """What the fitted basis needs of its state (`GradiVeQState` is one)."""
+
+    fitted: FittedOptions | None  # None: a tracked-basis state
+    codecs: dict[str, LayerCodec | None]  # per-layer PCA state (None: sent uncompressed)
+
+    def collectives(self) -> Collectives:
+        """The transport of the blocking refit collectives."""
+        ...
+
+
+def refit(state: FittedHost, codecs: list[LayerCodec], like: torch.Tensor) -> None:
     """Step 2: fit on `src_rank`, broadcast, check (blocking collectives on `state.collectives()`)."""
     assert state.fitted is not None, "refit() of a tracked-basis state"
     with timer(like) as fit_time:
@@ -83,7 +92,7 @@ class FittedExchange:
     every gradient's `Share` summed in one all-reduce or, on sampling steps with a sample quantizer,
     the gradients sent through `sampling`. Committing feeds the PCA on sampling steps."""
 
-    def __init__(self, state: GradiVeQState, phase: str, sampling: QuantizedExchange | None = None) -> None:
+    def __init__(self, state: FittedHost, phase: str, sampling: QuantizedExchange | None = None) -> None:
         self.state, self.phase, self.sampling = state, phase, sampling
 
     @property

@@ -29,7 +29,7 @@ from commcomp.gradiveq.codec import LayerCodec, plan_slices
 from commcomp.gradiveq.fitted import FittedExchange, FittedOptions, refit
 from commcomp.gradiveq.pipeline import TrackedCoefficients, TrackedGroup
 from commcomp.gradiveq.schedule import Schedule
-from commcomp.gradiveq.tracked import TrackedLayer, square_plan
+from commcomp.gradiveq.tracked import TrackedLayer, matrix_plan
 from commcomp.hooks.base import HookState, exchange_hook, register_simple_method
 from commcomp.hooks.quantized import QuantizedExchange, QuantizerState
 from commcomp.quantizers import Quantizer
@@ -182,7 +182,7 @@ class GradiVeQState(HookState):
     # ----- per-layer state, created when a parameter is first seen -----
     def tracked_layer(self, key: str, shape: torch.Size) -> TrackedLayer | None:
         if key not in self.layers:
-            plan = square_plan(shape, self.min_numel)
+            plan = matrix_plan(shape, self.min_numel)
             layer = None if plan is None else TrackedLayer(plan, self.rank_per_layer, key)
             if layer is not None and not layer.worth_compressing():
                 layer = None

@@ -17,26 +17,34 @@ ranks whose orthonormalisation differed (another BLAS) stop with an error instea
 
 from __future__ import annotations
 
-import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from commcomp.consistency import bad_ranks
-from commcomp.exchange import Encoded, InFlight, Pending, Wire, nbytes
+from commcomp.error_feedback import ErrorFeedback
+from commcomp.exchange import Encoded, Host, InFlight, Pending, Wire, nbytes
 from commcomp.flat import flatten, unflatten
 from commcomp.gradiveq.tracked import TrackedLayer, orthonormalize
 from commcomp.overflow import poison
 from commcomp.stats import timer
 
-if TYPE_CHECKING:
-    from commcomp.gradiveq.hook import GradiVeQState
-
-__all__ = ["TrackedCoefficients", "TrackedGroup", "finish_tracked"]
+__all__ = ["TrackedCoefficients", "TrackedGroup", "TrackedHost", "finish_tracked"]
 
 P = TypeVar("P", bound=Pending)
+
+
+class TrackedHost(Host, Protocol):
+    """What the tracked step needs of its state (`GradiVeQState` is one)."""
+
+    memory: ErrorFeedback | None  # None: error feedback off
+    wire_dtype: torch.dtype
+
+    def tracked_layer(self, key: str, shape: torch.Size) -> TrackedLayer | None:
+        """The layer's tracked basis, or None if it is sent as it is."""
+        ...
 
 
 @dataclass
@@ -57,7 +65,7 @@ class TrackedCoefficients:
 
     summed = True
 
-    def __init__(self, state: GradiVeQState) -> None:
+    def __init__(self, state: TrackedHost) -> None:
         self.state = state
 
     def encode(self, keys: list[str], grads: list[torch.Tensor]) -> Encoded:
@@ -89,7 +97,7 @@ class TrackedCoefficients:
 class TrackedGroup:
     """Gradients whose coefficients are in flight (`items`, sent with `TrackedCoefficients`)."""
 
-    def __init__(self, state: GradiVeQState, items: list[InFlight[Any]], like: torch.Tensor, index: int = 0) -> None:
+    def __init__(self, state: TrackedHost, items: list[InFlight[Any]], like: torch.Tensor, index: int = 0) -> None:
         self.state, self.items, self.like, self.index = state, items, like, index
         self.grads: list[_Grad] = [rec for item in items for rec in item.encoded.context]
         self.skipped = False  # a rank flagged NaN/Inf: every rank skips the step alike
@@ -156,7 +164,7 @@ class TrackedGroup:
                 assert rec.layer is not None and rec.p is not None and rec.b is not None and rec.x is not None
                 rec.layer.basis = b.clone()
                 if state.memory is not None:  # what this rank's share lost: X_n - P P^T X_n
-                    state.memory.set(rec.key, rec.x - rec.p @ rec.b.T)
+                    state.memory.set(rec.key, torch.addmm(rec.x, rec.p, rec.b.T, alpha=-1))
 
         state.commit_at_step_end(commit)
 
@@ -165,17 +173,15 @@ _CHECK_BYTES = 4  # a CRC-32, one byte per slot: exact in every wire dtype
 
 
 def _checksum(ps: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """The CRC-32 of a position-weighted sum of the orthonormalised coefficients, as 4 byte values
-    (equal bits give equal checksums; one number leaves the device per group)."""
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    """The CRC-32 of the orthonormalised coefficients' bytes, as 4 byte values (equal bits give
+    equal checksums)."""
+    crc = 0
     for p in ps:
-        w = torch.arange(1, p.numel() + 1, dtype=torch.float64, device=p.device).remainder_(9973)
-        total += (p.double().reshape(-1) * w).sum()
-    crc = zlib.crc32(struct.pack("<d", float(total)))
+        crc = zlib.crc32(p.detach().cpu().contiguous().numpy().tobytes(), crc)
     return torch.tensor(list(crc.to_bytes(4, "little")), dtype=torch.float32, device=device)
 
 
-def finish_tracked(state: GradiVeQState, items: list[InFlight[Any]], wire: Wire[Any], name: str) -> None:
+def finish_tracked(state: TrackedHost, items: list[InFlight[Any]], wire: Wire[Any], name: str) -> None:
     """Both exchanges' second half for a whole step at once (Horovod's `synchronize()`): wait for the
     coefficients, start and wait for the basis update, decode; the step's group ends either way."""
     try:

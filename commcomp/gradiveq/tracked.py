@@ -26,20 +26,31 @@ import zlib
 
 import torch
 
-from commcomp.gradiveq.codec import SlicePlan, plan_slices
+from commcomp.gradiveq.codec import SlicePlan
 
-__all__ = ["TrackedLayer", "orthonormalize", "square_plan"]
+__all__ = ["TrackedLayer", "matrix_plan", "orthonormalize"]
 
 
-def square_plan(shape: tuple[int, ...] | torch.Size, min_numel: int) -> SlicePlan | None:
-    """A slice plan whose matrix is as close to square as the layout allows (K near sqrt(M)).
+def matrix_plan(shape: tuple[int, ...] | torch.Size, min_numel: int) -> SlicePlan | None:
+    """The slice plan for a tracked basis: the slices are the rows of the layer's own matrix.
 
-    For a rank-d message (S + K) d is smallest when S = K; K stays a multiple (or divisor) of the
-    layer's natural unit (F*D for a conv, the row for a Linear), as in `plan_slices`.
+    In the layout of `SlicePlan` the innermost run is the F filters of a conv weight [F, D, *spatial]
+    (at one input channel and position) or a row of a Linear weight [out, in]. Slices of exactly one
+    run (K = F, or K = in) make the slice matrix the layer's own matrix (transposed for a conv), whose
+    low rank the power iteration finds: the [F, D*k] view PowerSGD compresses. Cutting a long row
+    into chunks, or stacking short runs, would make the matrix squarer (a rank-d message (S + K) d is
+    smallest when S = K), but its rows would mix unrelated pieces of the layer and lose its low rank;
+    on a small classifier head that cost about two points of accuracy. A layer whose own matrix is
+    too thin to send 2x smaller stays uncompressed (`TrackedLayer.worth_compressing`).
+    None for layers under `min_numel` values or with fewer than 2 dimensions.
     """
-    numel = math.prod(int(s) for s in shape) if len(shape) else 1
-    side = max(1, round(math.sqrt(numel)))
-    return plan_slices(shape, side, side, min_numel)
+    shape = tuple(int(s) for s in shape)
+    numel = math.prod(shape) if shape else 1
+    if len(shape) < 2 or numel < min_numel:
+        return None
+    conv = len(shape) >= 3
+    k = shape[0] if conv else shape[1]  # the innermost run of the layout
+    return SlicePlan(shape, k, numel // k, conv)
 
 
 def orthonormalize(c: torch.Tensor) -> torch.Tensor:
@@ -80,15 +91,13 @@ class TrackedLayer:
         return self.basis
 
     def coefficients(self, x: torch.Tensor) -> torch.Tensor:
-        """Step 1: C_n = X_n U [S, d] for this rank's slices `x` [S, K] (float32)."""
-        return x @ self.start_basis(x.device)
+        """Step 1: C_n = X_n U [S, d] for this rank's slices `x` [S, K] (float32).
+
+        Written (U^T X^T)^T: the same product, but CPU BLAS runs a thin matrix times a wide one
+        several times faster in this order (on a GPU the transposes are free either way)."""
+        return (self.start_basis(x.device).T @ x.T).T
 
     @staticmethod
     def basis_update(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """Step 2: B_n = X_n^T P [K, d]."""
-        return x.T @ p
-
-    def decode(self, p: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Step 3: the averaged slices P B^T [S, K]; B becomes the next basis."""
-        self.basis = b.float().clone()
-        return p @ self.basis.T
+        """Step 2: B_n = X_n^T P [K, d], as (P^T X_n)^T (the fast order, as in `coefficients`)."""
+        return (p.T @ x).T
