@@ -264,7 +264,7 @@ def hook_rows(names: list[str], world: int, reps: int) -> list[dict[str, Any]]:
         codecs = [QuantizedExchange(_sim_state(quantizer, options, r, world)) for r in range(world)]
         sent = [c.encode(keys, [g.clone() for g in grads]) for c in codecs]  # what every rank sends
         if codecs[0].summed:  # the all-reduce's result: the element-wise sum of every rank's parts
-            received = [torch.stack(parts).sum(0) for parts in zip(*(e.parts for e in sent))]
+            received = [torch.stack(parts).sum(0, dtype=parts[0].dtype) for parts in zip(*(e.parts for e in sent))]
         else:  # the all-gather's result: every rank's bytes (the engine strips the flag byte)
             received = [e.parts[0] for e in sent]
         mine = codecs[0]

@@ -10,7 +10,7 @@ import torch
 from commcomp import quantizers
 from commcomp.error_feedback import ErrorFeedback
 from commcomp.quantizers import pack_payloads, unpack_payloads
-from commcomp.quantizers.packing import pack_bits, packed_nbytes, unpack_bits
+from commcomp.quantizers.packing import max_abs, pack_bits, packed_nbytes, unpack_bits
 from commcomp.quantizers.qsgd import QSGD
 from commcomp.quantizers.sparse import RandK
 
@@ -77,6 +77,22 @@ def test_unpack_bits_every_byte_batched(bits: int) -> None:
     assert got.shape == (3, n)
     for r in range(3):
         assert got[r].tolist() == _unpack_bits_reference(packed[r].tolist(), bits, n)
+
+
+def test_max_abs_is_abs_amax_bitwise() -> None:
+    """max |v| per row, signed zeros, infinities and NaN included, as abs().amax(1) gives it."""
+    rows = torch.randn(6, 33)
+    rows[1] = -0.0
+    rows[2, 5] = float("-inf")
+    rows[3, 7] = float("nan")
+    rows[4] = -rows[4].abs()
+    rows[5, :] = 0.0
+    rows[5, 3] = -0.0
+    got = max_abs(rows, torch.empty(6))
+    want = rows.abs().amax(1)
+    assert torch.equal(got.isnan(), want.isnan())
+    ok = ~want.isnan()
+    assert got[ok].tolist() == want[ok].tolist() and not torch.signbit(got[ok]).any()
 
 
 @pytest.mark.parametrize("name,options", CONFIGS)

@@ -20,6 +20,7 @@ __all__ = [
     "check_bits",
     "chunks",
     "code_sum",
+    "max_abs",
     "pack_bits",
     "packed_nbytes",
     "per_value",
@@ -129,6 +130,14 @@ def bucketize(values: torch.Tensor, bucket_size: int) -> torch.Tensor:
     padded = values.new_zeros(buckets * bucket_size)
     padded[:n] = values.reshape(-1)
     return padded.view(buckets, bucket_size)
+
+
+def max_abs(buckets: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """max |v| of each row of `buckets` [b, B], written into `out` [b], without a temporary |v|: the
+    larger of max v and -min v (two reads, no writes; NaN propagates), + 0.0 so that a row of zeros
+    gives +0.0 as abs().amax() does."""
+    torch.amax(buckets, 1, out=out)
+    return torch.maximum(out, buckets.amin(1).neg_(), out=out).add_(0.0)
 
 
 def per_value(scales: torch.Tensor, bucket_size: int, n: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from commcomp.quantizers.base import Payload
 from commcomp.quantizers.checks import check_bits, check_floating, check_positive_int
-from commcomp.quantizers.packing import bucketize, chunks, code_sum, pack_bits, packed_nbytes
+from commcomp.quantizers.packing import bucketize, chunks, code_sum, max_abs, pack_bits, packed_nbytes
 from commcomp.quantizers.registry import QUANTIZERS
 from commcomp.quantizers.stochastic import NOISE_BITS, StochasticQuantizer, random_int16
 
@@ -44,9 +44,12 @@ def stochastic_codes(
     which rounds s * v / S up with probability its fractional part, so E[code - s] = s * v / S.
 
     The float-to-integer conversion truncates, which is the floor for these non-negative values;
-    it goes through int16 (several times faster than converting float32 to uint8 directly on a CPU).
+    it goes through int8 when every code is below 128 (up to 7 bits: the bytes are the same), else
+    through int16 (either is several times faster than converting float32 to uint8 on a CPU).
     """
     shifted = _shifted_levels(values, scales, levels, generator)
+    if 2 * levels + 1 <= torch.iinfo(torch.int8).max:  # shifted < 2s + 1 <= 127
+        return shifted.to(torch.int8).view(torch.uint8).clamp_(max=2 * levels)
     return shifted.to(torch.int16).to(torch.uint8).clamp_(max=2 * levels)
 
 
@@ -124,8 +127,11 @@ class QSGD(StochasticQuantizer):
         for b0, b1 in chunks(buckets.shape[0], B):  # a few hundred kB at a time: stays in cache
             v0, v1 = b0 * B, min(b1 * B, n)
             part = buckets[b0:b1]
-            scale = part.abs().amax(1, keepdim=True) if self.norm == "max" else part.norm(dim=1, keepdim=True)
-            scales[b0:b1] = scale.view(-1)
+            if self.norm == "max":
+                scale = max_abs(part, scales[b0:b1]).clone().unsqueeze(1)
+            else:
+                scale = part.norm(dim=1, keepdim=True)
+                scales[b0:b1] = scale.view(-1)
             codes = stochastic_codes(part, scale.masked_fill_(scale == 0, 1.0), s, gen).view(-1)[: v1 - v0]
             packed[v0 * self.bits // 8 : packed_nbytes(v1, self.bits)] = pack_bits(codes, self.bits)
         return Payload([packed, scales], tensor.shape, tensor.dtype)

@@ -28,7 +28,7 @@ import torch
 
 from commcomp.quantizers.base import Payload
 from commcomp.quantizers.checks import check_bits, check_floating, check_positive_int
-from commcomp.quantizers.packing import bucketize, chunks
+from commcomp.quantizers.packing import bucketize, chunks, max_abs
 from commcomp.quantizers.qsgd import stochastic_codes
 from commcomp.quantizers.registry import QUANTIZERS
 from commcomp.quantizers.stochastic import StochasticQuantizer
@@ -159,7 +159,7 @@ class SharedScaleQSGD(SharedScaleQuantizer):
         buckets = bucketize(tensor.detach().reshape(-1).float(), self.bucket_size)
         maxima = torch.empty(buckets.shape[0], device=tensor.device)
         for b0, b1 in chunks(buckets.shape[0], self.bucket_size):  # in cache, no full-size temporary
-            torch.amax(buckets[b0:b1].abs(), 1, out=maxima[b0:b1])
+            max_abs(buckets[b0:b1], maxima[b0:b1])
         return maxima
 
     def compress_shared(self, tensor: torch.Tensor, agreed: torch.Tensor, world_size: int) -> Payload:
@@ -173,7 +173,10 @@ class SharedScaleQSGD(SharedScaleQuantizer):
         for b0, b1 in chunks(buckets.shape[0], B):
             v0, v1 = b0 * B, min(b1 * B, n)
             codes = stochastic_codes(buckets[b0:b1], safe[b0:b1], s, gen).view(-1)[: v1 - v0]
-            levels[v0:v1] = codes.to(torch.int16).sub_(s)  # signed levels in [-s, s]
+            if levels.dtype == torch.int8:  # codes <= 2s <= 126: the same bytes as int8, shifted in place
+                torch.sub(codes.view(torch.int8), s, out=levels[v0:v1])  # signed levels in [-s, s]
+            else:
+                levels[v0:v1] = codes.to(torch.int16).sub_(s)
         return Payload([levels], tensor.shape, tensor.dtype, {"scales": agreed})
 
     def decode_levels(self, levels: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
