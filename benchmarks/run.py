@@ -12,7 +12,9 @@ the MLP; (3) a short collective-bandwidth pass (collectives.py). Where network n
 created (not root, no iproute2) it says so and runs on local processes without shaping. Results go
 to --out (default results/<UTC time>, linked from results/latest): results.json, table.txt,
 results.md, training.png, accuracy.png, collectives.png. With --results-md PATH (scripts/bench.sh
-passes docs/results.md) the markdown report is also written to PATH, with accuracy.png beside it.
+passes docs/results.md) the markdown report is also written to PATH, with accuracy.png beside it;
+with --readme PATH (scripts/bench.sh passes README.md) the cnn table also replaces the text between
+PATH's `<!-- headline:start -->` and `<!-- headline:end -->` lines.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--collectives", default="16", help="payload MB for the wire-efficiency pass ('' skips it)")
     p.add_argument(
         "--results-md", default="", help="also write the markdown report here, e.g. docs/results.md ('' does not)"
+    )
+    p.add_argument(
+        "--readme", default="", help="also write the cnn table between this file's headline markers ('' does not)"
     )
     add_method_options(p)
     return p.parse_args(argv)
@@ -173,6 +178,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.copyfile(out / "accuracy.png", md.with_suffix(".png"))
         md.write_text(summary(rows, collectives, goals, meta, markdown=True, plot=md.with_suffix(".png").name) + "\n")
         print(f"wrote {md} and {md.with_suffix('.png')}")
+    if args.readme and any(r["workload"] == "cnn" for r in rows):
+        write_headline(Path(args.readme), headline(rows, meta, args.results_md))
+        print(f"wrote the headline table into {args.readme}")
+    elif args.readme:
+        print(f"{args.readme} left as it was: its headline is the cnn workload's table, which did not run")
     print(f"\nresults: {out}/results.json, table.txt, results.md, training.png, accuracy.png", flush=True)
     return result
 
@@ -261,6 +271,35 @@ def summary(
     if max(meta["load_average_before"][0], meta["load_average_after"][0]) > (meta["cores"] or 1):
         parts.append(f"\nnote: load average above {meta['cores']} cores: timings are perturbed")
     return "\n".join(parts)
+
+
+HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
+
+
+def headline(rows: list[dict[str, Any]], meta: dict[str, Any], report_path: str = "") -> str:
+    """The README's headline: the cnn table of this run, with its date and setting."""
+    cnn = [r for r in rows if r["workload"] == "cnn"]
+    target = next((r["target_acc"] for r in cnn if r.get("target_acc")), None)
+    where = f"{meta['hosts']} emulated hosts at {meta['rate_mbit']:g} Mbit/s" if meta["rate_mbit"] else meta["where"]
+    source = f"[{report_path}]({report_path})" if report_path else "the benchmark's results.md"
+    lines = [
+        f"Written by the benchmark (`{meta['command']}`, {meta['date_utc']}, {where}); the full report is",
+        f"{source}.",
+        "",
+        f"**cnn, target accuracy {target:.3f}**" if target else "**cnn**",
+        "",
+        report.format_table(rows, "cnn", markdown=True),
+    ]
+    return "\n".join(lines)
+
+
+def write_headline(readme: Path, text: str) -> None:
+    """Replace what stands between the headline markers of `readme` with `text`."""
+    old = readme.read_text()
+    start, end = old.find(HEADLINE_START), old.find(HEADLINE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{readme} has no {HEADLINE_START} ... {HEADLINE_END} lines to write the headline between")
+    readme.write_text(old[: start + len(HEADLINE_START)] + "\n" + text + "\n" + old[end:])
 
 
 if __name__ == "__main__":

@@ -188,6 +188,24 @@ def test_report_tables() -> None:
     assert len({len(line) for line in text[:3]}) == 1  # aligned columns
 
 
+def test_readme_headline_is_written_between_its_markers(tmp_path: Path) -> None:
+    from benchmarks.run import HEADLINE_END, HEADLINE_START, headline, write_headline
+
+    rows = report.derive([_row("fp32", [[4, 4.0, 0.9]]), _row("gradiveq", [[4, 2.0, 0.5]])])
+    meta = {"command": "python -m benchmarks.run", "date_utc": "today", "hosts": 4, "rate_mbit": 100.0, "where": "-"}
+    text = headline(rows, meta, "docs/results.md")
+    assert report.format_table(rows, "cnn", markdown=True) in text and "4 emulated hosts at 100 Mbit/s" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{HEADLINE_START}\nold table\n{HEADLINE_END}\n\nafter\n")
+    write_headline(readme, text)
+    write_headline(readme, text)  # idempotent: the markers stay, the old text goes
+    assert readme.read_text() == f"# x\n\n{HEADLINE_START}\n{text}\n{HEADLINE_END}\n\nafter\n"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="headline:start"):
+        write_headline(readme, text)
+    assert HEADLINE_START in (ROOT / "README.md").read_text()  # the real README has its markers
+
+
 # ----- the workload's schedules -----
 
 
