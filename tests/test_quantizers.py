@@ -541,6 +541,20 @@ def test_error_is_what_decompress_dropped(name: str, options: dict, dtype: torch
     assert torch.equal(err, x - q.decompress(payload).to(dtype))
 
 
+@pytest.mark.parametrize("name", ["qsgd_ar", "sign_ar"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shared_error_is_what_decompress_dropped(name: str, dtype: torch.dtype) -> None:
+    """Also sign_ar's own chunked error: a partial last bucket, zeros and -0.0 votes included."""
+    q = _make(name, {"bucket_size": 64})
+    x = torch.randn(3, 101).to(dtype)
+    x[0, :70] = 0.0
+    x[1, 3] = -0.0
+    payload = q.compress_shared(x, q.local_stats(x), 4)
+    err = q.error(x, payload)
+    assert err.dtype == dtype and err.shape == x.shape
+    assert torch.equal(err, x - q.decompress(payload).to(dtype))
+
+
 def _choco_consensus(scale: float, steps: int = 200, gamma: float = 0.05) -> float:
     """CHOCO-SGD's consensus (no gradients) on a ring of 4 with rescaled 10% rand-k, written out:
     x_i += gamma (s_i - x^_i); x^_i += a Q(x_i - x^_i). Returns the final distance to the average

@@ -28,7 +28,7 @@ import torch
 
 from commcomp.quantizers.base import Payload
 from commcomp.quantizers.checks import check_bits, check_floating, check_positive_int
-from commcomp.quantizers.packing import bucketize, chunks, max_abs
+from commcomp.quantizers.packing import CHUNK_VALUES, bucketize, chunks, max_abs
 from commcomp.quantizers.qsgd import stochastic_codes
 from commcomp.quantizers.registry import QUANTIZERS
 from commcomp.quantizers.stochastic import StochasticQuantizer
@@ -224,8 +224,28 @@ class SignVote(SharedScaleQuantizer):
 
     def compress_shared(self, tensor: torch.Tensor, agreed: torch.Tensor, world_size: int) -> Payload:
         check_floating(tensor, self.name)
-        votes = tensor.detach().reshape(-1).sign().to(wire_dtype(1, world_size))
+        x = tensor.detach().reshape(-1)
+        votes = torch.empty(x.numel(), dtype=wire_dtype(1, world_size), device=x.device)
+        step = CHUNK_VALUES
+        for v0 in range(0, x.numel(), step):  # chunk by chunk: no full-size float temporary
+            votes[v0 : v0 + step] = x[v0 : v0 + step].sign()
         return Payload([votes], tensor.shape, tensor.dtype, {"scales": agreed})
+
+    def error(self, tensor: torch.Tensor, payload: Payload, out: torch.Tensor | None = None) -> torch.Tensor:
+        """v - m sign(v) per chunk (this rank's own vote, decoded on the agreed magnitudes m), worked
+        out bucket by bucket from `tensor` without a dense decode; the same numbers as the default."""
+        x, B = tensor.detach().reshape(-1), self.bucket_size
+        means = payload.meta["scales"].float().unsqueeze(1)
+        result = torch.empty_like(tensor, memory_format=torch.contiguous_format) if out is None else out
+        flat = result.view(-1)
+        buckets, errors = bucketize(x, B), bucketize(flat, B)
+        for b0, b1 in chunks(buckets.shape[0], B):
+            part = buckets[b0:b1]
+            decoded = part.sign().float().mul_(means[b0:b1])  # float32, as decompress computes it
+            torch.sub(part, decoded.to(part.dtype), out=errors[b0:b1])
+        if errors.data_ptr() != flat.data_ptr():  # the last bucket was partial: bucketize padded a copy
+            flat.copy_(errors.view(-1)[: x.numel()])
+        return result
 
     def decode_levels(self, levels: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
         """out = m * sign(summed votes) per chunk."""
