@@ -46,9 +46,10 @@ class GradiVeQState(HookState):
         process_group: the group to reduce over (None: the whole world).
         basis: "tracked" (default: the basis turns with the gradients every step) or "fitted" (the
             paper's PCA fits on sampled steps, fixed in between).
-        rank: tracked basis only: components d per layer (default 8). Each compressed layer sends
-            (S + K) * d values per step instead of S * K; layers where that is not at least 2x
-            smaller go uncompressed.
+        rank: tracked basis only: components d per layer (default 16: in bfloat16, the bytes of
+            PowerSGD's rank 8 in float32). Each compressed layer sends (S + K) * d values per step
+            instead of S * K; a smaller layer gets fewer components, so that it is still sent at least
+            2x smaller, and one that would get fewer than rank/2 goes uncompressed.
         wire_dtype: tracked basis only: "bf16" (default; float32's range, half its bytes), "fp32" or
             "fp16" (may overflow on large gradients). The maths runs in float32 either way.
         warmup_steps: steps all-reduced uncompressed first (tracked: 0, fitted: 50).
@@ -64,8 +65,8 @@ class GradiVeQState(HookState):
             GradScaler skips the step everywhere, and the step leaves this state untouched) or "raise"
             (`NonFiniteGradientError` on every rank); see `commcomp.overflow`.
 
-    Tuning (tracked): raise `rank` (16) when accuracy lags fp32; lower it (4) or keep bf16 when
-    bytes matter most; a few warm-up steps help when the first steps' gradients are very large.
+    Tuning (tracked): raise `rank` (32) when accuracy lags fp32; lower it (8, 4) when bytes matter
+    most; a few warm-up steps help when the first steps' gradients are very large.
     """
 
     default_wire_dtype = "bf16"  # where the collective library sums bfloat16 (gloo, NCCL)
@@ -131,7 +132,7 @@ class GradiVeQState(HookState):
         tracked = basis == "tracked"
         # --- hyperparameters ---
         self.basis = basis
-        self.rank_per_layer = rank or 8
+        self.rank_per_layer = rank or 16
         self.wire_dtype = WIRE_DTYPES[wire_dtype or self.default_wire_dtype]
         self.warmup_steps = warmup_steps if warmup_steps is not None else (0 if tracked else 50)
         self.min_numel = min_numel

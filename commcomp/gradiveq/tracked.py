@@ -69,7 +69,9 @@ class TrackedLayer:
 
     def __init__(self, plan: SlicePlan, rank: int, name: str) -> None:
         self.plan = plan
-        self.d = max(1, min(rank, plan.S, plan.K))
+        self.rank = rank  # what was asked for
+        # as many components as asked, but no more than keep the two payloads at half the layer's values
+        self.d = max(1, min(rank, plan.S * plan.K // (2 * (plan.S + plan.K))))
         self.seed = zlib.crc32(name.encode())  # the same on every rank and in every run
         self.basis: torch.Tensor | None = None  # [K, d] float32, created on first use
 
@@ -79,8 +81,10 @@ class TrackedLayer:
         return (self.plan.S + self.plan.K) * self.d
 
     def worth_compressing(self) -> bool:
-        """Whether the two payloads are less than half of the layer's values."""
-        return 2 * self.wire_values <= self.plan.S * self.plan.K
+        """Whether the two payloads are at most half of the layer's values with at least half of
+        the components asked for: a small layer gets fewer components, but a matrix too small or too
+        thin for even that (a classifier head [10, 960] at rank 16 would get 4) is sent as it is."""
+        return 2 * self.wire_values <= self.plan.S * self.plan.K and 2 * self.d >= self.rank
 
     def start_basis(self, device: torch.device) -> torch.Tensor:
         if self.basis is None:
