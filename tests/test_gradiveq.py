@@ -36,6 +36,15 @@ def test_conv_layout_is_filter_interleaved_and_invertible(shape):
     slices, rest = plan.split(g)
     assert slices.shape == (plan.S, plan.K) and rest.numel() == g.numel() - plan.S * plan.K
     assert torch.equal(plan.join(slices, rest), g)
+    for p in (plan, matrix_plan(shape, 1)):  # with a rest, and without one (written in place)
+        assert p is not None
+        slices, rest = p.split(g)
+        out = torch.zeros_like(g)
+        p.write(out, slices, rest)
+        assert torch.equal(out, g)
+        strided = torch.zeros(*shape, 2)[..., 0]  # a target that is not contiguous
+        p.write(strided, slices, rest)
+        assert torch.equal(strided, g)
 
 
 def test_paper_slice_length_for_3x3x16x16():

@@ -74,16 +74,15 @@ class TrackedCoefficients:
         records: list[_Grad] = []
         for key, g in zip(keys, grads):
             layer = state.tracked_layer(key, g.shape)
-            h = g.detach() / n
             if layer is None:
-                parts.append(h.reshape(-1).to(state.wire_dtype))
+                parts.append((g.detach() / n).reshape(-1).to(state.wire_dtype))
                 records.append(_Grad(key, g, None))
                 continue
-            x, rest = layer.plan.split(h)
-            x = x.float()
+            slices, rest = layer.plan.split(g.detach())
+            x = slices.float() / n  # a new tensor: compensated in place
             if state.memory is not None:
-                x = state.memory.compensate(key, x)
-            parts += [layer.coefficients(x).to(state.wire_dtype).reshape(-1), rest.to(state.wire_dtype)]
+                state.memory.compensate(key, x, out=x)
+            parts += [layer.coefficients(x).to(state.wire_dtype).reshape(-1), (rest / n).to(state.wire_dtype)]
             records.append(_Grad(key, g, layer, x))
         return Encoded(keys, grads, parts, records)
 
@@ -155,7 +154,7 @@ class TrackedGroup:
                 assert rec.p is not None and rec.b is not None and rec.x is not None
                 b = next(updates).float()
                 x_hat = rec.p @ b.T  # step 3, P B^T; B becomes the next basis when the step ends cleanly
-                rec.grad.copy_(rec.layer.plan.join(x_hat.to(rec.grad.dtype), rec.summed[1]))
+                rec.layer.plan.write(rec.grad, x_hat, rec.summed[1])
                 keep.append((rec, b))
         state.stats.decoded(dec.seconds)
 
