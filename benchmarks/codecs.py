@@ -19,13 +19,15 @@ P B^T. The collectives themselves are not run: their results are prepared before
 Reported: encode, decode and total milliseconds and total / the copy of the same gradients. The
 target is total <= 20x copy.
 
-Everything runs in this process with torch.set_num_threads(1). Results: a table and codecs.json.
+Everything runs in this process with torch.set_num_threads(1). Results: the tables, codecs.json and
+codecs.md (with --results-md PATH, e.g. docs/codecs.md, the markdown report also goes to PATH).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -41,7 +43,17 @@ if __package__ in (None, ""):  # run as a script
 
 from commcomp import quantizers
 
-__all__ = ["CODECS", "HOOK_METHODS", "MLP_SHAPES", "codec_rows", "format_table", "hook_rows", "main"]
+__all__ = [
+    "CODECS",
+    "HOOK_METHODS",
+    "MLP_SHAPES",
+    "codec_rows",
+    "format_table",
+    "hook_rows",
+    "main",
+    "markdown",
+    "tables",
+]
 
 # name -> (quantizer, options); "gradiveq" is the GradiVeQ layer codec with a fixed basis
 CODECS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -292,25 +304,9 @@ def _hook_row(name: str, world: int, values: int, copy: float, enc: float, dec: 
     }
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """Both parts as aligned text tables."""
+def tables(rows: list[dict[str, Any]]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, body) of each part that has rows: the hook path first, then the codecs."""
     out = []
-    part1 = [r for r in rows if r["part"] == "codec"]
-    if part1:
-        head = ["MB", "codec", "encode GB/s", "decode GB/s", "copy GB/s", "encode x copy", "decode x copy"]
-        body = [
-            [
-                f"{r['mb']:g}",
-                r["codec"],
-                f"{r['encode_gbs']:.2f}",
-                f"{r['decode_gbs']:.2f}",
-                f"{r['copy_gbs']:.2f}",
-                f"{r['encode_s'] / r['copy_s']:.1f}",
-                f"{r['decode_s'] / r['copy_s']:.1f}",
-            ]
-            for r in part1
-        ]
-        out.append(_align(head, body))
     part2 = [r for r in rows if r["part"] == "hook"]
     if part2:
         head = ["method", "ranks", "encode ms", "decode ms", "total ms", "copy ms", "total x copy", "<= 20x"]
@@ -327,8 +323,49 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             ]
             for r in part2
         ]
-        out.append(_align(head, body))
-    return "\n\n".join(out)
+        title = f"Hook path at {part2[0]['ranks']} ranks ({part2[0]['values'] / 1e6:.1f}M gradient values)"
+        out.append((title, head, body))
+    part1 = [r for r in rows if r["part"] == "codec"]
+    if part1:
+        head = ["MB", "codec", "encode GB/s", "decode GB/s", "copy GB/s", "encode x copy", "decode x copy"]
+        body = [
+            [
+                f"{r['mb']:g}",
+                r["codec"],
+                f"{r['encode_gbs']:.2f}",
+                f"{r['decode_gbs']:.2f}",
+                f"{r['copy_gbs']:.2f}",
+                f"{r['encode_s'] / r['copy_s']:.1f}",
+                f"{r['decode_s'] / r['copy_s']:.1f}",
+            ]
+            for r in part1
+        ]
+        out.append(("One codec, one dense float32 tensor, one core", head, body))
+    return out
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Both parts as aligned text tables."""
+    return "\n\n".join(_align(head, body) for _, head, body in tables(rows))
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The report for docs: how it was made (command, date, machine, load) and both tables."""
+    lines = [
+        "# Codec speed",
+        "",
+        "Written by the codec benchmark itself (`benchmarks/codecs.py`); rerun it to refresh, do not edit. What "
+        "it measures and how to read it: [quantizers.md](quantizers.md#speed).",
+        "",
+        f"- Command: `{meta['command']}`",
+        f"- Date: {meta['date']}",
+        f"- Machine: {meta['cores']} cores ({meta['cpu']}), torch {meta['torch']}, {meta['threads']} thread; load "
+        f"average {meta['load_before'][0]:.1f} before and {meta['load_after'][0]:.1f} after",
+    ]
+    for title, head, body in tables(rows):
+        lines += ["", f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
 
 
 def _align(head: list[str], body: list[list[str]]) -> str:
@@ -342,8 +379,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--codecs", default=",".join(CODECS), help=f"part 1 codecs, from {', '.join(CODECS)}")
     p.add_argument("--methods", default=",".join(HOOK_METHODS), help=f"part 2 methods, from {', '.join(HOOK_METHODS)}")
     p.add_argument("--ranks", type=int, default=4, help="ranks whose payloads the hook path decodes (part 2)")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions per point (median reported)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per point (the fastest is reported)")
     p.add_argument("--out", default="", help="output directory (default results/<timestamp>)")
+    p.add_argument("--results-md", default="", help="also write the markdown report here, e.g. docs/codecs.md")
     args = p.parse_args(argv)
     names = [c for c in args.codecs.split(",") if c]
     methods = [m for m in args.methods.split(",") if m]
@@ -352,20 +390,27 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if unknown:
             raise ValueError(f"unknown name(s) {unknown}; valid names: {', '.join(valid)}")
     from benchmarks.driver import out_dir
+    from benchmarks.run import machine
 
     torch.set_num_threads(1)
     out = out_dir(args.out)
+    load_before = os.getloadavg()
     rows = codec_rows(names, [float(s) for s in args.sizes.split(",") if s], args.reps)
     rows += hook_rows(methods, args.ranks, args.reps)
     path = out / "codecs.json"
     meta = {
+        **machine(),
         "command": " ".join(["python -m benchmarks.codecs", *(argv if argv is not None else sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "torch": torch.__version__,
         "threads": 1,
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
     }
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print("\n" + format_table(rows) + f"\n\nresults: {path}")
+    (out / "codecs.md").write_text(markdown(rows, meta))
+    if args.results_md:
+        Path(args.results_md).write_text(markdown(rows, meta))
+    print("\n" + format_table(rows) + f"\n\nresults: {path}, codecs.md")
     return rows
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from commcomp.flat import unflatten
 from commcomp.quantizers.checks import check_floating
 
 __all__ = ["Payload", "Quantizer", "check_floating", "pack_payloads", "unpack_batch", "unpack_payloads"]
@@ -105,23 +106,29 @@ def pack_payloads(payloads: list[Payload]) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _byte_sizes(templates: list[Payload], got: int) -> list[int]:
+    """Bytes of every payload tensor of `templates`, in order; `got` bytes must be exactly their sum."""
+    sizes = [t.numel() * t.element_size() for tpl in templates for t in tpl.tensors]
+    if sum(sizes) != got:
+        raise ValueError(f"payload bytes do not match their layout: got {got}, expected {sum(sizes)}")
+    return sizes
+
+
+def _relayout(pieces: list[torch.Tensor], templates: list[Payload]) -> list[Payload]:
+    """Payloads laid out like `templates`, holding `pieces` (one per template tensor, in order)."""
+    it = iter(pieces)
+    return [Payload([next(it) for _ in tpl.tensors], tpl.shape, tpl.dtype, dict(tpl.meta)) for tpl in templates]
+
+
 def unpack_payloads(flat: torch.Tensor, templates: list[Payload]) -> list[Payload]:
     """Inverse of `pack_payloads`: cut `flat` into tensors laid out like `templates`' tensors."""
-    out: list[Payload] = []
-    offset = 0
-    for tpl in templates:
-        tensors = []
-        for t in tpl.tensors:
-            n = t.numel() * t.element_size()
-            chunk = flat[offset : offset + n]
-            if chunk.storage_offset() % t.element_size():  # after an odd-sized tensor: realign by copying
-                chunk = chunk.clone()
-            tensors.append(chunk.view(t.dtype).view(t.shape))
-            offset += n
-        out.append(Payload(tensors, tpl.shape, tpl.dtype, dict(tpl.meta)))
-    if offset != flat.numel():
-        raise ValueError(f"payload bytes do not match their layout: got {flat.numel()}, expected {offset}")
-    return out
+    cuts = unflatten(flat, [(n,) for n in _byte_sizes(templates, flat.numel())])
+    tensors = []
+    for chunk, t in zip(cuts, (t for tpl in templates for t in tpl.tensors)):
+        if chunk.storage_offset() % t.element_size():  # after an odd-sized tensor: realign by copying
+            chunk = chunk.clone()
+        tensors.append(chunk.view(t.dtype).view(t.shape))
+    return _relayout(tensors, templates)
 
 
 def unpack_batch(received: torch.Tensor, templates: list[Payload]) -> list[Payload]:
@@ -129,19 +136,11 @@ def unpack_batch(received: torch.Tensor, templates: list[Payload]) -> list[Paylo
     out like `pack_payloads(templates)`) as one payload per template whose tensors have a leading
     rank dimension N. uint8 tensors are views; others are copied (to align them), which is cheap
     for what quantizers send besides their packed codes (scales, indices, kept values)."""
-    out: list[Payload] = []
-    rows, offset = received.shape[0], 0
-    for tpl in templates:
-        tensors = []
-        for t in tpl.tensors:
-            n = t.numel() * t.element_size()
-            cols = received[:, offset : offset + n]
-            if t.dtype != torch.uint8:  # a fresh, aligned copy that can be viewed as wider values
-                fresh = torch.empty(rows, n, dtype=torch.uint8, device=cols.device).copy_(cols)
-                cols = fresh.view(-1).view(t.dtype)
-            tensors.append(cols.view(rows, *t.shape))
-            offset += n
-        out.append(Payload(tensors, tpl.shape, tpl.dtype, dict(tpl.meta)))
-    if offset != received.shape[1]:
-        raise ValueError(f"payload bytes do not match their layout: got {received.shape[1]}, expected {offset}")
-    return out
+    rows = received.shape[0]
+    cuts = received.split(_byte_sizes(templates, received.shape[1]), dim=1)
+    tensors = []
+    for cols, t in zip(cuts, (t for tpl in templates for t in tpl.tensors)):
+        if t.dtype != torch.uint8:  # a fresh, aligned copy that can be viewed as wider values
+            cols = cols.clone(memory_format=torch.contiguous_format).view(-1).view(t.dtype)
+        tensors.append(cols.view(rows, *t.shape))
+    return _relayout(tensors, templates)

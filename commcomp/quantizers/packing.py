@@ -169,8 +169,8 @@ def code_sum(
 
     packed: [N, packed_nbytes(n, bits)] uint8, one row per rank; weights: [N, buckets]; offsets:
     [buckets]. QSGD (v = S/s * (c - s)) and sign (v = m * (1 - 2c)) both decode this way. Works
-    through the values in chunks of whole buckets that stay in cache, every rank at once: no loop
-    over ranks and never N dense tensors in memory.
+    through the values in chunks of whole buckets that stay in cache, all ranks' codes of a chunk
+    unpacked at once, then one multiply-add per rank into `out`: never N dense tensors in memory.
     """
     ranks, B = packed.shape[0], bucket_size
     for b0, b1 in chunks(weights.shape[1], B, ranks):
@@ -179,10 +179,13 @@ def code_sum(
         if v1 - v0 < (b1 - b0) * B:  # the last, partial bucket: pad its codes (their weight is moot)
             codes = torch.nn.functional.pad(codes, (0, (b1 - b0) * B - (v1 - v0)))
         # float32 first: a multiplication that promotes uint8 on the fly is about 2x slower on a CPU
-        weighted = codes.float().reshape(ranks, b1 - b0, B).mul_(weights[:, b0:b1, None])
-        if v1 - v0 < (b1 - b0) * B:
-            out[v0:v1] = weighted.sum(0).add_(offsets[b0:b1, None]).view(-1)[: v1 - v0]
-        else:  # whole buckets: sum straight into `out`
-            into = out[v0:v1].view(b1 - b0, B)
-            torch.sum(weighted, 0, out=into).add_(offsets[b0:b1, None])
+        codes = codes.float().reshape(ranks, b1 - b0, B)
+        whole = v1 - v0 == (b1 - b0) * B
+        into = out[v0:v1].view(b1 - b0, B) if whole else torch.empty_like(codes[0])
+        # offsets + w_0 c_0, then + w_r c_r rank by rank: one pass per rank, no [N, ...] product
+        torch.addcmul(offsets[b0:b1, None], codes[0], weights[0, b0:b1, None], out=into)
+        for r in range(1, ranks):
+            into.addcmul_(codes[r], weights[r, b0:b1, None])
+        if not whole:  # the last, partial bucket
+            out[v0:v1] = into.view(-1)[: v1 - v0]
     return out
