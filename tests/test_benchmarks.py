@@ -193,8 +193,10 @@ def test_readme_headline_is_written_between_its_markers(tmp_path: Path) -> None:
 
     rows = report.derive([_row("fp32", [[4, 4.0, 0.9]]), _row("gradiveq", [[4, 2.0, 0.5]])])
     meta = {"command": "python -m benchmarks.run", "date_utc": "today", "hosts": 4, "rate_mbit": 100.0, "where": "-"}
-    text = headline(rows, meta, "docs/results.md")
+    goals = report.targets(rows)
+    text = headline(rows, meta, "docs/results.md", goals)
     assert report.format_table(rows, "cnn", markdown=True) in text and "4 emulated hosts at 100 Mbit/s" in text
+    assert goals and report.format_targets(goals, markdown=True) in text
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{HEADLINE_START}\nold table\n{HEADLINE_END}\n\nafter\n")
     write_headline(readme, text)
