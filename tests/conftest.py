@@ -81,7 +81,7 @@ TESTS: dict[tuple[str, str], set[str]] = {
     ("test_pqasgd", "test_identity_equals*"): {"slow"},
     ("test_quantized_hook", "test_resume_is_exact*"): {"slow"},
     ("test_allreduce_quantizers", "test_convergence_*"): {"slow"},
-    ("test_allreduce_quantizers", "test_refused_step_*"): {"slow"},
+    ("test_allreduce_quantizers", "test_skipped_step_*"): {"slow"},
     ("test_allreduce_quantizers", "test_gloo_sums_*"): {"slow"},
     ("test_allreduce_quantizers", "test_error_feedback_refuses_*"): {"slow"},
 }

@@ -25,7 +25,7 @@ def _train(rank: int, world: int, hook: str) -> dict:
     model = MoELM(64, 4, 2, CONTEXT, num_experts=EXPERTS, gate="noisy_topk", process_group=moe_group)
     ddp_ignore_experts(model)
     ddp = DistributedDataParallel(model)
-    state = register(ddp, hook, warmup_steps=20, sample_steps=10, compress_steps=60)
+    state = register(ddp, hook, warmup_steps=20)  # the default tracked basis after 20 dense steps
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     data = torch.Generator().manual_seed(1000 + rank)  # each rank reads its own windows
     held = batch(held_out, 16, CONTEXT, torch.Generator().manual_seed(2000 + rank))
