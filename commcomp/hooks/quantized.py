@@ -32,6 +32,7 @@ from commcomp.quantizers import (
     SharedScaleQuantizer,
     StochasticQuantizer,
     pack_payloads,
+    relayout,
     unpack_batch,
 )
 from commcomp.stats import timer
@@ -96,7 +97,7 @@ class QuantizerState(HookState):
             self._ranked = True
         h = grad / self.world_size if q.linear else grad
         if self.memory is not None:
-            h = self.memory.compensate(key, h, out=_reusable(self._inputs, key, h))
+            h = self.memory.compensate(key, h, out=_reusable(self._inputs, key, h.shape, h))
         if isinstance(q, StochasticQuantizer):
             q.set_stream(key)  # random numbers per parameter: independent of DDP's bucket layout
         return h
@@ -112,15 +113,12 @@ class QuantizerState(HookState):
             return payload, None
         # h - decompress(payload), cheap for sparsifiers and sign, into the spare (the kept residual
         # stays as it is until the step decodes cleanly on every rank)
-        return payload, self.quantizer.error(h, payload, out=_reusable(self._spares, key, h))
+        return payload, self.quantizer.error(h, payload, out=_reusable(self._spares, key, h.shape, h))
 
     def gathered_buffer(self, key: str, ranks: int, row: torch.Tensor) -> torch.Tensor:
         """A [ranks, len(row)] buffer for the all-gathered bytes of the group named `key`, kept
         from step to step (one per group, so groups decoding at the same time never share one)."""
-        buf = self._gathered.get(key)
-        if buf is None or buf.shape != (ranks, row.numel()) or buf.dtype != row.dtype or buf.device != row.device:
-            buf = self._gathered[key] = torch.empty(ranks, row.numel(), dtype=row.dtype, device=row.device)
-        return buf
+        return _reusable(self._gathered, key, (ranks, row.numel()), row)
 
     def keep_residual(self, key: str, residual: torch.Tensor) -> None:
         """Commit `residual` for `key`; the one it replaces becomes the spare for the next step."""
@@ -186,7 +184,7 @@ class QuantizedExchange:
             encoded = [state.encode(key, g) for key, g in zip(keys, grads)]
         payloads = [payload for payload, _ in encoded]
         if self.summed:
-            parts = [t.reshape(-1) for p in payloads for t in p.tensors]
+            parts = [t for p in payloads for t in p.tensors]  # `flatten` lays them end to end
         else:
             parts = [pack_payloads(payloads).to(grads[0].device)]
         return Encoded(keys, grads, parts, encoded)
@@ -212,11 +210,10 @@ class QuantizedExchange:
         q, n = self.state.quantizer, self.state.world_size
         templates = [payload for payload, _ in encoded.context]
         if self.summed:
-            payloads = _relayout(received, templates)
+            payloads = relayout(received, templates)
             if not isinstance(q, SharedScaleQuantizer):
                 return [q.decompress(p) for p in payloads]
-            batches = [Payload([t.unsqueeze(0) for t in p.tensors], p.shape, p.dtype, p.meta) for p in payloads]
-            return [q.decode_sum(b, _float32_view(g)) for g, b in zip(encoded.grads, batches)]
+            return [q.decode_sum(p.batched(), _float32_view(g)) for g, p in zip(encoded.grads, payloads)]
         # every rank's bytes as one [N, bytes] tensor, in a buffer reused per group (named by its first key)
         rows = self.state.gathered_buffer(encoded.keys[0], len(received), received[0])
         batches = unpack_batch(torch.stack(received, out=rows), templates)
@@ -228,12 +225,14 @@ class QuantizedExchange:
                 self.state.keep_residual(key, residual)
 
 
-def _reusable(buffers: dict[str, torch.Tensor], key: str, like: torch.Tensor) -> torch.Tensor:
-    """The buffer kept under `key` if it matches `like` (shape, dtype, device), else a new one."""
-    buf = buffers.pop(key, None)
-    if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
-        buf = torch.empty_like(like, memory_format=torch.contiguous_format)
-    buffers[key] = buf
+def _reusable(
+    buffers: dict[str, torch.Tensor], key: str, shape: tuple[int, ...] | torch.Size, like: torch.Tensor
+) -> torch.Tensor:
+    """The contiguous buffer kept under `key` if it has `shape` and `like`'s dtype and device, else a
+    new one, kept in its place."""
+    buf = buffers.get(key)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
     return buf
 
 
@@ -243,14 +242,6 @@ def _float32_view(grad: torch.Tensor) -> torch.Tensor:
     if grad.dtype == torch.float32 and grad.is_contiguous():
         return grad.view(-1)
     return torch.empty(grad.numel(), device=grad.device)
-
-
-def _relayout(tensors: list[torch.Tensor], templates: list[Payload]) -> list[Payload]:
-    """Payloads laid out like `templates`, holding `tensors` (one per template tensor, in order)."""
-    out, pieces = [], iter(tensors)
-    for tpl in templates:
-        out.append(Payload([next(pieces).view(t.shape) for t in tpl.tensors], tpl.shape, tpl.dtype, dict(tpl.meta)))
-    return out
 
 
 def quantizer_hook(state: QuantizerState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -269,4 +260,4 @@ def flatten_summable(payloads: list[Payload], flags: torch.Tensor) -> torch.Tens
 
 def unflatten_summable(flat: torch.Tensor, templates: list[Payload]) -> list[Payload]:
     """Inverse of `flatten_summable` (without the flags): payloads laid out like `templates`."""
-    return _relayout(unflatten(flat, [t.shape for p in templates for t in p.tensors]), templates)
+    return relayout(unflatten(flat, [t.shape for p in templates for t in p.tensors]), templates)

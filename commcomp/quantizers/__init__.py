@@ -13,7 +13,7 @@ from commcomp.quantizers import qsgd as _qsgd  # noqa: F401  (registers qsgd)
 from commcomp.quantizers import shared as _shared  # noqa: F401  (registers qsgd_ar, sign_ar)
 from commcomp.quantizers import sign as _sign  # noqa: F401  (registers sign)
 from commcomp.quantizers import sparse as _sparse  # noqa: F401  (registers topk, randk)
-from commcomp.quantizers.base import Payload, Quantizer, pack_payloads, unpack_batch, unpack_payloads
+from commcomp.quantizers.base import Payload, Quantizer, pack_payloads, relayout, unpack_batch, unpack_payloads
 from commcomp.quantizers.checks import check_floating
 from commcomp.quantizers.registry import QUANTIZERS
 from commcomp.quantizers.shared import SharedScaleQuantizer
@@ -29,6 +29,7 @@ __all__ = [
     "get",
     "names",
     "pack_payloads",
+    "relayout",
     "unpack_batch",
     "unpack_payloads",
 ]

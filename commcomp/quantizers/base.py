@@ -23,7 +23,7 @@ import torch
 from commcomp.flat import unflatten
 from commcomp.quantizers.checks import check_floating
 
-__all__ = ["Payload", "Quantizer", "check_floating", "pack_payloads", "unpack_batch", "unpack_payloads"]
+__all__ = ["Payload", "Quantizer", "check_floating", "pack_payloads", "relayout", "unpack_batch", "unpack_payloads"]
 
 
 @dataclass
@@ -42,6 +42,10 @@ class Payload:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def batched(self) -> Payload:
+        """This one payload as a batch of one rank (every tensor with a leading dimension of 1)."""
+        return Payload([t.unsqueeze(0) for t in self.tensors], self.shape, self.dtype, self.meta)
 
 
 class Quantizer(ABC):
@@ -82,6 +86,12 @@ class Quantizer(ABC):
             out += self.decompress(one).reshape(-1)
         return out
 
+    def decode_alone(self, payload: Payload) -> torch.Tensor:
+        """`decompress` through `decode_sum` with a batch of one rank, for the quantizers whose
+        `decode_sum` is their one decoding routine (they must override `decode_sum`)."""
+        out = torch.empty(payload.shape.numel(), device=payload.tensors[0].device)
+        return self.decode_sum(payload.batched(), out).to(payload.dtype).view(payload.shape)
+
     def options(self) -> dict[str, Any]:
         """The options this quantizer was built with (used to check all ranks agree)."""
         return {}
@@ -114,7 +124,7 @@ def _byte_sizes(templates: list[Payload], got: int) -> list[int]:
     return sizes
 
 
-def _relayout(pieces: list[torch.Tensor], templates: list[Payload]) -> list[Payload]:
+def relayout(pieces: list[torch.Tensor], templates: list[Payload]) -> list[Payload]:
     """Payloads laid out like `templates`, holding `pieces` (one per template tensor, in order)."""
     it = iter(pieces)
     return [Payload([next(it) for _ in tpl.tensors], tpl.shape, tpl.dtype, dict(tpl.meta)) for tpl in templates]
@@ -128,7 +138,7 @@ def unpack_payloads(flat: torch.Tensor, templates: list[Payload]) -> list[Payloa
         if chunk.storage_offset() % t.element_size():  # after an odd-sized tensor: realign by copying
             chunk = chunk.clone()
         tensors.append(chunk.view(t.dtype).view(t.shape))
-    return _relayout(tensors, templates)
+    return relayout(tensors, templates)
 
 
 def unpack_batch(received: torch.Tensor, templates: list[Payload]) -> list[Payload]:
@@ -143,4 +153,4 @@ def unpack_batch(received: torch.Tensor, templates: list[Payload]) -> list[Paylo
         if t.dtype != torch.uint8:  # a fresh, aligned copy that can be viewed as wider values
             cols = cols.clone(memory_format=torch.contiguous_format).view(-1).view(t.dtype)
         tensors.append(cols.view(rows, *t.shape))
-    return _relayout(tensors, templates)
+    return relayout(tensors, templates)

@@ -11,11 +11,14 @@ Legend: n = number of codes, b = bits per code.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from commcomp.quantizers.checks import check_bits
 
 __all__ = [
+    "bucket_error",
     "bucketize",
     "check_bits",
     "chunks",
@@ -23,7 +26,6 @@ __all__ = [
     "max_abs",
     "pack_bits",
     "packed_nbytes",
-    "per_value",
     "unpack_bits",
 ]
 
@@ -140,11 +142,6 @@ def max_abs(buckets: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.maximum(out, buckets.amin(1).neg_(), out=out).add_(0.0)
 
 
-def per_value(scales: torch.Tensor, bucket_size: int, n: int) -> torch.Tensor:
-    """Each of n values' bucket scale (the inverse layout of `bucketize`)."""
-    return scales.repeat_interleave(bucket_size)[:n]
-
-
 CHUNK_VALUES = 1 << 19  # values worked on at once by chunked encoders and decoders: about 2 MB of float32
 
 
@@ -153,6 +150,28 @@ def chunks(buckets: int, bucket_size: int, ranks: int = 1) -> list[tuple[int, in
     `ranks`, and a multiple of 8 buckets (so every chunk starts on a byte of any bit packing)."""
     per = max(8, CHUNK_VALUES // max(ranks, 1) // bucket_size // 8 * 8)
     return [(b0, min(b0 + per, buckets)) for b0 in range(0, buckets, per)]
+
+
+def bucket_error(
+    tensor: torch.Tensor,
+    bucket_size: int,
+    decoded: Callable[[torch.Tensor, int, int], torch.Tensor],
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """tensor - its decoded values, worked out bucket by bucket (a chunk at a time, in cache) into
+    `out` (or a new tensor of the tensor's shape): `decoded(part, b0, b1)` gives the decoded values
+    of buckets [b0, b1), whose values are `part` [b1 - b0, B], in part's dtype. For quantizers that
+    know their error without a dense decode (sign, the sign vote)."""
+    x = tensor.detach().reshape(-1)
+    result = torch.empty_like(tensor, memory_format=torch.contiguous_format) if out is None else out
+    flat = result.view(-1)
+    buckets, errors = bucketize(x, bucket_size), bucketize(flat, bucket_size)
+    for b0, b1 in chunks(buckets.shape[0], bucket_size):
+        part = buckets[b0:b1]
+        torch.sub(part, decoded(part, b0, b1), out=errors[b0:b1])
+    if errors.data_ptr() != flat.data_ptr():  # the last bucket was partial: bucketize padded a copy
+        flat.copy_(errors.view(-1)[: x.numel()])
+    return result
 
 
 def code_sum(

@@ -145,9 +145,7 @@ class QSGD(StochasticQuantizer):
         )
 
     def decompress(self, payload: Payload) -> torch.Tensor:
-        out = torch.empty(payload.shape.numel(), device=payload.tensors[0].device)
-        batch = Payload([t.unsqueeze(0) for t in payload.tensors], payload.shape, payload.dtype)
-        return self.decode_sum(batch, out).to(payload.dtype).view(payload.shape)
+        return self.decode_alone(payload)
 
     def options(self) -> dict[str, Any]:
         return {

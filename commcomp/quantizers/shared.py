@@ -28,7 +28,7 @@ import torch
 
 from commcomp.quantizers.base import Payload
 from commcomp.quantizers.checks import check_bits, check_floating, check_positive_int
-from commcomp.quantizers.packing import CHUNK_VALUES, bucketize, chunks, max_abs
+from commcomp.quantizers.packing import CHUNK_VALUES, bucket_error, bucketize, chunks, max_abs
 from commcomp.quantizers.qsgd import stochastic_codes
 from commcomp.quantizers.registry import QUANTIZERS
 from commcomp.quantizers.stochastic import StochasticQuantizer
@@ -97,9 +97,7 @@ class SharedScaleQuantizer(StochasticQuantizer):
         return out
 
     def decompress(self, payload: Payload) -> torch.Tensor:
-        out = torch.empty(payload.shape.numel(), device=payload.tensors[0].device)
-        batch = Payload([t.unsqueeze(0) for t in payload.tensors], payload.shape, payload.dtype, payload.meta)
-        return self.decode_sum(batch, out).to(payload.dtype).view(payload.shape)
+        return self.decode_alone(payload)
 
     def stats_bytes(self, n: int) -> int:
         """Bytes of the agreement all-reduce for a tensor of n values."""
@@ -234,18 +232,12 @@ class SignVote(SharedScaleQuantizer):
     def error(self, tensor: torch.Tensor, payload: Payload, out: torch.Tensor | None = None) -> torch.Tensor:
         """v - m sign(v) per chunk (this rank's own vote, decoded on the agreed magnitudes m), worked
         out bucket by bucket from `tensor` without a dense decode; the same numbers as the default."""
-        x, B = tensor.detach().reshape(-1), self.bucket_size
         means = payload.meta["scales"].float().unsqueeze(1)
-        result = torch.empty_like(tensor, memory_format=torch.contiguous_format) if out is None else out
-        flat = result.view(-1)
-        buckets, errors = bucketize(x, B), bucketize(flat, B)
-        for b0, b1 in chunks(buckets.shape[0], B):
-            part = buckets[b0:b1]
-            decoded = part.sign().float().mul_(means[b0:b1])  # float32, as decompress computes it
-            torch.sub(part, decoded.to(part.dtype), out=errors[b0:b1])
-        if errors.data_ptr() != flat.data_ptr():  # the last bucket was partial: bucketize padded a copy
-            flat.copy_(errors.view(-1)[: x.numel()])
-        return result
+
+        def decoded(part: torch.Tensor, b0: int, b1: int) -> torch.Tensor:  # float32, as decompress computes it
+            return part.sign().float().mul_(means[b0:b1]).to(part.dtype)
+
+        return bucket_error(tensor, self.bucket_size, decoded, out)
 
     def decode_levels(self, levels: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
         """out = m * sign(summed votes) per chunk."""

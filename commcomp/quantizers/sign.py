@@ -11,7 +11,7 @@ import torch
 
 from commcomp.quantizers.base import Payload, Quantizer
 from commcomp.quantizers.checks import check_floating, check_positive_int
-from commcomp.quantizers.packing import bucketize, chunks, code_sum, pack_bits, packed_nbytes
+from commcomp.quantizers.packing import bucket_error, bucketize, chunks, code_sum, pack_bits, packed_nbytes
 from commcomp.quantizers.registry import QUANTIZERS
 
 __all__ = ["Sign"]
@@ -57,18 +57,11 @@ class Sign(Quantizer):
 
     def error(self, tensor: torch.Tensor, payload: Payload, out: torch.Tensor | None = None) -> torch.Tensor:
         """v - m sign(v), worked out bucket by bucket from `tensor` and the means (no unpacking)."""
-        x, B = tensor.detach().reshape(-1), self.bucket_size
-        means = payload.tensors[1].to(x.dtype).unsqueeze(1)  # the decoded magnitudes, in the tensor's dtype
-        result = torch.empty_like(tensor, memory_format=torch.contiguous_format) if out is None else out
-        out = result.view(-1)
-        buckets, errors = bucketize(x, B), bucketize(out, B)
-        for b0, b1 in chunks(buckets.shape[0], B):
-            part = buckets[b0:b1]
-            # the decoded value is +m for v >= 0 (also -0.0: adding +0.0 makes it +0.0), -m for v < 0
-            torch.sub(part, torch.copysign(means[b0:b1], part + 0.0), out=errors[b0:b1])
-        if errors.data_ptr() != out.data_ptr():  # the last bucket was partial: bucketize padded a copy
-            out.copy_(errors.view(-1)[: x.numel()])
-        return result
+        means = payload.tensors[1].to(tensor.dtype).unsqueeze(1)  # the decoded magnitudes, in the tensor's dtype
+        # the decoded value is +m for v >= 0 (also -0.0: adding +0.0 makes it +0.0), -m for v < 0
+        return bucket_error(
+            tensor, self.bucket_size, lambda part, b0, b1: torch.copysign(means[b0:b1], part + 0.0), out
+        )
 
     def decode_sum(self, batch: Payload, out: torch.Tensor) -> torch.Tensor:
         """sum_r m_r (1 - 2 c_r) = sum_r m_r - sum_r 2 m_r c_r, per bucket, in one pass."""
@@ -77,9 +70,7 @@ class Sign(Quantizer):
         return code_sum(packed, 1, batch.shape.numel(), means * -2.0, means.sum(0), self.bucket_size, out)
 
     def decompress(self, payload: Payload) -> torch.Tensor:
-        out = torch.empty(payload.shape.numel(), device=payload.tensors[0].device)
-        batch = Payload([t.unsqueeze(0) for t in payload.tensors], payload.shape, payload.dtype)
-        return self.decode_sum(batch, out).to(payload.dtype).view(payload.shape)
+        return self.decode_alone(payload)
 
     def options(self) -> dict[str, Any]:
         return {"bucket_size": self.bucket_size}

@@ -91,9 +91,7 @@ class _Sparsifier(Quantizer):
         return min(n, max(1, math.ceil(self.ratio * n)))
 
     def decompress(self, payload: Payload) -> torch.Tensor:
-        out = torch.empty(payload.shape.numel(), device=payload.tensors[0].device)
-        batch = Payload([t.unsqueeze(0) for t in payload.tensors], payload.shape, payload.dtype, payload.meta)
-        return self.decode_sum(batch, out).to(payload.dtype).view(payload.shape)
+        return self.decode_alone(payload)
 
     def options(self) -> dict[str, Any]:
         return {"ratio": self.ratio, "k": self.k}
