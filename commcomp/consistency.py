@@ -150,7 +150,8 @@ def has_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
                 return True
         elif t.is_floating_point():
             sums.append(t.sum(dtype=torch.float64))
-    return bool(sums) and not bool(torch.isfinite(torch.stack(sums).sum()))
+    # one device for the total (a model may be spread over several)
+    return bool(sums) and not bool(torch.isfinite(torch.stack([t.to(sums[0].device) for t in sums]).sum()))
 
 
 def flag_slots(bad: bool, rank: int, world_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

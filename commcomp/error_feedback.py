@@ -23,7 +23,8 @@ class ErrorFeedback:
 
     def compensate(self, key: str, tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """`tensor + residual[key]` as a new tensor, or written into `out` (a buffer reused from step
-        to step saves a fresh allocation); the input is not modified."""
+        to step saves a fresh allocation; `out` may be `tensor` itself, compensated in place). The
+        input is not modified unless it is `out`."""
         residual = self.residuals.get(key)
         if out is None:
             return tensor.clone() if residual is None else tensor + residual.to(tensor.device, tensor.dtype)
