@@ -169,33 +169,19 @@ def _sim_state(quantizer: str, options: dict[str, Any], rank: int, world: int) -
     from commcomp.gradiveq import GradiVeQState
     from commcomp.hooks.quantized import QuantizerState
 
+    def agree(self: Any, stats: torch.Tensor, op: str) -> torch.Tensor:
+        del self, op
+        return stats
+
     if quantizer == "gradiveq":
+        return _as_rank(GradiVeQState, rank, world)(**options)
+    return _as_rank(QuantizerState, rank, world, agree=agree)(quantizer=quantizer, **options)
 
-        class SimulatedGradiVeQ(GradiVeQState):
-            @property
-            def rank(self) -> int:
-                return rank
 
-            @property
-            def world_size(self) -> int:
-                return world
-
-        return SimulatedGradiVeQ(**options)
-
-    class Simulated(QuantizerState):
-        @property
-        def rank(self) -> int:
-            return rank
-
-        @property
-        def world_size(self) -> int:
-            return world
-
-        def agree(self, stats: torch.Tensor, op: str) -> torch.Tensor:
-            del op
-            return stats
-
-    return Simulated(quantizer=quantizer, **options)
+def _as_rank(base: type, rank: int, world: int, **methods: Any) -> type:
+    """`base` (a hook state) seen as rank `rank` of `world`, with `methods` replaced."""
+    attrs = {"rank": property(lambda self: rank), "world_size": property(lambda self: world), **methods}
+    return type(f"Simulated{base.__name__}", (base,), attrs)
 
 
 @dataclass
