@@ -11,11 +11,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from harness import run
+from hook_reference import BUCKETS, ORDER, batch, everyone_grads, rank_quantizers, recording_hook, same_on_all_ranks
 from torch import nn
+from training import train_cosine
 
 import commcomp
 from commcomp import quantizers
-from commcomp.hooks.quantized import QuantizerState, quantizer_hook
+from commcomp.hooks.quantized import QuantizerState
 from commcomp.quantizers import Payload
 
 INT_DTYPES = [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64]
@@ -54,24 +56,11 @@ CONFIGS: list[tuple[str, dict[str, Any], bool]] = [
     ("sign_ar", {"bucket_size": 100}, True),
 ]
 STEPS = 3
-_ORDER: list[str] = []  # parameter keys in the order the hook compressed them (this process)
-_BUCKETS: set[int] = set()
-
-
-def _recording_hook(state: QuantizerState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    _BUCKETS.add(bucket.index())
-    _ORDER.extend(state.param_key(p) for p in bucket.parameters())
-    return quantizer_hook(state, bucket)
 
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5))
-
-
-def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1000 * step + rank)
-    return torch.randn(16, 20, generator=gen), torch.randint(0, 5, (16,), generator=gen)
 
 
 def _reference(grads: list[dict[str, torch.Tensor]], order: list[str], qs: list[Any], residuals: list[dict] | None):
@@ -104,36 +93,25 @@ def _hook_worker(rank: int, world: int) -> list[dict[str, Any]]:
         model = nn.parallel.DistributedDataParallel(net, bucket_cap_mb=0.002)
         state = QuantizerState(quantizer=name, error_feedback=ef, **options)
         state.bind(model)
-        model.register_comm_hook(state, _recording_hook)
+        model.register_comm_hook(state, recording_hook)
         opt, ref_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
-        qs = [quantizers.get(name, **options) for _ in range(world)]
-        for r, q in enumerate(qs):
-            q.set_rank(r)
+        qs = rank_quantizers(name, options, world)
         residuals: list[dict] | None = [{} for _ in range(world)] if ef else None
-        names = [k for k, _ in ref.named_parameters()]
         max_err, identical, sent, expected = 0.0, True, [], []
         for step in range(STEPS):
-            _ORDER.clear()
-            _BUCKETS.clear()
-            x, y = _batch(rank, step)
+            ORDER.clear()
+            BUCKETS.clear()
+            x, y = batch(rank, step)
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
             ref_opt.zero_grad()
             F.cross_entropy(ref(x), y).backward()
-            flat = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
-            everyone = [torch.empty_like(flat) for _ in range(world)]
-            dist.all_gather(everyone, flat)
-            sizes = [p.numel() for p in ref.parameters()]
-            grads = [{k: v.view_as(p) for k, v, p in zip(names, t.split(sizes), ref.parameters())} for t in everyone]
-            for k, g in _reference(grads, list(_ORDER), qs, residuals).items():
+            for k, g in _reference(everyone_grads(ref), list(ORDER), qs, residuals).items():
                 dict(ref.named_parameters())[k].grad.copy_(g)
             ref_opt.step()
             max_err = max(max_err, max(float((a - b).abs().max()) for a, b in zip(net.parameters(), ref.parameters())))
-            mine = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
-            all_params = [torch.empty_like(mine) for _ in range(world)]
-            dist.all_gather(all_params, mine)
-            identical &= all(torch.equal(t, all_params[0]) for t in all_params)
+            identical &= same_on_all_ranks(net)
             q = quantizers.get(name, **options)  # a fresh one: the reference quantizers keep their streams
             codes = sum(
                 q.compress_shared(p.detach(), q.local_stats(p.detach()), world).nbytes for p in net.parameters()
@@ -141,7 +119,7 @@ def _hook_worker(rank: int, world: int) -> list[dict[str, Any]]:
             agree = sum(q.stats_bytes(p.numel()) for p in net.parameters())
             flag_itemsize = q.compress_shared(torch.zeros(1), torch.ones(1), world).tensors[0].element_size()
             sent.append(state.stats.last.bytes_sent)
-            expected.append(codes + agree + len(_BUCKETS) * world * flag_itemsize)
+            expected.append(codes + agree + len(BUCKETS) * world * flag_itemsize)
         results.append(
             {
                 "config": (name, options, ef),
@@ -149,7 +127,7 @@ def _hook_worker(rank: int, world: int) -> list[dict[str, Any]]:
                 "identical": identical,
                 "sent": sent,
                 "expected": expected,
-                "buckets": len(_BUCKETS),
+                "buckets": len(BUCKETS),
                 # the agreement's blocking all-reduce counts as waiting, not as encoding
                 "times": (state.stats.total.wait_seconds, state.stats.total.encode_seconds),
             }
@@ -201,14 +179,7 @@ def _train(rank: int, world: int, method: str) -> tuple[float, int]:
     model = nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     stats = commcomp.register(model, method, bits=4).stats
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, CONV_STEPS)
-    gen = torch.Generator().manual_seed(1 + rank)
-    for _ in range(CONV_STEPS):
-        idx = torch.randint(0, len(x), (BATCH,), generator=gen)
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-        schedule.step()
+    train_cosine(model, opt, x, y, rank, CONV_STEPS, BATCH)
     return accuracy(net, x_test, y_test), stats.bytes_sent
 
 
@@ -249,10 +220,10 @@ def _failed_step_worker(rank: int, world: int) -> list[bool]:
         model = nn.parallel.DistributedDataParallel(_net(), bucket_cap_mb=0.002)
         state = commcomp.register(model, name, error_feedback=True, **options)
         for step in range(2):
-            x, y = _batch(rank, step)
+            x, y = batch(rank, step)
             F.cross_entropy(model(x), y).backward()
         kept = {k: v.clone() for k, v in state.memory.residuals.items()}
-        x, y = _batch(rank, 2)
+        x, y = batch(rank, 2)
         (F.cross_entropy(model(x), y) * (float("nan") if rank == 1 else 1.0)).backward()  # skipped everywhere
         skipped = all(bool(torch.isnan(p.grad).all()) for p in model.parameters())
         out.append(skipped and all(torch.equal(kept[k], v) for k, v in state.memory.residuals.items()))

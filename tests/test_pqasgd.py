@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from harness import run
 from torch import nn
+from training import train_cosine
 
 import commcomp
 from benchmarks.data import CNN1D, accuracy, load_mnist1d, shard
@@ -316,14 +317,7 @@ def _train_mnist1d(rank: int, world: int, method: str, steps: int = STEPS) -> tu
             stats = commcomp.register(model, "identity").stats
         else:
             stats = commcomp.register(model, "topk", ratio=0.01, error_feedback=True).stats
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    gen = torch.Generator().manual_seed(1 + rank)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (BATCH,), generator=gen)
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-        schedule.step()
+    train_cosine(model, opt, x, y, rank, steps, BATCH)
     return accuracy(net, x_test, y_test), stats.bytes_sent
 
 

@@ -13,11 +13,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from harness import run
+from hook_reference import BUCKETS, ORDER, batch, everyone_grads, rank_quantizers, recording_hook, same_on_all_ranks
 from torch import nn
 
 import commcomp
 from commcomp import quantizers
-from commcomp.hooks.quantized import QuantizerState, quantizer_hook
+from commcomp.hooks.quantized import QuantizerState
 
 CONFIGS: list[tuple[str, dict[str, Any], bool]] = [
     ("qsgd", {"bits": 4, "bucket_size": 64}, False),
@@ -28,8 +29,6 @@ CONFIGS: list[tuple[str, dict[str, Any], bool]] = [
     ("randk", {"k": 7, "rescale": False}, True),
 ]
 STEPS = 3
-_ORDER: list[str] = []  # parameter keys in the order the hook compressed them (this process)
-_BUCKETS: set[int] = set()
 
 
 def _net() -> nn.Module:
@@ -37,24 +36,6 @@ def _net() -> nn.Module:
     return nn.Sequential(
         nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)
     )
-
-
-def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1000 * step + rank)
-    return torch.randn(16, 20, generator=gen), torch.randint(0, 5, (16,), generator=gen)
-
-
-def _recording_hook(state: QuantizerState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    _BUCKETS.add(bucket.index())
-    _ORDER.extend(state.param_key(p) for p in bucket.parameters())
-    return quantizer_hook(state, bucket)
-
-
-def _same_on_all_ranks(model: nn.Module) -> bool:
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    everyone = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, flat)
-    return all(torch.equal(t, everyone[0]) for t in everyone)
 
 
 def _reference_grads(
@@ -89,49 +70,39 @@ def _expected_bytes(name: str, options: dict, model: nn.Module, buckets: int, wo
 def _hook_worker(rank: int, world: int) -> list[dict[str, Any]]:
     results = []
     for name, options, ef in CONFIGS:
-        _ORDER.clear()
-        _BUCKETS.clear()
+        ORDER.clear()
+        BUCKETS.clear()
         net, ref = _net(), _net()
         model = nn.parallel.DistributedDataParallel(net, bucket_cap_mb=0.002)
         state = QuantizerState(quantizer=name, error_feedback=ef, **options)
         state.bind(model)
-        model.register_comm_hook(state, _recording_hook)
+        model.register_comm_hook(state, recording_hook)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-        qs = [quantizers.get(name, **options) for _ in range(world)]
-        for r, q in enumerate(qs):
-            if hasattr(q, "set_rank"):
-                q.set_rank(r)
+        qs = rank_quantizers(name, options, world)
         residuals: list[dict] | None = [{} for _ in range(world)] if ef else None
         names = [k for k, _ in ref.named_parameters()]
         max_err, identical, last_bytes, buckets = 0.0, True, [], 0
         for step in range(STEPS):
-            x, y = _batch(rank, step)
-            _ORDER.clear()
-            _BUCKETS.clear()
+            x, y = batch(rank, step)
+            ORDER.clear()
+            BUCKETS.clear()
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
             # reference: plain local gradients, all-gathered with torch.distributed
             ref_opt.zero_grad()
             F.cross_entropy(ref(x), y).backward()
-            flat = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
-            everyone = [torch.empty_like(flat) for _ in range(world)]
-            dist.all_gather(everyone, flat)
-            grads = []
-            for t in everyone:
-                parts = t.split([p.numel() for p in ref.parameters()])
-                grads.append({k: v.view_as(p) for k, v, p in zip(names, parts, ref.parameters())})
-            expected = _reference_grads(grads, list(_ORDER), qs, residuals)
+            expected = _reference_grads(everyone_grads(ref), list(ORDER), qs, residuals)
             for k, p in ref.named_parameters():
                 p.grad.copy_(expected[k])
             ref_opt.step()
             for a, b in zip(net.parameters(), ref.parameters()):
                 max_err = max(max_err, float((a - b).detach().abs().max()))
-            identical &= _same_on_all_ranks(net)
-            expected_bytes = _expected_bytes(name, options, net, len(_BUCKETS), world)
+            identical &= same_on_all_ranks(net)
+            expected_bytes = _expected_bytes(name, options, net, len(BUCKETS), world)
             last_bytes.append((state.stats.last.bytes_sent, state.stats.last.dense_bytes, expected_bytes))
-            buckets = len(_BUCKETS)  # after the rebuild at the end of the first step
+            buckets = len(BUCKETS)  # after the rebuild at the end of the first step
         results.append(
             {
                 "config": (name, options, ef),
@@ -141,7 +112,7 @@ def _hook_worker(rank: int, world: int) -> list[dict[str, Any]]:
                 "bytes": last_bytes,
                 "total": state.stats.bytes_sent,
                 "dense": sum(p.numel() * 4 for p in net.parameters()),
-                "order_complete": sorted(_ORDER) == sorted(names),
+                "order_complete": sorted(ORDER) == sorted(names),
             }
         )
     return results
@@ -165,7 +136,7 @@ def test_hook_matches_reference_on_three_ranks() -> None:
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, rank: int, steps: range) -> None:
     for step in steps:
-        x, y = _batch(rank, step)
+        x, y = batch(rank, step)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
@@ -213,7 +184,7 @@ def _errors_worker(rank: int, world: int) -> dict[str, str]:
         out["unknown_method"] = str(e)
     state = commcomp.register(model, "topk", ratio=0.1, error_feedback=True, nonfinite="raise")
     out["state"] = type(state).__name__
-    x, y = _batch(rank, 0)
+    x, y = batch(rank, 0)
     loss = F.cross_entropy(model(x), y) * (float("nan") if rank == 1 else 1.0)
     try:
         loss.backward()
