@@ -173,10 +173,9 @@ _CHECK_BYTES = 4  # a CRC-32, one byte per slot: exact in every wire dtype
 
 def _checksum(ps: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """The CRC-32 of the orthonormalised coefficients' bytes, as 4 byte values (equal bits give
-    equal checksums)."""
-    crc = 0
-    for p in ps:
-        crc = zlib.crc32(p.detach().cpu().contiguous().numpy().tobytes(), crc)
+    equal checksums); one copy to the host per group."""
+    values = flatten(ps).detach().cpu() if ps else torch.empty(0)
+    crc = zlib.crc32(values.numpy().tobytes())
     return torch.tensor(list(crc.to_bytes(4, "little")), dtype=torch.float32, device=device)
 
 
