@@ -4,6 +4,7 @@ up [--hosts 4] [--rate 100 | --unshaped] [--name default]   create a cluster tha
 status [--name NAME]                                        show one cluster, or list all
 exec [--name NAME] HOST COMMAND...                          run COMMAND on host HOST (0-based)
 rate [--name NAME] SRC DST [--mbytes 8]                     measure the link rate SRC -> DST
+shape [--name NAME] (MBIT | --unshaped)                     reshape every link live
 torchrun [--name NAME] [--nproc-per-node P] SCRIPT ARGS...  torchrun on every host
 mpirun [--name NAME] [--nproc-per-host P] PROGRAM ARGS...   mpirun across the hosts
 down [--name NAME | --all-stale | --all]                    delete a cluster / leftovers
@@ -45,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     rate.add_argument("src", type=int)
     rate.add_argument("dst", type=int)
     rate.add_argument("--mbytes", type=float, default=8.0)
+    shape = named("shape", "reshape every host's link (both ways) to a new rate, live")
+    limit = shape.add_mutually_exclusive_group(required=True)
+    limit.add_argument("mbit", type=float, nargs="?", help="new link rate per host, Mbit/s")
+    limit.add_argument("--unshaped", action="store_true", help="no rate limit")
     tr = named("torchrun", "run a script with torchrun on every host")
     tr.add_argument("--nproc-per-node", type=int, default=1)
     tr.add_argument("--max-restarts", type=int, default=0)
@@ -102,6 +107,10 @@ def _run(opts: argparse.Namespace) -> int:
     if opts.command == "rate":
         nbytes = int(opts.mbytes * (1 << 20))
         print(f"host {opts.src} -> host {opts.dst}: {c.measure_rate(opts.src, opts.dst, nbytes):.1f} Mbit/s")
+        return 0
+    if opts.command == "shape":
+        c.set_rate(None if opts.unshaped else opts.mbit)
+        print(c.status())
         return 0
     if opts.command == "torchrun":
         launch_torchrun(

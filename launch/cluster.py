@@ -8,8 +8,8 @@ Layout of a cluster named TAG with prefix P (all names are network namespaces):
 Every link is created directly inside these namespaces, so the root namespace's interfaces and
 routes are never touched, and deleting the namespaces removes every veth and the bridge. Each
 host's link is shaped to `rate_mbit` in both directions with a token bucket filter (tc tbf): on
-cc0 for what the host sends and on hI for what it receives. Two clusters never clash, even with
-the same subnet, because each has its own switch namespace.
+cc0 for what the host sends and on hI for what it receives; `set_rate` reshapes them while jobs
+run. Two clusters never clash, even with the same subnet, because each has its own switch namespace.
 
 Teardown runs on leaving the `with` block, at interpreter exit and on SIGINT/SIGTERM. A cluster
 whose owner was killed with SIGKILL is "stale"; `python -m launch down --all-stale` (and
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import ipaddress
+import json
 import os
 import re
 import secrets
@@ -67,6 +68,25 @@ def _cmd(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 def _netns_names() -> list[str]:
     out = _cmd("ip", "netns", "list", check=False).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _check_rate(rate_mbit: float | None) -> None:
+    if rate_mbit is not None and not rate_mbit > 0:
+        raise ValueError(f"rate_mbit must be positive or None, got {rate_mbit!r}")
+
+
+def _shape(netns: str, dev: str, rate_mbit: float | None) -> None:
+    """Limit what `dev` in `netns` sends to `rate_mbit` (None: remove the limit).
+
+    `replace` creates the filter, or changes an existing one in place (same kind, no handle
+    given) rather than deleting it and adding a new one, which would drop what it holds queued.
+    """
+    if rate_mbit is None:
+        roots = json.loads(_cmd("tc", "-j", "-n", netns, "qdisc", "show", "dev", dev, "root").stdout or "[]")
+        if any(q.get("kind") == "tbf" for q in roots):  # deleting the default (noqueue) is an error
+            _cmd("tc", "-n", netns, "qdisc", "del", "dev", dev, "root")
+        return
+    _cmd("tc", "-n", netns, "qdisc", "replace", "dev", dev, "root", "tbf", *_tbf_args(rate_mbit))
 
 
 def _tbf_args(rate_mbit: float) -> list[str]:
@@ -153,8 +173,7 @@ class Cluster(Hosts):
     ) -> None:
         if not isinstance(hosts, int) or not 1 <= hosts <= 250:
             raise ValueError(f"hosts must be an int between 1 and 250, got {hosts!r}")
-        if rate_mbit is not None and not rate_mbit > 0:
-            raise ValueError(f"rate_mbit must be positive or None, got {rate_mbit!r}")
+        _check_rate(rate_mbit)
         network = ipaddress.ip_network(subnet)
         if not isinstance(network, ipaddress.IPv4Network) or not network.is_private:
             raise ValueError(f"subnet must be a private IPv4 network, got {subnet!r}")
@@ -239,8 +258,28 @@ class Cluster(Hosts):
             _cmd("ip", "-n", ns, "addr", "add", f"{self.host_addr(i)}/{prefixlen}", "dev", HOST_IFACE)
             _cmd("ip", "-n", ns, "link", "set", HOST_IFACE, "up")
             if self.rate_mbit is not None:
-                for where, dev in ((ns, HOST_IFACE), (sw, port)):
-                    _cmd("tc", "-n", where, "qdisc", "replace", "dev", dev, "root", "tbf", *_tbf_args(self.rate_mbit))
+                for where, dev in self._link_ends(i):
+                    _shape(where, dev, self.rate_mbit)
+
+    def _link_ends(self, host: int) -> tuple[tuple[str, str], tuple[str, str]]:
+        """(namespace, device) of both ends of host `host`'s link: its cc0 (what it sends) and its
+        switch port (what it receives)."""
+        return (self.netns(host), HOST_IFACE), (self.switch_netns, f"h{host}")
+
+    def set_rate(self, rate_mbit: float | None) -> None:
+        """Reshape every host's link, both ways, to `rate_mbit` Mbit/s (None: unshaped), live.
+
+        Running jobs keep their connections; from the next packet on, the kernel sends at the
+        new rate (a link slowed down mid-job, to see how a method copes). Raises ClusterError if
+        the cluster is not up or a `tc` command fails (links reshaped before it keep the new rate).
+        """
+        _check_rate(rate_mbit)
+        if not self._up:
+            raise ClusterError(f"cluster {self.name!r} is not up")
+        for i in range(self.hosts):
+            for where, dev in self._link_ends(i):
+                _shape(where, dev, rate_mbit)
+        self.rate_mbit = rate_mbit
 
     def down(self) -> None:
         """Stop every process left in the namespaces and delete them (links and bridge go too)."""

@@ -53,6 +53,7 @@ TESTS: dict[tuple[str, str], set[str]] = {
     ("test_benchmarks", "test_training_records*"): {"slow"},
     ("test_benchmarks", "test_driver_local*"): {"slow"},
     ("test_cluster", "test_links_are_shaped*"): {"netns"},
+    ("test_cluster", "test_set_rate_reshapes*"): {"netns"},
     ("test_cluster", "test_teardown_leaves_nothing*"): {"netns"},
     ("test_cluster", "test_sigterm_tears_down*"): {"netns"},
     ("test_cluster", "test_torchrun_across_hosts*"): {"netns"},

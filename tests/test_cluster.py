@@ -34,7 +34,8 @@ from launch import (  # noqa: E402
     launch_mpirun,
     launch_torchrun,
 )
-from launch.cluster import list_clusters, remove_clusters  # noqa: E402
+from launch.cli import main as cli  # noqa: E402
+from launch.cluster import ClusterError, list_clusters, remove_clusters  # noqa: E402
 from launch.torchrun import start_torchrun  # noqa: E402
 
 WORKERS = ROOT / "launch" / "workers"
@@ -80,6 +81,16 @@ def _check_shaped(c: Cluster) -> None:
             assert end["options"]["rate"] == round(c.rate_mbit * 1e6 / 8), (host, end)
 
 
+def _check_carries(c: Cluster, src: int, dst: int, nbytes: int) -> None:
+    """A TCP transfer from `src` to `dst` passes through the sender's filter and the receiver's
+    (their byte counters grow by at least the payload); the rate seen is only printed."""
+    sent, received = _link_ends(c, src)[0]["bytes"], _link_ends(c, dst)[1]["bytes"]
+    rate = c.measure_rate(src, dst, nbytes)
+    print(f"{c.rate_mbit} Mbit/s link, {src}->{dst}: measured {rate:.1f} Mbit/s")
+    assert _link_ends(c, src)[0]["bytes"] - sent >= nbytes, f"{src}->{dst}: missed a filter"
+    assert _link_ends(c, dst)[1]["bytes"] - received >= nbytes, f"{src}->{dst}: missed a filter"
+
+
 def _check_verdict(output: str, rank: int, timeout: float) -> None:
     """The output names `rank` as not answering, and every watchdog verdict (the line that stops a
     rank) comes only after `rank` was silent for the whole timeout. (When gloo's own timeout error
@@ -115,6 +126,10 @@ def test_bad_arguments_raise_value_error() -> None:
         Cluster(hosts=2, name="Bad-Name")
     with pytest.raises(ValueError, match="host must be"):
         Cluster(hosts=2).host_addr(2)
+    with pytest.raises(ValueError, match="rate_mbit"):
+        Cluster(hosts=2).set_rate(0)
+    with pytest.raises(ClusterError, match="not up"):
+        Cluster(hosts=2).set_rate(10)
 
 
 def test_init_from_env_single_process(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,11 +188,32 @@ def test_links_are_shaped_both_ways_and_carry_the_traffic() -> None:
         for cluster, nbytes in ((slow, 4 << 20), (fast, 8 << 20)):
             _check_shaped(cluster)
             for src, dst in ((0, 1), (1, 0)):
-                sent, received = _link_ends(cluster, src)[0]["bytes"], _link_ends(cluster, dst)[1]["bytes"]
-                rate = cluster.measure_rate(src, dst, nbytes)
-                print(f"{cluster.rate_mbit} Mbit/s link, {src}->{dst}: measured {rate:.1f} Mbit/s")
-                assert _link_ends(cluster, src)[0]["bytes"] - sent >= nbytes, f"{src}->{dst}: missed a filter"
-                assert _link_ends(cluster, dst)[1]["bytes"] - received >= nbytes, f"{src}->{dst}: missed a filter"
+                _check_carries(cluster, src, dst, nbytes)
+
+
+@needs_netns
+def test_set_rate_reshapes_every_link_both_ways_in_place() -> None:
+    """A 3-host cluster at 200 Mbit/s reshaped live to 20: tc shows 20 on both ends of every link,
+    on the same filters as before (changed in place, not deleted and re-added), and they carry
+    the traffic. Then through the command line: `shape --unshaped` removes every filter, `shape 50`
+    puts them back, and a fresh view of the cluster (`Cluster.attach`) reads 50 from the kernel."""
+    with Cluster(hosts=3, rate_mbit=200) as c:
+        _check_shaped(c)
+        handles = [[end["handle"] for end in _link_ends(c, host)] for host in range(c.hosts)]
+        c.set_rate(20)
+        assert c.rate_mbit == 20
+        _check_shaped(c)
+        assert [[end["handle"] for end in _link_ends(c, host)] for host in range(c.hosts)] == handles
+        _check_carries(c, 2, 0, 1 << 20)
+
+        assert cli(["--prefix", c.prefix, "shape", "--name", c.name, "--unshaped"]) == 0
+        for host in range(c.hosts):
+            assert [end["kind"] for end in _link_ends(c, host)] == ["noqueue", "noqueue"]
+        assert Cluster.attach(c.name, c.prefix).rate_mbit is None
+        assert cli(["--prefix", c.prefix, "shape", "--name", c.name, "50"]) == 0
+        view = Cluster.attach(c.name, c.prefix)
+        assert view.rate_mbit == 50
+        _check_shaped(view)
 
 
 @needs_netns
