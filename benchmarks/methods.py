@@ -34,6 +34,7 @@ __all__ = [
     "Setup",
     "grad_bytes",
     "gradiveq_options",
+    "plan_record",
     "registered",
     "setup",
     "stats_counters",
@@ -63,6 +64,7 @@ class Setup:
     consensus: bool = False  # ranks hold different models: evaluate their average
     stack: ExitStack = field(default_factory=ExitStack)  # undone when the method is finished
     info: dict[str, Any] = field(default_factory=dict)
+    final: Callable[[], dict[str, Any]] = dict  # after the last step, on every rank (may run collectives)
 
 
 @dataclass(frozen=True)
@@ -201,9 +203,22 @@ def _commcomp(
         model = _ddp(net)
         kwargs = {**(fixed or {}), **(from_options(options) if from_options else {})}
         state = commcomp.register(model, method, **kwargs)
-        return Setup(model, make_opt(model.parameters()), stats_counters(state.stats), info={"options": kwargs})
+        s = Setup(model, make_opt(model.parameters()), stats_counters(state.stats), info={"options": kwargs})
+        if callable(getattr(state, "plan", None)):
+            s.final = partial(plan_record, state)
+        return s
 
     return build
+
+
+def plan_record(state: Any) -> dict[str, Any]:
+    """What a method that plans its own compression ("auto") decided: `state.plan()` as it stands
+    after the last step, and the most time any rank spent measuring and planning (the plan's
+    `overhead_seconds` is this rank's; one all-reduce, outside the timed steps, takes the maximum)."""
+    plan = state.plan()
+    overhead = torch.tensor([float(plan.get("overhead_seconds", 0.0))], dtype=torch.float64)
+    dist.all_reduce(overhead, op=dist.ReduceOp.MAX)
+    return {"plan": plan, "overhead_seconds_max": float(overhead[0])}
 
 
 def registered(label: str, method: str, **options: Any) -> MethodSpec:
@@ -281,6 +296,7 @@ METHODS: dict[str, MethodSpec] = {
     "randk1": registered(
         "commcomp random-1% (shared seed, all-reduce) + EF", "randk", ratio=0.01, rescale=False, error_feedback=True
     ),
+    "auto": registered("commcomp auto", "auto"),
     "pqasgd": MethodSpec("commcomp PQASGD p=4 QSGD 4-bit", _pqasgd, requires="commcomp.pqasgd"),
     "choco": MethodSpec(
         "commcomp CHOCO-SGD sign, ring",

@@ -21,6 +21,10 @@ Derived per row (one method on one workload):
   speedup        fp32 mean step time / this method's (step-time workloads)
   floor_x_fp32   DDP fp32's compute-only step (no communication) / its median step: the least time
                  ratio to fp32 a method can reach while learning at fp32's pace per step
+  x_best_fixed   time to target as a fraction of the fastest method's that fixes its compression up
+                 front (every row but auto's; `best_fixed` marks that row)
+  overhead_pct   (auto) the most time any rank spent measuring and planning, as % of the row's
+                 training seconds
 """
 
 from __future__ import annotations
@@ -31,10 +35,14 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
+    "AUTO",
+    "AUTO_GAP",
     "CODEC_LIMIT_PCT",
     "HOOK16",
+    "OVERHEAD_LIMIT_PCT",
     "TARGET_GAP",
     "TTT_LIMIT",
+    "best_fixed",
     "byte_ratio",
     "derive",
     "format_table",
@@ -55,6 +63,9 @@ CODEC_LIMIT_PCT = 10.0  # encode + decode share of the step, every commcomp meth
 HOOK16 = "torch-fp16"  # the 16-bit baseline (PyTorch's bf16 hook refuses gloo/CPU)
 POWERSGD = "torch-powersgd-"  # prefix of the PowerSGD rows (one per rank)
 BASELINES = ("fp32", "torch-", "hvd-fp32", "hvd-fp16")  # not commcomp: no codec % target
+AUTO = "auto"  # the method that measures the network and picks the compression per bucket
+AUTO_GAP = 1.10  # auto's time to target, at most this times the best fixed method's
+OVERHEAD_LIMIT_PCT = 5.0  # auto's measuring and planning, % of its training time
 
 
 def time_to(curve: Sequence[Sequence[float]], target: float) -> float | None:
@@ -86,8 +97,16 @@ def _fraction(mine: float | None, theirs: float | None) -> float | None:
     return mine / theirs if mine is not None and theirs else None
 
 
-def derive(rows: list[Row]) -> list[Row]:
-    """Add the derived columns to every row that ran (rows are modified and returned)."""
+def best_fixed(rows: Sequence[Row]) -> Row | None:
+    """The row, auto's excepted, that reached the target first (None if none did)."""
+    reached = [r for r in rows if r["method"] != AUTO and "skipped" not in r and r.get("ttt_s") is not None]
+    return min(reached, key=lambda r: r["ttt_s"]) if reached else None
+
+
+def derive(rows: list[Row], target: float | None = None) -> list[Row]:
+    """Add the derived columns to every row that ran (rows are modified and returned). The target
+    accuracy is DDP fp32's best minus 1 point, from the fp32 row of each workload; `target` gives it
+    instead (the sweep runs fp32 at one link rate only: its accuracy per step does not depend on it)."""
     ran = [r for r in rows if "skipped" not in r]
     for r in ran:
         steps = r["steps"]
@@ -105,21 +124,29 @@ def derive(rows: list[Row]) -> list[Row]:
         r["samples_s"] = r["batch_size"] * r["world_size"] / r["mean_s"]
         r["acc"] = r["final_accuracy"]
         r.setdefault("best_acc", max((a for _, _, a in r["curve"]), default=None))
+        if "overhead_seconds_max" in r:
+            r["overhead_pct"] = 100 * r["overhead_seconds_max"] / r["train_seconds"]
     for workload in {r["workload"] for r in ran}:
         mine = [r for r in ran if r["workload"] == workload]
         by = {r["method"]: r for r in mine}
         base = by.get("fp32")
-        target = base["best_acc"] - TARGET_GAP if base and base.get("best_acc") is not None else None
+        goal = target
+        if goal is None and base and base.get("best_acc") is not None:
+            goal = base["best_acc"] - TARGET_GAP
+        if not any(r.get("curve") for r in mine):
+            goal = None  # a step-time workload
         floor = base.get("compute_only_step_s") if base else None
         for r in mine:
-            r["target_acc"] = target
+            r["target_acc"] = goal
             r["floor_x_fp32"] = floor / base["step_s"] if base and floor else None  # a step sending nothing / fp32
-            r["ttt_s"] = time_to(r["curve"], target) if target is not None else None
+            r["ttt_s"] = time_to(r["curve"], goal) if goal is not None else None
             r["speedup"] = base["mean_s"] / r["mean_s"] if base else math.nan
-        best = powersgd_best(mine) if target is not None else None  # time-to-accuracy workloads only
-        refs = {"x_fp32": base, "x_hook16": by.get(HOOK16), "x_powersgd": best}
+        best = powersgd_best(mine) if goal is not None else None  # time-to-accuracy workloads only
+        fixed = best_fixed(mine) if goal is not None else None
+        refs = {"x_fp32": base, "x_hook16": by.get(HOOK16), "x_powersgd": best, "x_best_fixed": fixed}
         for r in mine:
             r["powersgd_best"] = r is best
+            r["best_fixed"] = r is fixed
             for key, ref in refs.items():
                 r[key] = _fraction(r["ttt_s"], ref["ttt_s"]) if ref else None
     return rows
@@ -160,10 +187,12 @@ STEP_COLUMNS = [
 
 
 def _cells(r: Row, columns: list[tuple[str, str, str]]) -> list[str]:
-    cells = []
+    cells, keys = [], {key for key, _, _ in columns}
     for key, _, spec in columns:
         if key == "label":
-            cells.append(str(r.get("label", r["method"])) + (" = PowerSGD best" if r.get("powersgd_best") else ""))
+            mark = " = PowerSGD best" if r.get("powersgd_best") and "x_powersgd" in keys else ""
+            mark += " = best fixed" if r.get("best_fixed") and "x_best_fixed" in keys else ""
+            cells.append(str(r.get("label", r["method"])) + mark)
         elif key == "ttt_s" and r.get("target_acc") is not None and r["ttt_s"] is None:
             cells.append("never")
         else:
@@ -171,11 +200,14 @@ def _cells(r: Row, columns: list[tuple[str, str, str]]) -> list[str]:
     return cells
 
 
-def format_table(rows: list[Row], workload: str, markdown: bool = False) -> str:
-    """One workload's rows as an aligned plain-text (or markdown) table; skipped rows say why."""
+def format_table(
+    rows: list[Row], workload: str, markdown: bool = False, columns: list[tuple[str, str, str]] | None = None
+) -> str:
+    """One workload's rows as an aligned plain-text (or markdown) table; skipped rows say why.
+    `columns`: (key, title, format) per column; default: by the kind of workload."""
     mine = [r for r in rows if r["workload"] == workload]
-    evaluated = any(r.get("curve") for r in mine)
-    columns = ACCURACY_COLUMNS if evaluated else STEP_COLUMNS
+    if columns is None:
+        columns = ACCURACY_COLUMNS if any(r.get("curve") for r in mine) else STEP_COLUMNS
     head = [title for _, title, _ in columns]
     body = [_cells(r, columns) for r in mine if "skipped" not in r]
     skipped = [f"{r.get('label', r['method'])}: skipped ({r['skipped']})" for r in mine if "skipped" in r]
@@ -204,9 +236,86 @@ def targets(rows: list[Row], collectives: list[Row] | None = None) -> list[Row]:
         _gradiveq_targets(
             add, gq, fp32, by.get(("cnn", HOOK16)), powersgd_best([r for r in rows if r["workload"] == "cnn"])
         )
+    out += auto_targets([r for r in rows if r["workload"] == "cnn"])
     _codec_target(add, list(by.values()))
     _collective_targets(add, collectives or [])
     return out
+
+
+def auto_targets(rows: Sequence[Row], where: str = "") -> list[Row]:
+    """Auto's targets on one time-to-accuracy run (derived `rows` of one workload, `where` e.g.
+    " at 25 Mbit/s" appended to the names): its planning overhead under 5% of its training time,
+    and its time to target within 10% of the best fixed method's and no later than the 16-bit hook's."""
+    auto = next((r for r in rows if r["method"] == AUTO and "skipped" not in r), None)
+    if auto is None or auto.get("target_acc") is None:
+        return []
+    out: list[Row] = []
+
+    def add(name: str, value: float | None, limit: float, ok: bool | None, detail: str) -> None:
+        status = "N/A" if ok is None else ("PASS" if ok else "MISS")
+        out.append({"target": name + where, "status": status, "value": value, "limit": limit, "detail": detail})
+
+    pct = auto.get("overhead_pct")
+    add(
+        f"auto planning overhead < {OVERHEAD_LIMIT_PCT:g}%",
+        pct,
+        OVERHEAD_LIMIT_PCT,
+        None if pct is None else pct < OVERHEAD_LIMIT_PCT,
+        "no plan recorded"
+        if pct is None
+        else f"{auto['overhead_seconds_max']:.2f} s (the slowest rank's) of {auto['train_seconds']:.1f} s of training",
+    )
+    mine, best = auto["ttt_s"], best_fixed(rows)
+    hook = next((r for r in rows if r["method"] == HOOK16 and "skipped" not in r), None)
+    never = f" (auto never reached it: best {auto['best_acc']:.3f})" if mine is None else ""
+    parts = [f"auto {_fmt(mine, '.1f')} s to {auto['target_acc']:.3f}{never}"]
+    ok: bool | None = mine is not None
+    if best is None:
+        parts.append("no fixed method reached the target")
+    else:
+        parts.append(f"best fixed: {best.get('label', best['method'])} {best['ttt_s']:.1f} s")
+        ok = ok and mine <= AUTO_GAP * best["ttt_s"]
+    if hook is None:
+        parts.append("the 16-bit hook was not run")
+    else:
+        parts.append(f"16-bit hook {_fmt(hook['ttt_s'], '.1f')} s")
+        ok = ok and (hook["ttt_s"] is None or mine <= hook["ttt_s"])
+    add(
+        f"auto within {100 * (AUTO_GAP - 1):.0f}% of the best fixed method and not slower than the 16-bit hook",
+        auto.get("x_best_fixed"),
+        AUTO_GAP,
+        ok,
+        ", ".join(parts),
+    )
+    return out
+
+
+def plan_summary(row: Row, short: bool = False) -> str:
+    """What auto's final plan uses: per bucket (or, `short`, the method counts), the network
+    estimate, the re-plans and the planning overhead."""
+    plan = row.get("plan")
+    if not plan:
+        return "no plan recorded"
+    buckets = plan.get("buckets", [])
+    if short:
+        counts: dict[str, int] = {}
+        for b in buckets:
+            counts[b["method"]] = counts.get(b["method"], 0) + 1
+        uses = ", ".join(f"{m} x{n}" if n > 1 else m for m, n in counts.items())
+    else:
+        uses = "; ".join(
+            f"bucket {b['bucket']} ({len(b.get('params', []))} tensors, {b.get('bytes', 0) / 1e6:.3f} MB) {b['method']}"
+            + (f" ({b['why']})" if b.get("why") else "")
+            for b in buckets
+        )
+    net = plan.get("network") or {}
+    text = f"{uses or 'no buckets'}; network estimate {net.get('mbit', math.nan):.0f} Mbit/s"
+    if "latency_s" in net:
+        text += f", latency {1e3 * net['latency_s']:.2f} ms"
+    text += f"; {plan.get('replans', 0)} re-plans by step {plan.get('step', '?')}"
+    if row.get("overhead_pct") is not None:
+        text += f"; planning overhead {row['overhead_pct']:.1f}% of its training time"
+    return text
 
 
 def _gradiveq_targets(add: Any, gq: Row, fp32: Row, hook: Row | None, psgd: Row | None) -> None:

@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _method_args(args: argparse.Namespace) -> list[str]:
+def method_args(args: argparse.Namespace) -> list[str]:
     out = []
     for key in ("powersgd_start", "seed", "gradiveq"):
         value = getattr(args, key)
@@ -92,7 +92,7 @@ def _run_horovod(hosts: Hosts, args: argparse.Namespace, out: Path) -> list[dict
 
     path = out / "horovod.json"
     argv = [sys.executable, str(HERE / "train_horovod.py"), "--steps", str(args.horovod_steps), "--out", str(path)]
-    argv += [*(("--width", args.width) if args.width else ()), *_method_args(args)]
+    argv += [*(("--width", args.width) if args.width else ()), *method_args(args)]
     timeout = min(args.timeout, args.horovod_timeout)  # a stuck mpirun must not eat the run's budget
     job = start_mpirun(hosts, argv, timeout=timeout, stream=False, nproc_per_host=args.nproc_per_node)
     follower = follow(job, r"\[cnn\]|\[mlp\]|wrote|Error")
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_argv = [
             *("--workloads", args.workloads, "--methods", args.methods, "--steps", args.steps),
             *(("--width", args.width) if args.width else ()),
-            *_method_args(args),
+            *method_args(args),
             *("--out", str(train_json)),
         ]
         torchrun(hosts, "train.py", train_argv, args.timeout, args.nproc_per_node)
@@ -264,6 +264,9 @@ def summary(
             extra += f" (a step that sends nothing takes {floor:.2f}x DDP fp32's step)"
         title = f"## {w}{extra}" if markdown else f"[{w}]{extra}"
         parts += ["", title, "", report.format_table(rows, w, markdown)]
+        for r in rows:
+            if r["workload"] == w and r.get("plan"):
+                parts += ["", f"{r.get('label', r['method'])}, final plan: {report.plan_summary(r)}"]
         if markdown and target:
             parts += ["", f"![test accuracy against training time]({plot})"]
     if collectives:

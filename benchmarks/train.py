@@ -149,6 +149,7 @@ def run_method(
                 print(f"  [{workload.name}] {name}: step {step + 1}/{steps}, {dt:.3f} s/step{acc}", flush=True)
         accs = [acc for _, _, acc in curve]  # workloads without evaluation: step time only
         c = s.counters()
+        extra = s.final()  # e.g. auto's plan; every rank calls it (it may run a collective)
         timed = name == "fp32" and workload.eval_every  # the floor of the time-to-target ratios
         floor = _compute_only_step(s, x, y, workload.batch_size, gen) if timed else None
         return {
@@ -173,6 +174,7 @@ def run_method(
             "best_accuracy": max(accs) if accs else None,
             "info": s.info,
             "options": {k: v for k, v in options.items() if k.split("_")[0] in name},  # gradiveq, powersgd_start
+            **extra,
         }
     finally:
         s.stack.close()

@@ -115,7 +115,7 @@ WORKLOADS = {
         cosine=True,
         methods=(
             *("fp32", "torch-fp16", "torch-bf16", "torch-powersgd-r1", "torch-powersgd-r4", "torch-powersgd-r8"),
-            *("gradiveq", "bf16", "qsgd4-ar"),
+            *("gradiveq", "bf16", "qsgd4-ar", "auto"),
         ),
     ),
     # Step time only, over a few steps: PowerSGD starts compressing after 2 of them. GradiVeQ keeps

@@ -10,7 +10,7 @@ sizes), `overflow` (mixed-precision overflow steps); `commcomp.horovod` (importe
 own, since it needs Horovod).
 """
 
-from commcomp import elastic, gossip, moe, overflow, quantizers, topologies  # gossip registers "dpsgd", "dcd", ...
+from commcomp import auto, elastic, gossip, moe, overflow, quantizers, topologies  # gossip registers "dpsgd", ...
 from commcomp.ddp import GradiVeQState, QuantizerState, gradiveq_hook, method_names, quantizer_hook, register
 from commcomp.error_feedback import ErrorFeedback
 from commcomp.pqasgd import PQASGD

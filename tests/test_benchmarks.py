@@ -208,6 +208,68 @@ def test_readme_headline_is_written_between_its_markers(tmp_path: Path) -> None:
     assert HEADLINE_START in (ROOT / "README.md").read_text()  # the real README has its markers
 
 
+def _plan(methods: list[str], replans: int = 1) -> dict[str, Any]:
+    """A plan as `AutoState.plan()` returns it."""
+    buckets = [
+        {"bucket": i, "params": [f"p{i}"], "method": m, "predicted_seconds": 0.01, "bytes": 1000, "error": 0.0}
+        for i, m in enumerate(methods)
+    ]
+    network = {"latency_s": 0.001, "mbit": 95.0}
+    return {"step": 40, "replans": replans, "network": network, "overhead_seconds": 0.5, "buckets": buckets}
+
+
+def _auto_verdicts(auto_s: float, overhead_s: float, hook_s: float = 5.0) -> dict[str, Any]:
+    """auto's targets against fp32 (10 s), the 16-bit hook (`hook_s`) and GradiVeQ (4 s); auto
+    trains 20 s in all, reaching the target after `auto_s`, and spent `overhead_s` planning."""
+    rows = [
+        _row("fp32", [[5, 5.0, 0.8], [10, 10.0, 0.9]], steps=10),
+        _row("torch-fp16", [[10, hook_s, 0.9]], steps=10),
+        _row("gradiveq", [[10, 4.0, 0.9]], steps=10),
+        _row("auto", [[10, auto_s, 0.9]], steps=10, train_seconds=20.0, overhead_seconds_max=overhead_s),
+    ]
+    rows[-1]["plan"] = _plan(["qsgd_ar", "bf16", "qsgd_ar"])
+    report.derive(rows)
+    return {g["target"].split(" ")[1]: g for g in report.auto_targets(rows)}
+
+
+def test_report_auto_targets() -> None:
+    good = _auto_verdicts(4.2, 0.5)  # 1.05x GradiVeQ's 4 s, ahead of the hook; 0.5 s of 20 s = 2.5%
+    assert good["within"]["status"] == "PASS" and good["within"]["value"] == pytest.approx(4.2 / 4.0)
+    assert good["planning"]["status"] == "PASS" and good["planning"]["value"] == pytest.approx(2.5)
+    late = _auto_verdicts(4.5, 2.0)  # 1.125x the best fixed method; 10% overhead
+    assert late["within"]["status"] == "MISS" and late["planning"]["status"] == "MISS"
+    # within 10% of the best fixed method, which is the hook, yet slower than it
+    behind_hook = _auto_verdicts(4.2, 0.5, hook_s=4.0)
+    assert behind_hook["within"]["status"] == "MISS" and "16-bit hook 4.0 s" in behind_hook["within"]["detail"]
+    assert _auto_verdicts(30.0, 0.5)["within"]["status"] == "MISS"  # never reached the target
+    # the main benchmark's targets include auto's, and its report names auto's plan
+    from benchmarks.run import summary
+
+    rows = [_row("fp32", [[4, 4.0, 0.9]]), _row("auto", [[4, 2.0, 0.9]], train_seconds=4.0, overhead_seconds_max=0.1)]
+    rows[1]["plan"] = _plan(["qsgd_ar", "bf16", "qsgd_ar"])
+    report.derive(rows)
+    goals = report.targets(rows)
+    assert any(g["target"].startswith("auto planning overhead") for g in goals)
+    assert report.plan_summary(rows[1], short=True).startswith("qsgd_ar x2, bf16;")
+    meta = {
+        **dict.fromkeys(("cores", "cpu", "torch", "python", "date_utc", "where"), "x"),
+        **{"elapsed_seconds": 1.0, "phase_end_seconds": {}, "load_average_before": [0.0], "load_average_after": [0.0]},
+    }
+    meta["cores"] = 2
+    text = summary(rows, [], goals, meta)
+    assert "auto, final plan: bucket 0 (1 tensors, 0.001 MB) qsgd_ar;" in text and "1 re-plans by step 40" in text
+
+
+def test_report_given_target() -> None:
+    """The sweep's rates without an fp32 row: the target is given, the best fixed method is the fastest
+    row other than auto's."""
+    rows = [_row("torch-fp16", [[2, 2.0, 0.85], [4, 3.0, 0.9]]), _row("auto", [[4, 1.0, 0.95]])]
+    report.derive(rows, target=0.88)
+    assert [r["ttt_s"] for r in rows] == [3.0, 1.0] and rows[0]["target_acc"] == 0.88
+    assert report.best_fixed(rows) is rows[0] and rows[0]["best_fixed"] and not rows[1]["best_fixed"]
+    assert rows[1]["x_best_fixed"] == pytest.approx(1.0 / 3.0) and rows[1]["x_fp32"] is None
+
+
 # ----- the workload's schedules -----
 
 
@@ -311,3 +373,46 @@ def test_driver_local(tmp_path: Path) -> None:
     for name in ("table.txt", "training.png", "accuracy.png", "collectives.png", "results.md"):
         assert (out / name).stat().st_size > 0
     assert md.with_suffix(".png").stat().st_size > 0
+
+
+def _auto_available() -> bool:
+    from benchmarks.methods import unavailable
+
+    return unavailable("auto") is None
+
+
+def test_sweep_local(tmp_path: Path) -> None:
+    """The sweep on local processes (rates not applied): fp32 once at the fastest rate, the others
+    at every rate, one target for all, auto's plan and targets per rate, the docs page written."""
+    from benchmarks import sweep
+
+    methods = "torch-fp16,auto" if _auto_available() else "torch-fp16,bf16"
+    out, md = tmp_path / "out", tmp_path / "docs" / "sweep.md"
+    result = sweep.main(
+        [
+            *("--local", "--hosts", "2", "--rates", "1,3", "--methods", methods, "--steps", "4"),
+            *("--width", str(WIDTH), "--out", str(out), "--md", str(md)),
+        ]
+    )
+    saved = json.loads((out / "sweep.json").read_text())
+    assert list(saved["runs"]) == ["1", "3"]
+    assert [r["method"] for r in saved["runs"]["3"]] == ["fp32", *methods.split(",")]
+    assert [r["method"] for r in saved["runs"]["1"]] == methods.split(",")
+    fp32 = saved["runs"]["3"][0]
+    target = max(acc for _, _, acc in fp32["curve"]) - report.TARGET_GAP
+    assert saved["meta"]["target_acc"] == pytest.approx(target) and saved["meta"]["fp32_rate_mbit"] == 3
+    for rows in saved["runs"].values():
+        for r in rows:
+            assert r["target_acc"] == pytest.approx(target) and r["ttt_s"] == report.time_to(r["curve"], target)
+    text = md.read_text()
+    assert "## 1 Mbit/s" in text and "## 3 Mbit/s" in text and "--rates 1,3" in text
+    if "auto" in methods:
+        for rows in saved["runs"].values():
+            auto = rows[-1]
+            plan = auto["plan"]
+            assert {b["method"] for b in plan["buckets"]} and auto["overhead_seconds_max"] >= 0
+            assert auto["overhead_pct"] == pytest.approx(100 * auto["overhead_seconds_max"] / auto["train_seconds"])
+        names = [g["target"] for g in result["targets"]]
+        assert sum(n.startswith("auto within 10%") for n in names) == 2
+        assert any(n.endswith(" at 1 Mbit/s") for n in names)
+        assert "final plan:" in text

@@ -24,10 +24,10 @@ import torch
 import torch.distributed as dist
 
 from commcomp.error_feedback import ErrorFeedback
-from commcomp.exchange import ExchangeCodec, TorchWire, nbytes, send
+from commcomp.exchange import ExchangeCodec, TorchWire
 from commcomp.gradiveq.codec import LayerCodec, plan_slices
 from commcomp.gradiveq.fitted import FittedExchange, FittedOptions, refit
-from commcomp.gradiveq.pipeline import TrackedCoefficients, TrackedGroup
+from commcomp.gradiveq.pipeline import BasisUpdates, TrackedCoefficients
 from commcomp.gradiveq.schedule import Schedule
 from commcomp.gradiveq.tracked import TrackedLayer, matrix_plan
 from commcomp.hooks.base import HookState, exchange_hook, register_simple_method
@@ -142,7 +142,7 @@ class GradiVeQState(HookState):
         self.layers: dict[str, TrackedLayer | None] = {}  # tracked bases (None: sent uncompressed)
         self.codecs: dict[str, LayerCodec | None] = {}  # fitted PCA state (None: sent uncompressed)
         self._loaded: dict[str, Any] = {}  # per-layer state loaded before the layer was seen
-        self._waiting: tuple[TrackedGroup, torch.futures.Future[torch.Tensor], torch.Tensor] | None = None
+        self.updates = BasisUpdates()  # DDP: the bucket waiting for its basis update
         self.schedule: Schedule | None = None
         self.sampling: QuantizerState | None = None  # the quantizer fitted sampling steps go through
         if self.fitted is not None:
@@ -244,44 +244,12 @@ def gradiveq_hook(state: GradiVeQState, bucket: dist.GradBucket) -> torch.future
     if not state.compressing():
         return exchange_hook(state, bucket)
     state.begin_bucket(bucket)
-    _start_waiting_basis_update(state)  # the previous bucket's second exchange, in this hook body
-    buf, grads = bucket.buffer(), bucket.gradients()
-    keys = [state.param_key(p) for p in bucket.parameters()]
     wire = TorchWire(state.process_group)
-    item = send(state, TrackedCoefficients(state), keys, grads, wire, like=buf, dense_bytes=nbytes(buf))
-    result: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    state._waiting = (TrackedGroup(state, [item], buf, bucket.index()), result, buf)
+    keys = [state.param_key(p) for p in bucket.parameters()]
+    result = state.updates.send(state, wire, bucket, keys)
     if bucket.is_last():
-        _start_waiting_basis_update(state)
+        state.updates.flush(state, wire)
     return result
-
-
-def _start_waiting_basis_update(state: GradiVeQState) -> None:
-    """Wait for the waiting bucket's coefficients and start its basis update; its callback decodes."""
-    if state._waiting is None:
-        return
-    group, result, buf = state._waiting
-    state._waiting = None
-    try:
-        pending = group.start_basis_update(TorchWire(state.process_group))
-    except BaseException:
-        state.end_bucket()
-        raise
-
-    def done(fut: torch.futures.Future[Any]) -> None:
-        error: BaseException | None = None
-        try:
-            group.complete(fut.value()[0])
-        except BaseException as e:  # handed to DDP through the bucket's future
-            error = e
-        finally:
-            state.end_bucket()  # before the future completes: DDP may return from backward at once
-        if error is None:
-            result.set_result(buf)
-        else:
-            result.set_exception(error)  # type: ignore[arg-type]  # torch's stub says Tensor
-
-    pending.future.then(done)
 
 
 register_simple_method("gradiveq", GradiVeQState, gradiveq_hook)

@@ -22,16 +22,17 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import torch
+import torch.distributed as dist
 
 from commcomp.consistency import bad_ranks
 from commcomp.error_feedback import ErrorFeedback
-from commcomp.exchange import Encoded, Host, InFlight, Pending, Wire, nbytes
+from commcomp.exchange import Encoded, Host, InFlight, Pending, TorchWire, Wire, nbytes, send
 from commcomp.flat import flatten, unflatten
 from commcomp.gradiveq.tracked import TrackedLayer, orthonormalize
 from commcomp.overflow import poison
 from commcomp.stats import timer
 
-__all__ = ["TrackedCoefficients", "TrackedGroup", "TrackedHost", "finish_tracked"]
+__all__ = ["BasisUpdates", "TrackedCoefficients", "TrackedGroup", "TrackedHost", "finish_tracked"]
 
 P = TypeVar("P", bound=Pending)
 
@@ -189,3 +190,55 @@ def finish_tracked(state: TrackedHost, items: list[InFlight[Any]], wire: Wire[An
         group.complete(received)
     finally:
         state.end_bucket()
+
+
+class BasisUpdates:
+    """The DDP side of the tracked step: the bucket whose coefficients are in flight and whose basis
+    update is still to start (see `commcomp.gradiveq.pipeline`).
+
+    `send` starts a bucket's coefficients (after starting the waiting bucket's basis update);
+    `flush` starts the waiting bucket's basis update. Both are called from hook bodies: `flush` at
+    the top of every later hook call and after the step's last bucket, so no bucket waits past the
+    step. The host owns the step (`begin_bucket` before `send`, `end_bucket` when decoded).
+    """
+
+    def __init__(self) -> None:
+        self.waiting: tuple[TrackedGroup, torch.futures.Future[torch.Tensor], torch.Tensor] | None = None
+
+    def send(
+        self, host: TrackedHost, wire: TorchWire, bucket: dist.GradBucket, keys: list[str]
+    ) -> torch.futures.Future[torch.Tensor]:
+        """Start the bucket's coefficients; the returned future completes once it is decoded."""
+        self.flush(host, wire)
+        buf = bucket.buffer()
+        item = send(host, TrackedCoefficients(host), keys, bucket.gradients(), wire, like=buf, dense_bytes=nbytes(buf))
+        result: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        self.waiting = (TrackedGroup(host, [item], buf, bucket.index()), result, buf)
+        return result
+
+    def flush(self, host: TrackedHost, wire: TorchWire) -> None:
+        """Wait for the waiting bucket's coefficients and start its basis update; its callback decodes."""
+        if self.waiting is None:
+            return
+        group, result, buf = self.waiting
+        self.waiting = None
+        try:
+            pending = group.start_basis_update(wire)
+        except BaseException:
+            host.end_bucket()
+            raise
+
+        def done(fut: torch.futures.Future[Any]) -> None:
+            error: BaseException | None = None
+            try:
+                group.complete(fut.value()[0])
+            except BaseException as e:  # handed to DDP through the bucket's future
+                error = e
+            finally:
+                host.end_bucket()  # before the future completes: DDP may return from backward at once
+            if error is None:
+                result.set_result(buf)
+            else:
+                result.set_exception(error)  # type: ignore[arg-type]  # torch's stub says Tensor
+
+        pending.future.then(done)

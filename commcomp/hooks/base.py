@@ -34,6 +34,7 @@ __all__ = [
     "exchange_hook",
     "register_method",
     "register_simple_method",
+    "send_bucket",
 ]
 
 Hook = Callable[[Any, dist.GradBucket], torch.futures.Future[torch.Tensor]]
@@ -237,16 +238,23 @@ def exchange_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Fu
     only decodes.
     """
     state.begin_bucket(bucket)
-    buf, grads = bucket.buffer(), bucket.gradients()
     keys = [state.param_key(p) for p in bucket.parameters()]
-    codec = state.exchange_codec([(k, g.shape) for k, g in zip(keys, grads)], buf)
-    wire = TorchWire(state.process_group)
-    item = send(state, codec, keys, grads, wire, like=buf, dense_bytes=nbytes(buf), name=f"bucket{bucket.index()}")
-    index = bucket.index()
+    codec = state.exchange_codec([(k, g.shape) for k, g in zip(keys, bucket.gradients())], bucket.buffer())
+    return send_bucket(state, codec, bucket, keys)
+
+
+def send_bucket(
+    host: HookState, codec: ExchangeCodec, bucket: dist.GradBucket, keys: list[str]
+) -> torch.futures.Future[torch.Tensor]:
+    """Send a begun bucket through `codec` on `host`'s process group; the returned future decodes it
+    (in the callback) and ends the bucket."""
+    buf, grads, index = bucket.buffer(), bucket.gradients(), bucket.index()
+    wire = TorchWire(host.process_group)
+    item = send(host, codec, keys, grads, wire, like=buf, dense_bytes=nbytes(buf), name=f"bucket{index}")
 
     def decode(fut: torch.futures.Future[Any]) -> torch.Tensor:
         del fut  # the same future as item.pending's
-        finish(state, [item], index)
+        finish(host, [item], index)
         return buf
 
     return item.pending.future.then(decode)

@@ -1,0 +1,11 @@
+"""The "auto" method: measure the network and each candidate codec, pick a compressor per bucket.
+
+- `measure`: trials of each candidate on a bucket's real gradients, network probes and the fitted
+  network model;
+- `plan`: the decision per bucket (pure);
+- `state`: `AutoState` and its DDP hook, registered as "auto".
+"""
+
+from commcomp.auto.state import CANDIDATES, AutoState, auto_hook
+
+__all__ = ["CANDIDATES", "AutoState", "auto_hook"]

@@ -1,0 +1,165 @@
+"""What the auto method measures: each candidate's codec on a bucket's real gradients, and the network.
+
+A `Trial` is one candidate run on one bucket without communicating: encode this rank's gradients,
+decode them as if they were the sum (or, for an all-gathered payload, N payloads), and compare with
+the input. It gives the codec's seconds on this device, the collectives the candidate would issue
+with their exact bytes, and its relative error on the bucket's actual gradients (one step, before
+error feedback). Trials leave the candidates' state as they found it (random streams restored,
+residuals and bases untouched).
+
+The network is probed with plain all-reduces of a few sizes; `Network.fit` turns the timings into a
+latency per collective and seconds per wire byte (`commcomp.stats.wire_factor` converts the bytes
+handed to a collective into what it carries at this world size).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from commcomp.exchange import nbytes
+from commcomp.gradiveq import GradiVeQState
+from commcomp.gradiveq.tracked import TrackedLayer, orthonormalize
+from commcomp.hooks.quantized import QuantizerState
+from commcomp.quantizers import SharedScaleQuantizer, StochasticQuantizer
+from commcomp.stats import timer, wire_factor
+
+__all__ = ["Exchange", "Network", "Trial", "probe", "trial", "trial_gradiveq", "trial_quantizer"]
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One collective a candidate issues for a bucket: its kind and the bytes handed to it."""
+
+    kind: str  # "allreduce" or "allgather"
+    nbytes: int
+
+
+@dataclass
+class Trial:
+    """One candidate on one bucket: codec seconds (encode + decode), relative error, collectives."""
+
+    seconds: float
+    error: float
+    exchanges: tuple[Exchange, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.exchanges)
+
+
+def _relative_error(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """sqrt(sum ||decoded - input||^2 / sum ||input||^2) over (input, decoded) pairs, in float64."""
+    lost = sum(float((d.reshape(-1).double() - x.reshape(-1).double()).pow(2).sum()) for x, d in pairs)
+    held = sum(float(x.double().pow(2).sum()) for x, _ in pairs)
+    return math.sqrt(lost / held) if held > 0 else 0.0
+
+
+def trial_quantizer(state: QuantizerState, keys: list[str], grads: list[torch.Tensor], like: torch.Tensor) -> Trial:
+    """A quantizer candidate on one bucket: the same inputs as its real exchange (g/N when summed)."""
+    q, n = state.quantizer, state.world_size
+    saved = q.state_dict()  # the random streams this trial advances
+    inputs = [g.detach() / n if q.linear else g.detach() for g in grads]
+    payloads, agreement = [], 0
+    with timer(like) as enc:
+        for key, h in zip(keys, inputs):
+            if isinstance(q, StochasticQuantizer):
+                q.set_stream(key)
+            if isinstance(q, SharedScaleQuantizer):
+                stats = q.local_stats(h)  # this rank's grid stands in for the agreed one
+                agreement += nbytes(stats)
+                payloads.append(q.compress_shared(h, stats, n))
+            else:
+                payloads.append(q.compress(h))
+    with timer(like) as dec:
+        decoded = [
+            q.decode_sum(p.batched(), torch.empty(h.numel(), device=h.device))
+            if isinstance(q, SharedScaleQuantizer)
+            else q.decompress(p)
+            for h, p in zip(inputs, payloads)
+        ]
+    q.load_state_dict(saved)
+    sent = sum(p.nbytes for p in payloads)
+    if not q.linear:  # all-gathered: every rank decodes N payloads
+        return Trial(
+            enc.seconds + n * dec.seconds, _relative_error(list(zip(inputs, decoded))), (Exchange("allgather", sent),)
+        )
+    exchanges = ((Exchange("allreduce", agreement),) if agreement else ()) + (Exchange("allreduce", sent),)
+    return Trial(enc.seconds + dec.seconds, _relative_error(list(zip(inputs, decoded))), exchanges)
+
+
+def trial_gradiveq(state: GradiVeQState, keys: list[str], grads: list[torch.Tensor], like: torch.Tensor) -> Trial:
+    """GradiVeQ's tracked step on one bucket, from each layer's current basis: coefficients,
+    orthonormalisation, basis update and decode, as in `commcomp.gradiveq.tracked`."""
+    first = second = 0  # values in the coefficients exchange and in the basis-update exchange
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with timer(like) as t:
+        for key, g in zip(keys, grads):
+            layer = state.tracked_layer(key, g.shape)
+            if layer is None:  # sent as it is, in the wire dtype
+                first += g.numel()
+                continue
+            slices, rest = layer.plan.split(g.detach())
+            x = slices.float()
+            p = orthonormalize(layer.coefficients(x))
+            b = TrackedLayer.basis_update(x, p)
+            pairs.append((x, p @ b.T))
+            first += p.numel() + rest.numel()
+            second += b.numel()
+    size = state.wire_dtype.itemsize
+    exchanges = (Exchange("allreduce", first * size),) + ((Exchange("allreduce", second * size),) if second else ())
+    return Trial(t.seconds, _relative_error(pairs) if pairs else 0.0, exchanges)
+
+
+def trial(
+    state: QuantizerState | GradiVeQState, keys: list[str], grads: list[torch.Tensor], like: torch.Tensor
+) -> Trial:
+    if isinstance(state, GradiVeQState):
+        return trial_gradiveq(state, keys, grads, like)
+    return trial_quantizer(state, keys, grads, like)
+
+
+def probe(sizes: list[int], group: dist.ProcessGroup | None, device: torch.device, repeats: int = 2) -> list[float]:
+    """Seconds of a blocking float32 all-reduce of each of `sizes` bytes (the fastest of `repeats`),
+    on this rank; issued from a hook body, in the same order on every rank."""
+    seconds = []
+    for size in sizes:
+        buf = torch.zeros(max(1, size // 4), device=device)
+        best = math.inf
+        for _ in range(repeats):
+            with timer(buf) as t:
+                dist.all_reduce(buf, group=group)
+            best = min(best, t.seconds)
+        seconds.append(best)
+    return seconds
+
+
+@dataclass(frozen=True)
+class Network:
+    """Time of a collective: `latency` + wire bytes x `seconds_per_byte`."""
+
+    latency: float
+    seconds_per_byte: float
+
+    @classmethod
+    def fit(cls, sizes: list[int], seconds: list[float], world_size: int) -> Network:
+        """Least-squares line through the probes (all-reduces of `sizes` bytes), kept physical:
+        latency >= 0 and a positive cost per byte."""
+        x = [s * wire_factor("allreduce", world_size) for s in sizes]
+        mx, my = sum(x) / len(x), sum(seconds) / len(seconds)
+        var = sum((a - mx) ** 2 for a in x)
+        slope = sum((a - mx) * (b - my) for a, b in zip(x, seconds)) / var if var > 0 else 0.0
+        slope = max(slope, 1e-12)  # at most ~8 Tbit/s: never free
+        return cls(max(0.0, my - slope * mx), slope)
+
+    @property
+    def mbit(self) -> float:
+        """The fitted bandwidth per rank, in Mbit/s."""
+        return 8 / self.seconds_per_byte / 1e6
+
+    def seconds(self, exchange: Exchange, world_size: int) -> float:
+        wire = exchange.nbytes * wire_factor(exchange.kind, world_size)
+        return self.latency + wire * self.seconds_per_byte

@@ -1,0 +1,77 @@
+"""The auto method's decision, pure: per bucket, the candidate with the smallest predicted time
+among those within the error budget.
+
+Predicted time of a candidate on a bucket = its measured codec seconds + the network time of each
+collective it issues (`Network.seconds`: latency + wire bytes / bandwidth). Collectives are summed,
+not overlapped: a bucket's exchanges queue behind the previous buckets' on one link, and a GradiVeQ
+bucket's second exchange cannot start before its first returns. Dense fp32 has no error and is
+always allowed, so every bucket has a choice. Ties go to the earlier candidate in the given order.
+
+A bucket keeps its current method unless another is predicted more than `SWITCH_MARGIN` faster: two
+methods within the measurements' noise of each other do not take turns from one round to the next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from commcomp.auto.measure import Network, Trial
+
+__all__ = ["SWITCH_MARGIN", "Choice", "choose"]
+
+SWITCH_MARGIN = 0.1  # a re-plan switches a bucket only for a method predicted >10% faster
+
+
+@dataclass
+class Choice:
+    """One bucket's decision, with what it was based on (`candidates`: name -> seconds, bytes, error)."""
+
+    method: str
+    predicted_seconds: float
+    nbytes: int
+    error: float
+    why: str
+    candidates: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The choice as plain values ("bytes": what the bucket hands to its collectives per step)."""
+        found = asdict(self)
+        found["bytes"] = found.pop("nbytes")
+        return found
+
+    @classmethod
+    def from_dict(cls, found: dict[str, Any]) -> Choice:
+        fields = {k: v for k, v in found.items() if k not in ("bytes", "params", "bucket")}
+        return cls(nbytes=int(found["bytes"]), **fields)
+
+
+def predicted(trial: Trial, network: Network, world_size: int) -> float:
+    return trial.seconds + sum(network.seconds(e, world_size) for e in trial.exchanges)
+
+
+def choose(
+    trials: dict[str, Trial], network: Network, world_size: int, max_error: float, current: str | None = None
+) -> Choice:
+    """The bucket's choice among `trials` (candidate name -> its trial, in preference order);
+    `current`: the bucket's method in the plan so far (None: no plan yet)."""
+    times = {name: predicted(t, network, world_size) for name, t in trials.items()}
+    table = {
+        name: {"seconds": times[name], "codec_seconds": t.seconds, "bytes": t.nbytes, "error": t.error}
+        for name, t in trials.items()
+    }
+    allowed = [name for name, t in trials.items() if name == "fp32" or t.error <= max_error]
+    refused = [f"{name} (error {trials[name].error:.2f})" for name in trials if name not in allowed]
+    if not allowed:
+        raise ValueError("no candidate within the error budget; include 'fp32', which is always allowed")
+    best = min(allowed, key=lambda name: times[name])
+    if current in allowed and current != best and times[current] <= (1 + SWITCH_MARGIN) * times[best]:
+        best = current  # not worth a switch
+    others = sorted((n for n in allowed if n != best), key=lambda n: times[n])
+    why = f"fastest predicted: {best} {1e3 * times[best]:.1f} ms"
+    if others:
+        why += " vs " + ", ".join(f"{n} {1e3 * times[n]:.1f} ms" for n in others)
+    if refused:
+        why += f"; over the error budget {max_error:g}: " + ", ".join(refused)
+    t = trials[best]
+    return Choice(best, times[best], t.nbytes, t.error, why, table)

@@ -1,0 +1,318 @@
+"""`AutoState` and `auto_hook`: the DDP method that measures and picks a compressor per bucket.
+
+The schedule, counted in finished steps:
+
+- step 0 (DDP settles its buckets after the first backward) and every step until the first plan:
+  every bucket goes through the 16-bit exchange (`fallback`);
+- a measuring round of `measure_steps` steps, first at step 1, then every `probe_every` steps: at
+  the round's first bucket each step, a few all-reduces probe the network; on every bucket, every
+  candidate runs once on the bucket's real gradients without communicating (`commcomp.auto.measure`);
+  the buckets meanwhile travel as planned (or by the fallback);
+- at the round's last step, after its last bucket has been sent, one all-reduce takes the maximum
+  over ranks of every timing and error (the slowest rank and the worst error decide), so every rank
+  computes the same plan from the same numbers (`commcomp.auto.plan`). The plan applies from the
+  next step; a plan that differs from the previous one counts as a re-plan (`replans`).
+
+Every collective (probes, the measurement all-reduce, the candidates' own) is issued from the hook
+body in bucket order. A bucket that leaves GradiVeQ at a re-plan drops its error-feedback residual
+(what GradiVeQ had not yet delivered: at most a few steps of dropped gradient).
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from commcomp.auto.measure import Network, Trial, probe, trial
+from commcomp.auto.plan import Choice, choose
+from commcomp.exchange import TorchWire
+from commcomp.gradiveq import GradiVeQState
+from commcomp.gradiveq.pipeline import BasisUpdates
+from commcomp.hooks.base import HookState, register_simple_method, send_bucket
+from commcomp.hooks.quantized import QuantizedExchange, QuantizerState
+from commcomp.stats import timer
+
+__all__ = ["CANDIDATES", "AutoState", "auto_hook"]
+
+Candidate = Callable[[dist.ProcessGroup | None, dict[str, Any]], QuantizerState | GradiVeQState]
+
+# name -> state factory(process_group, {check_finite, nonfinite}); the order breaks ties
+CANDIDATES: dict[str, Candidate] = {
+    "fp32": lambda pg, common: QuantizerState(pg, quantizer="identity", **common),
+    "bf16": lambda pg, common: QuantizerState(pg, quantizer="bf16", **common),
+    "qsgd4": lambda pg, common: QuantizerState(pg, quantizer="qsgd_ar", bits=4, **common),
+    "gradiveq": lambda pg, common: GradiVeQState(pg, **common),
+    "topk": lambda pg, common: QuantizerState(pg, quantizer="topk", ratio=0.01, error_feedback=True, **common),
+}
+
+
+class AutoState(HookState):
+    """State of `auto_hook` (`commcomp.register(model, "auto")`).
+
+    Args:
+        process_group: the group (None: the whole world).
+        candidates: the methods to choose from, among `CANDIDATES` (default: all of them):
+            "fp32" (dense), "bf16", "qsgd4" (QSGD 4-bit on an agreed grid, all-reduced), "gradiveq"
+            (tracked basis, rank 16, error feedback), "topk" (top 1% with error feedback, all-gathered).
+        max_error: the error budget: a candidate whose relative error on a bucket's gradients
+            (||decoded - g|| / ||g||, one step, before error feedback) exceeds it is not chosen for
+            that bucket. fp32 is always allowed.
+        measure_steps: steps per measuring round (timings keep each round's fastest, errors its worst).
+        probe_every: steps between the end of a round and the next one (re-planning on drift).
+        check_finite, nonfinite: as for every hook (`commcomp.overflow`).
+    """
+
+    fallback = "bf16"  # what buckets travel by before the first plan
+
+    def __init__(
+        self,
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        candidates: tuple[str, ...] | list[str] | None = None,
+        max_error: float = 0.8,
+        measure_steps: int = 2,
+        probe_every: int = 200,
+        check_finite: bool = True,
+        nonfinite: str = "propagate",
+    ) -> None:
+        super().__init__(process_group, check_finite, nonfinite)
+        names = list(CANDIDATES) if candidates is None else list(candidates)
+        unknown = [n for n in names if n not in CANDIDATES]
+        if unknown or not names or len(set(names)) != len(names):
+            raise ValueError(f"candidates must be distinct names among {list(CANDIDATES)}, got {names}")
+        if not max_error >= 0:
+            raise ValueError(f"max_error must be >= 0, got {max_error}")
+        if measure_steps < 1 or probe_every < 1:
+            raise ValueError(f"measure_steps and probe_every must be >= 1, got {measure_steps}, {probe_every}")
+        # --- configuration ---
+        self.max_error = float(max_error)
+        self.measure_steps = measure_steps
+        self.probe_every = probe_every
+        common = {"check_finite": check_finite, "nonfinite": nonfinite}
+        self.methods = {name: CANDIDATES[name](process_group, common) for name in names}
+        for sub in self.methods.values():
+            sub.stats = self.stats  # one account of every byte and second
+        # --- the plan ---
+        self.choices: dict[tuple[str, ...], Choice] = {}  # bucket's parameter names -> its choice
+        self.network: Network | None = None
+        self.replans = 0
+        self.next_round = 1  # step at which the next measuring round starts
+        self.planning_seconds = 0.0  # this rank's time in probes, trials and planning
+        # --- internal state ---
+        self.updates = BasisUpdates()  # GradiVeQ buckets waiting for their basis update
+        self._measuring = False  # this step belongs to a measuring round
+        self._step_now = 0  # the step in progress (`step` may move on while the last bucket is planned)
+        self._round_steps = 0  # steps of the current round measured so far
+        self._probes: list[float] = []  # fastest probe seconds per size, this round
+        self._trials: dict[tuple[str, ...], dict[str, Trial]] = {}  # this round's, per bucket
+        self._order: list[tuple[str, ...]] = []  # this step's buckets, in order
+        self._largest = 0  # bytes of the largest bucket seen
+
+    # ----- what a bucket travels by -----
+    def method(self, keys: tuple[str, ...]) -> str:
+        choice = self.choices.get(keys)
+        return choice.method if choice is not None else self._fallback()
+
+    def _fallback(self) -> str:
+        return next((n for n in (self.fallback, "fp32") if n in self.methods), next(iter(self.methods)))
+
+    def volatile(self) -> list[Any]:
+        return [obj for sub in self.methods.values() for obj in sub.volatile()]
+
+    # ----- measuring -----
+    def probe_sizes(self) -> list[int]:
+        """Bytes of the probe all-reduces: a small one for the latency, two up to the largest bucket."""
+        big = min(max(self._largest // 2, 64 << 10), 4 << 20)
+        return [4 << 10, big // 4, big]
+
+    def start_step(self, buf: torch.Tensor) -> None:
+        """At the step's first bucket: is this a measuring step? If so, probe the network."""
+        self._order = []
+        self._step_now = self.step
+        self._measuring = self.step >= self.next_round
+        if self._measuring:
+            with timer(buf) as t:
+                found = probe(self.probe_sizes(), self.process_group, buf.device)
+                self._probes = found if not self._probes else [min(a, b) for a, b in zip(self._probes, found)]
+            self.planning_seconds += t.seconds
+
+    def measure(self, keys: tuple[str, ...], grads: list[torch.Tensor], buf: torch.Tensor) -> None:
+        """Run every candidate on this bucket's gradients (no communication)."""
+        with timer(buf) as t:
+            found = {name: trial(sub, list(keys), grads, buf) for name, sub in self.methods.items()}
+            kept = self._trials.get(keys)
+            if kept is not None:  # the round's fastest time, worst error
+                for name, new in found.items():
+                    old = kept[name]
+                    found[name] = Trial(min(old.seconds, new.seconds), max(old.error, new.error), new.exchanges)
+            self._trials[keys] = found
+        self.planning_seconds += t.seconds
+
+    def conclude(self, buf: torch.Tensor) -> None:
+        """After the step's last bucket was sent: close the round if it is complete, and plan."""
+        self._round_steps += 1
+        if self._round_steps < self.measure_steps:
+            return
+        with timer(buf) as t:
+            names = list(self.methods)
+            values = [self._probes] + [
+                [getattr(self._trials[k][n], f) for n in names for f in ("seconds", "error")] for k in self._order
+            ]
+            flat = torch.tensor([v for row in values for v in row], dtype=torch.float64, device=buf.device)
+            dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.process_group)
+            self.stats.sent(flat.numel() * 8, kind="allreduce", world_size=self.world_size)
+            self._round_steps, sizes = 0, self.probe_sizes()
+            self._probes = []
+            if bool(torch.isfinite(flat).all()):  # an overflow step measured NaN: measure again
+                self._plan(flat.tolist(), sizes, names)
+                self.next_round = self._step_now + 1 + self.probe_every
+            self._trials = {}
+        self.planning_seconds += t.seconds
+
+    def _plan(self, flat: list[float], sizes: list[int], names: list[str]) -> None:
+        self.network = Network.fit(sizes, flat[: len(sizes)], self.world_size)
+        at, choices = len(sizes), {}
+        for keys in self._order:
+            trials = {}
+            for name in names:
+                t = self._trials[keys][name]
+                trials[name] = Trial(flat[at], flat[at + 1], t.exchanges)
+                at += 2
+            current = self.choices.get(keys)
+            method = None if current is None else current.method
+            choices[keys] = choose(trials, self.network, self.world_size, self.max_error, method)
+        old = {k: c.method for k, c in self.choices.items()}
+        if old and old != {k: c.method for k, c in choices.items()}:
+            self.replans += 1
+        gradiveq = self.methods.get("gradiveq")
+        if isinstance(gradiveq, GradiVeQState) and gradiveq.memory is not None:
+            for keys, method in old.items():
+                if method == "gradiveq" and choices.get(keys, None) is not None and choices[keys].method != method:
+                    for key in keys:
+                        gradiveq.memory.residuals.pop(key, None)
+        self.choices = choices
+
+    # ----- reporting -----
+    def plan(self) -> dict[str, Any]:
+        """The current plan: method per bucket with its predicted time, bytes, error and why; the
+        network model; re-plans; this rank's planning seconds. "buckets" is empty before the first plan."""
+        net = self.network
+        return {
+            "step": self.step,
+            "replans": self.replans,
+            "network": None if net is None else {"latency_s": net.latency, "mbit": net.mbit},
+            "overhead_seconds": self.planning_seconds,
+            "next_round": self.next_round,
+            "buckets": [
+                {
+                    "bucket": i,
+                    "params": list(keys),
+                    "method": c.method,
+                    **{k: v for k, v in c.as_dict().items() if k != "method"},
+                }
+                for i, (keys, c) in enumerate(self.choices.items())
+            ],
+        }
+
+    # ----- configuration and checkpoints -----
+    def options(self) -> dict[str, Any]:
+        return {
+            **super().options(),
+            "candidates": list(self.methods),
+            "max_error": self.max_error,
+            "measure_steps": self.measure_steps,
+            "probe_every": self.probe_every,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        net = self.network
+        return {
+            **super().state_dict(),
+            "choices": [{"params": list(k), **c.as_dict()} for k, c in self.choices.items()],
+            "network": None if net is None else [net.latency, net.seconds_per_byte],
+            "replans": self.replans,
+            "next_round": self.next_round,
+            "planning_seconds": self.planning_seconds,
+            "methods": {name: sub.state_dict() for name, sub in self.methods.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, sub in self.methods.items():
+            sub.load_state_dict(state["methods"][name])
+        super().load_state_dict(state)
+        self.choices = {}
+        for entry in state["choices"]:
+            self.choices[tuple(entry["params"])] = Choice.from_dict(entry)
+        self.network = None if state["network"] is None else Network(*state["network"])
+        self.replans = int(state["replans"])
+        self.next_round = int(state["next_round"])
+        self.planning_seconds = float(state["planning_seconds"])
+        self._round_steps, self._probes, self._trials = 0, [], {}
+
+
+def auto_hook(state: AutoState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook of the auto method; use through `commcomp.register(model, "auto")`."""
+    state.begin_bucket(bucket)
+    wire, buf = TorchWire(state.process_group), bucket.buffer()
+    gradiveq = state.methods.get("gradiveq")
+    tracked = None if not isinstance(gradiveq, GradiVeQState) else TrackedOnAuto(gradiveq, state)
+    if tracked is not None:
+        state.updates.flush(tracked, wire)  # the previous GradiVeQ bucket's second exchange
+    keys = tuple(state.param_key(p) for p in bucket.parameters())
+    state._largest = max(state._largest, buf.numel() * buf.element_size())
+    if bucket.index() == 0:
+        state.start_step(buf)
+    state._order.append(keys)
+    if state._measuring:
+        state.measure(keys, bucket.gradients(), buf)
+    method = state.method(keys)
+    if method == "gradiveq":
+        assert tracked is not None
+        result = state.updates.send(tracked, wire, bucket, list(keys))
+    else:
+        sub = state.methods[method]
+        assert isinstance(sub, QuantizerState)
+        result = send_bucket(state, QuantizedExchange(sub), bucket, list(keys))
+    if bucket.is_last():
+        if tracked is not None:
+            state.updates.flush(tracked, wire)
+        if state._measuring:
+            state.conclude(buf)
+    return result
+
+
+class TrackedOnAuto:
+    """GradiVeQ's tracked layers and residuals, with the auto state owning the step (a `TrackedHost`)."""
+
+    def __init__(self, gradiveq: GradiVeQState, host: AutoState) -> None:
+        self.gradiveq, self.host = gradiveq, host
+        self.memory = gradiveq.memory
+        self.wire_dtype = gradiveq.wire_dtype
+        self.stats = host.stats
+
+    @property
+    def rank(self) -> int:
+        return self.host.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.host.world_size
+
+    def tracked_layer(self, key: str, shape: torch.Size) -> Any:
+        return self.gradiveq.tracked_layer(key, shape)
+
+    def nonfinite(self, tensors: list[torch.Tensor]) -> bool:
+        return self.host.nonfinite(tensors)
+
+    def skip_step(self, flags: torch.Tensor, bucket_index: int) -> None:
+        self.host.skip_step(flags, bucket_index)
+
+    def commit_at_step_end(self, commit: Callable[[], None]) -> None:
+        self.host.commit_at_step_end(commit)
+
+    def end_bucket(self) -> None:
+        self.host.end_bucket()
+
+
+register_simple_method("auto", AutoState, auto_hook)
