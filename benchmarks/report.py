@@ -304,14 +304,14 @@ def plan_summary(row: Row, short: bool = False) -> str:
         uses = ", ".join(f"{m} x{n}" if n > 1 else m for m, n in counts.items())
     else:
         uses = "; ".join(
-            f"bucket {b['bucket']} ({len(b.get('params', []))} tensors, {b.get('bytes', 0) / 1e6:.3f} MB) {b['method']}"
-            + (f" ({b['why']})" if b.get("why") else "")
+            f"bucket {b['bucket']} ({len(b.get('params', []))} tensors) {b['method']}, sends "
+            f"{b.get('bytes', 0) / 1e6:.3f} MB/step" + (f" ({b['why']})" if b.get("why") else "")
             for b in buckets
         )
-    net = plan.get("network") or {}
-    text = f"{uses or 'no buckets'}; network estimate {net.get('mbit', math.nan):.0f} Mbit/s"
-    if "latency_s" in net:
-        text += f", latency {1e3 * net['latency_s']:.2f} ms"
+    net = plan.get("network")
+    text = uses or "no plan yet"
+    if net:
+        text += f"; network estimate {net['mbit']:.0f} Mbit/s, latency {1e3 * net['latency_s']:.2f} ms"
     text += f"; {plan.get('replans', 0)} re-plans by step {plan.get('step', '?')}"
     if row.get("overhead_pct") is not None:
         text += f"; planning overhead {row['overhead_pct']:.1f}% of its training time"

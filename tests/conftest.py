@@ -29,6 +29,7 @@ import harness
 
 MODULES: dict[str, set[str]] = {
     "test_allreduce_quantizers": {"multiprocess"},
+    "test_auto_cluster": {"multiprocess", "netns", "slow"},
     "test_benchmarks": {"multiprocess"},
     "test_cluster": {"multiprocess"},
     "test_ddp_loops": {"multiprocess"},

@@ -257,7 +257,8 @@ def test_report_auto_targets() -> None:
     }
     meta["cores"] = 2
     text = summary(rows, [], goals, meta)
-    assert "auto, final plan: bucket 0 (1 tensors, 0.001 MB) qsgd_ar;" in text and "1 re-plans by step 40" in text
+    assert "auto, final plan: bucket 0 (1 tensors) qsgd_ar, sends 0.001 MB/step;" in text
+    assert "network estimate 95 Mbit/s, latency 1.00 ms; 1 re-plans by step 40" in text
 
 
 def test_report_given_target() -> None:
