@@ -3,7 +3,7 @@
 Quick start::
 
     model = torch.nn.parallel.DistributedDataParallel(net)
-    state = commcomp.register(model, "gradiveq")   # or "qsgd", "topk", "fp16", "choco", ...
+    state = commcomp.register(model, "auto")   # or "gradiveq", "qsgd", "topk", "fp16", "choco", ...
 
 Submodules: `quantizers`, `topologies`, `gossip`, `moe`, `pqasgd`, `elastic` (checkpoints across world
 sizes), `overflow` (mixed-precision overflow steps); `commcomp.horovod` (imported on its
@@ -11,6 +11,7 @@ own, since it needs Horovod).
 """
 
 from commcomp import auto, elastic, gossip, moe, overflow, quantizers, topologies  # gossip registers "dpsgd", ...
+from commcomp.auto import AutoState
 from commcomp.ddp import GradiVeQState, QuantizerState, gradiveq_hook, method_names, quantizer_hook, register
 from commcomp.error_feedback import ErrorFeedback
 from commcomp.pqasgd import PQASGD
@@ -18,10 +19,12 @@ from commcomp.stats import CommStats
 
 __all__ = [
     "PQASGD",
+    "AutoState",
     "CommStats",
     "ErrorFeedback",
     "GradiVeQState",
     "QuantizerState",
+    "auto",
     "elastic",
     "gossip",
     "gradiveq_hook",

@@ -5,7 +5,8 @@ Predicted time of a candidate on a bucket = its measured codec seconds + the net
 collective it issues (`Network.seconds`: latency + wire bytes / bandwidth). Collectives are summed,
 not overlapped: a bucket's exchanges queue behind the previous buckets' on one link, and a GradiVeQ
 bucket's second exchange cannot start before its first returns. Dense fp32 has no error and is
-always allowed, so every bucket has a choice. Ties go to the earlier candidate in the given order.
+always allowed; if only lossy candidates were given and all are over the budget, the most accurate
+one is chosen. Ties go to the earlier candidate in the given order.
 
 A bucket keeps its current method unless another is predicted more than `SWITCH_MARGIN` faster: two
 methods within the measurements' noise of each other do not take turns from one round to the next.
@@ -62,8 +63,9 @@ def choose(
     }
     allowed = [name for name, t in trials.items() if name == "fp32" or t.error <= max_error]
     refused = [f"{name} (error {trials[name].error:.2f})" for name in trials if name not in allowed]
-    if not allowed:
-        raise ValueError("no candidate within the error budget; include 'fp32', which is always allowed")
+    if not allowed:  # only lossy candidates were given, all over the budget: the most accurate one
+        allowed = [min(trials, key=lambda name: trials[name].error)]
+        refused = [r for r in refused if not r.startswith(f"{allowed[0]} ")]
     best = min(allowed, key=lambda name: times[name])
     if current in allowed and current != best and times[current] <= (1 + SWITCH_MARGIN) * times[best]:
         best = current  # not worth a switch

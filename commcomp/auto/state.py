@@ -29,7 +29,7 @@ from commcomp.auto.plan import Choice, choose
 from commcomp.exchange import TorchWire
 from commcomp.gradiveq import GradiVeQState
 from commcomp.gradiveq.pipeline import BasisUpdates
-from commcomp.hooks.base import HookState, register_simple_method, send_bucket
+from commcomp.hooks.base import HookState, register_simple_method, send_group
 from commcomp.hooks.quantized import QuantizedExchange, QuantizerState
 from commcomp.stats import timer
 
@@ -94,7 +94,8 @@ class AutoState(HookState):
         for sub in self.methods.values():
             sub.stats = self.stats  # one account of every byte and second
         # --- the plan ---
-        self.choices: dict[tuple[str, ...], Choice] = {}  # bucket's parameter names -> its choice
+        self.choices: dict[tuple[str, ...], Choice] = {}  # measured bucket's parameter names -> its choice
+        self._by_param: dict[str, str] = {}  # parameter name -> its method (from `choices`)
         self.network: Network | None = None
         self.replans = 0
         self.next_round = 1  # step at which the next measuring round starts
@@ -109,10 +110,11 @@ class AutoState(HookState):
         self._order: list[tuple[str, ...]] = []  # this step's buckets, in order
         self._largest = 0  # bytes of the largest bucket seen
 
-    # ----- what a bucket travels by -----
-    def method(self, keys: tuple[str, ...]) -> str:
-        choice = self.choices.get(keys)
-        return choice.method if choice is not None else self._fallback()
+    # ----- what a gradient travels by -----
+    def method(self, key: str) -> str:
+        """The plan is kept per parameter, so it holds whatever buckets DDP forms (a new process's
+        first step has DDP's initial buckets, not the rebuilt ones the plan was measured on)."""
+        return self._by_param.get(key) or self._fallback()
 
     def _fallback(self) -> str:
         return next((n for n in (self.fallback, "fp32") if n in self.methods), next(iter(self.methods)))
@@ -186,12 +188,16 @@ class AutoState(HookState):
         if old and old != {k: c.method for k, c in choices.items()}:
             self.replans += 1
         gradiveq = self.methods.get("gradiveq")
+        before = dict(self._by_param)
+        self._set(choices)
         if isinstance(gradiveq, GradiVeQState) and gradiveq.memory is not None:
-            for keys, method in old.items():
-                if method == "gradiveq" and choices.get(keys, None) is not None and choices[keys].method != method:
-                    for key in keys:
-                        gradiveq.memory.residuals.pop(key, None)
+            for key, method in before.items():
+                if method == "gradiveq" and self.method(key) != method:
+                    gradiveq.memory.residuals.pop(key, None)
+
+    def _set(self, choices: dict[tuple[str, ...], Choice]) -> None:
         self.choices = choices
+        self._by_param = {key: c.method for keys, c in choices.items() for key in keys}
 
     # ----- reporting -----
     def plan(self) -> dict[str, Any]:
@@ -241,9 +247,7 @@ class AutoState(HookState):
         for name, sub in self.methods.items():
             sub.load_state_dict(state["methods"][name])
         super().load_state_dict(state)
-        self.choices = {}
-        for entry in state["choices"]:
-            self.choices[tuple(entry["params"])] = Choice.from_dict(entry)
+        self._set({tuple(entry["params"]): Choice.from_dict(entry) for entry in state["choices"]})
         self.network = None if state["network"] is None else Network(*state["network"])
         self.replans = int(state["replans"])
         self.next_round = int(state["next_round"])
@@ -252,34 +256,55 @@ class AutoState(HookState):
 
 
 def auto_hook(state: AutoState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook of the auto method; use through `commcomp.register(model, "auto")`."""
+    """DDP communication hook of the auto method; use through `commcomp.register(model, "auto")`.
+
+    The bucket's gradients are grouped by their planned method (one group, unless DDP's buckets
+    differ from the measured ones); each group goes through its method's exchange, in order.
+    """
     state.begin_bucket(bucket)
-    wire, buf = TorchWire(state.process_group), bucket.buffer()
+    wire, buf, index = TorchWire(state.process_group), bucket.buffer(), bucket.index()
     gradiveq = state.methods.get("gradiveq")
     tracked = None if not isinstance(gradiveq, GradiVeQState) else TrackedOnAuto(gradiveq, state)
     if tracked is not None:
-        state.updates.flush(tracked, wire)  # the previous GradiVeQ bucket's second exchange
+        state.updates.flush(tracked, wire)  # the previous GradiVeQ group's second exchange
     keys = tuple(state.param_key(p) for p in bucket.parameters())
+    grads = bucket.gradients()
     state._largest = max(state._largest, buf.numel() * buf.element_size())
-    if bucket.index() == 0:
+    if index == 0:
         state.start_step(buf)
     state._order.append(keys)
     if state._measuring:
-        state.measure(keys, bucket.gradients(), buf)
-    method = state.method(keys)
-    if method == "gradiveq":
-        assert tracked is not None
-        result = state.updates.send(tracked, wire, bucket, list(keys))
-    else:
-        sub = state.methods[method]
-        assert isinstance(sub, QuantizerState)
-        result = send_bucket(state, QuantizedExchange(sub), bucket, list(keys))
+        state.measure(keys, grads, buf)
+    groups: dict[str, tuple[list[str], list[torch.Tensor]]] = {}
+    for key, grad in zip(keys, grads):
+        names, tensors = groups.setdefault(state.method(key), ([], []))
+        names.append(key)
+        tensors.append(grad)
+    for _ in range(len(groups) - 1):
+        state.add_group()
+    futures = []
+    for method, (names, tensors) in groups.items():
+        if method == "gradiveq":
+            assert tracked is not None
+            futures.append(state.updates.send(tracked, wire, names, tensors, buf, index))
+        else:
+            sub = state.methods[method]
+            assert isinstance(sub, QuantizerState)
+            futures.append(send_group(state, QuantizedExchange(sub), names, tensors, buf, index))
     if bucket.is_last():
         if tracked is not None:
             state.updates.flush(tracked, wire)
         if state._measuring:
             state.conclude(buf)
-    return result
+    if len(futures) == 1:
+        return futures[0]
+    return torch.futures.collect_all(futures).then(_every_group)
+
+
+def _every_group(done: torch.futures.Future[list[torch.futures.Future[torch.Tensor]]]) -> torch.Tensor:
+    """The bucket's buffer once every group is decoded (re-raising a group's error)."""
+    buffers = [group.wait() for group in done.value()]
+    return buffers[0]
 
 
 class TrackedOnAuto:

@@ -246,7 +246,7 @@ def gradiveq_hook(state: GradiVeQState, bucket: dist.GradBucket) -> torch.future
     state.begin_bucket(bucket)
     wire = TorchWire(state.process_group)
     keys = [state.param_key(p) for p in bucket.parameters()]
-    result = state.updates.send(state, wire, bucket, keys)
+    result = state.updates.send(state, wire, keys, bucket.gradients(), bucket.buffer(), bucket.index())
     if bucket.is_last():
         state.updates.flush(state, wire)
     return result

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import torch
-import torch.distributed as dist
 
 from commcomp.consistency import bad_ranks
 from commcomp.error_feedback import ErrorFeedback
@@ -206,14 +205,21 @@ class BasisUpdates:
         self.waiting: tuple[TrackedGroup, torch.futures.Future[torch.Tensor], torch.Tensor] | None = None
 
     def send(
-        self, host: TrackedHost, wire: TorchWire, bucket: dist.GradBucket, keys: list[str]
+        self,
+        host: TrackedHost,
+        wire: TorchWire,
+        keys: list[str],
+        grads: list[torch.Tensor],
+        like: torch.Tensor,
+        index: int,
     ) -> torch.futures.Future[torch.Tensor]:
-        """Start the bucket's coefficients; the returned future completes once it is decoded."""
+        """Start the coefficients of the gradients `grads` (named `keys`) of bucket `index` (buffer
+        `like`); the returned future completes with `like` once they are decoded."""
         self.flush(host, wire)
-        buf = bucket.buffer()
-        item = send(host, TrackedCoefficients(host), keys, bucket.gradients(), wire, like=buf, dense_bytes=nbytes(buf))
+        dense = sum(g.numel() for g in grads) * like.element_size()
+        item = send(host, TrackedCoefficients(host), keys, grads, wire, like=like, dense_bytes=dense)
         result: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-        self.waiting = (TrackedGroup(host, [item], buf, bucket.index()), result, buf)
+        self.waiting = (TrackedGroup(host, [item], like, index), result, like)
         return result
 
     def flush(self, host: TrackedHost, wire: TorchWire) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 from commcomp import consistency
 from commcomp.comm import Collectives, TorchCollectives
 from commcomp.consistency import world_size_error
-from commcomp.exchange import ExchangeCodec, TorchWire, finish, nbytes, send
+from commcomp.exchange import ExchangeCodec, TorchWire, finish, send
 from commcomp.overflow import NonFiniteGradientError, check_nonfinite
 from commcomp.quantizers import Quantizer
 from commcomp.registry import Registry, check_options
@@ -34,7 +34,7 @@ __all__ = [
     "exchange_hook",
     "register_method",
     "register_simple_method",
-    "send_bucket",
+    "send_group",
 ]
 
 Hook = Callable[[Any, dist.GradBucket], torch.futures.Future[torch.Tensor]]
@@ -138,6 +138,12 @@ class HookState:
             self._last_seen = True
             self.num_buckets = index + 1
 
+    def add_group(self) -> None:
+        """One more group in the bucket that began last (sent through another codec); every group
+        ends with its own `end_bucket()`."""
+        with self._lock:
+            self._pending += 1
+
     def end_bucket(self) -> None:
         """Called when a bucket's result is ready; the step ends after the last bucket decodes."""
         with self._lock:
@@ -239,18 +245,20 @@ def exchange_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Fu
     """
     state.begin_bucket(bucket)
     keys = [state.param_key(p) for p in bucket.parameters()]
-    codec = state.exchange_codec([(k, g.shape) for k, g in zip(keys, bucket.gradients())], bucket.buffer())
-    return send_bucket(state, codec, bucket, keys)
+    buf, grads = bucket.buffer(), bucket.gradients()
+    codec = state.exchange_codec([(k, g.shape) for k, g in zip(keys, grads)], buf)
+    return send_group(state, codec, keys, grads, buf, bucket.index())
 
 
-def send_bucket(
-    host: HookState, codec: ExchangeCodec, bucket: dist.GradBucket, keys: list[str]
+def send_group(
+    host: HookState, codec: ExchangeCodec, keys: list[str], grads: list[torch.Tensor], buf: torch.Tensor, index: int
 ) -> torch.futures.Future[torch.Tensor]:
-    """Send a begun bucket through `codec` on `host`'s process group; the returned future decodes it
-    (in the callback) and ends the bucket."""
-    buf, grads, index = bucket.buffer(), bucket.gradients(), bucket.index()
+    """Send gradients `grads` (named `keys`) of begun bucket `index` (buffer `buf`) through `codec`
+    on `host`'s process group; the returned future decodes them (in the callback), ends the group,
+    and completes with `buf`."""
     wire = TorchWire(host.process_group)
-    item = send(host, codec, keys, grads, wire, like=buf, dense_bytes=nbytes(buf), name=f"bucket{index}")
+    dense = sum(g.numel() for g in grads) * buf.element_size()
+    item = send(host, codec, keys, grads, wire, like=buf, dense_bytes=dense, name=f"bucket{index}")
 
     def decode(fut: torch.futures.Future[Any]) -> torch.Tensor:
         del fut  # the same future as item.pending's

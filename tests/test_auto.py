@@ -1,0 +1,212 @@
+"""The auto method on real gloo process groups: its routing is exact, every rank makes the same plan,
+the plan survives a checkpoint, and bad options fail on every rank.
+
+The re-plan after a bandwidth change is tested on the emulated cluster (tests/test_auto_cluster.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from harness import WorkerError, run
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import commcomp
+from commcomp.auto import CANDIDATES, AutoState
+from commcomp.auto.measure import Exchange, Network, Trial
+from commcomp.auto.plan import SWITCH_MARGIN, choose
+
+
+class Net(nn.Module):
+    """Conv and linear layers large enough for GradiVeQ to compress, in several small DDP buckets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 32, 3, padding=1)
+        self.conv2 = nn.Conv1d(32, 32, 3, padding=1)
+        self.fc1 = nn.Linear(32 * 8, 64)
+        self.fc2 = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv(x))))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(16, 4, 8, generator=g)
+    return x, (x.sum((1, 2)) > 0).long() + 2 * (x[:, 0, 0] > 0).long()
+
+
+def _params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _same_on_every_rank(p: torch.Tensor, world: int) -> bool:
+    everyone = [torch.empty_like(p) for _ in range(world)]
+    dist.all_gather(everyone, p)
+    return all(torch.equal(e, p) for e in everyone)
+
+
+# the method each single candidate stands for, as `register` takes it
+ALONE = {
+    "fp32": ("identity", {}),
+    "bf16": ("bf16", {}),
+    "qsgd4": ("qsgd_ar", {"bits": 4}),
+    "gradiveq": ("gradiveq", {}),
+    "topk": ("topk", {"ratio": 0.01, "error_feedback": True}),
+}
+
+
+def _train(rank, world, method, options, steps, save=None, load=None, edit=None):
+    torch.manual_seed(0)
+    net = Net()
+    ddp = DDP(net, bucket_cap_mb=0.004)
+    state = commcomp.register(ddp, method, **options)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    if load:
+        ckpt = torch.load(f"{load}.rank{rank}", weights_only=False)
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        state.load_state_dict(ckpt["comm"])
+    plans, losses = [], []
+    for _ in range(steps):
+        step = state.step
+        x, y = _batch(rank, step)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(ddp(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        assert _same_on_every_rank(_params(net), world), f"ranks disagree after step {step}"
+        if isinstance(state, AutoState):
+            plans.append([b["method"] for b in state.plan()["buckets"]])
+            if edit is not None and state.step == edit[0]:  # replace the plan through a checkpoint
+                saved = state.state_dict()
+                for i, entry in enumerate(saved["choices"]):
+                    entry["method"] = edit[1][i % len(edit[1])]
+                state.load_state_dict(saved)
+        if save and state.step == save[1]:
+            torch.save(
+                {"model": net.state_dict(), "opt": opt.state_dict(), "comm": state.state_dict()},
+                f"{save[0]}.rank{rank}",
+            )
+    report = state.plan() if isinstance(state, AutoState) else None
+    return _params(net), plans, report, losses, state.num_buckets
+
+
+@pytest.mark.parametrize("name", list(CANDIDATES))
+def test_a_single_candidate_trains_exactly_like_its_own_hook(name):
+    """Measuring rounds (every 2 steps here) leave no trace: auto with one candidate sends every
+    bucket exactly as that method's own hook does, bit for bit."""
+    method, options = ALONE[name]
+    auto = run(_train, 2, "auto", {"candidates": [name], "measure_steps": 1, "probe_every": 2}, 7, timeout=180)
+    alone = run(_train, 2, method, options, 7, timeout=180)
+    assert torch.equal(auto[0][0], alone[0][0])
+    assert auto[0][1][-1] == [name] * auto[0][4]  # the plan covers every bucket
+
+
+def test_every_rank_makes_the_same_plan_and_the_plan_covers_every_bucket():
+    out = run(_train, 3, "auto", {"measure_steps": 2, "probe_every": 3}, 9, timeout=240)
+    (_, plans, report, losses, n_buckets) = out[0]
+    assert n_buckets >= 3
+    assert plans[0] == [] and plans[1] == []  # step 0 settles DDP's buckets; steps 1-2 measure
+    assert len(plans[2]) == n_buckets
+    for other in out[1:]:
+        assert other[1] == plans and other[2]["buckets"] == report["buckets"]
+        assert other[2]["network"] == report["network"]
+    for bucket in report["buckets"]:
+        assert bucket["method"] in CANDIDATES and bucket["why"].startswith("fastest predicted")
+        chosen = bucket["candidates"][bucket["method"]]
+        allowed = [c for n, c in bucket["candidates"].items() if n == "fp32" or c["error"] <= 0.8]
+        assert chosen in allowed
+        assert chosen["seconds"] <= (1 + SWITCH_MARGIN) * min(c["seconds"] for c in allowed)
+    assert losses[-1] < losses[0]
+
+
+def test_a_mixed_plan_trains_identically_on_every_rank():
+    """Buckets on different methods in one step (GradiVeQ's two exchanges among the others')."""
+    edit = (3, ["gradiveq", "bf16", "qsgd4", "topk", "fp32"])
+    out = run(_train, 2, "auto", {"measure_steps": 2, "probe_every": 100}, 10, None, None, edit, timeout=240)
+    plans = out[0][1]
+    assert plans[-1] == [edit[1][i % 5] for i in range(out[0][4])]
+    losses = out[0][3]
+    assert all(map(math.isfinite, losses)) and sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_checkpoint_resume_keeps_the_plan_and_is_exact(tmp_path):
+    """A resumed job does not measure or plan again: it continues bit for bit."""
+    ckpt = str(tmp_path / "ckpt")
+    options = {"measure_steps": 2, "probe_every": 100}
+    straight = run(_train, 2, "auto", options, 12, (ckpt, 6), timeout=240)  # saves after step 6, goes on
+    resumed = run(_train, 2, "auto", options, 6, None, ckpt, timeout=240)
+    assert torch.equal(straight[0][0], resumed[0][0]) and torch.equal(straight[1][0], resumed[1][0])
+    assert resumed[0][2]["buckets"] == straight[0][2]["buckets"]
+    assert resumed[0][2]["replans"] == straight[0][2]["replans"] == 0
+
+
+def _bad_options(rank, world, options):
+    try:
+        commcomp.register(DDP(Net()), "auto", **options)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"candidates": ["fp32", "zip"]}, "candidates"),
+        ({"candidates": []}, "candidates"),
+        ({"max_error": -1}, "max_error"),
+        ({"measure_steps": 0}, "measure_steps"),
+        ({"rank": 4}, "unknown option"),
+    ],
+)
+def test_bad_options_are_named(options, words):
+    for message in run(_bad_options, 2, options, timeout=60):
+        assert words in message
+
+
+def _mismatch(rank, world):
+    ddp = DDP(Net(), bucket_cap_mb=0.004)
+    commcomp.register(ddp, "auto", max_error=0.5 if rank == 0 else 0.8)
+    x, y = _batch(rank, 0)
+    nn.functional.cross_entropy(ddp(x), y).backward()
+
+
+def test_options_that_differ_between_ranks_fail_on_every_rank():
+    with pytest.raises(WorkerError) as err:
+        run(_mismatch, 2, timeout=60)
+    assert str(err.value).count("max_error") >= 2
+
+
+def test_choose_prefers_the_fastest_within_the_budget_and_keeps_the_current_on_a_near_tie():
+    net = Network(latency=1e-3, seconds_per_byte=1e-8)
+    trials = {
+        "fp32": Trial(0.0, 0.0, (Exchange("allreduce", 4_000_000),)),
+        "bf16": Trial(1e-3, 0.004, (Exchange("allreduce", 2_000_000),)),
+        "gradiveq": Trial(5e-3, 0.3, (Exchange("allreduce", 100_000), Exchange("allreduce", 100_000))),
+        "topk": Trial(1e-3, 0.95, (Exchange("allgather", 80_000),)),
+    }
+    pick = choose(trials, net, 4, 0.8)
+    expected = {n: t.seconds + sum(net.seconds(e, 4) for e in t.exchanges) for n, t in trials.items()}
+    assert pick.method == min(("fp32", "bf16", "gradiveq"), key=expected.__getitem__) == "gradiveq"
+    assert pick.predicted_seconds == expected["gradiveq"] and "topk (error 0.95)" in pick.why
+    assert choose(trials, net, 4, 0.2).method == "bf16"  # GradiVeQ's error is over this budget
+    near = dict(trials, bf16=Trial(1e-3, 0.004, (Exchange("allreduce", 500_000),)))  # 5% faster than GradiVeQ
+    assert choose(near, net, 4, 0.8).method == "bf16"
+    assert choose(near, net, 4, 0.8, current="gradiveq").method == "gradiveq"
+
+
+def test_network_fit_recovers_a_line():
+    sizes = [4096, 65536, 1 << 20]
+    world = 4
+    truth = Network(2e-3, 8 / 100e6)  # 100 Mbit/s
+    seconds = [truth.seconds(Exchange("allreduce", s), world) for s in sizes]
+    fitted = Network.fit(sizes, seconds, world)
+    assert fitted.latency == pytest.approx(truth.latency) and fitted.mbit == pytest.approx(100)
