@@ -122,7 +122,7 @@ def trial(
     return trial_quantizer(state, keys, grads, like)
 
 
-def probe(sizes: list[int], group: dist.ProcessGroup | None, device: torch.device, repeats: int = 2) -> list[float]:
+def probe(sizes: list[int], group: dist.ProcessGroup | None, device: torch.device, repeats: int = 1) -> list[float]:
     """Seconds of a blocking float32 all-reduce of each of `sizes` bytes (the fastest of `repeats`),
     on this rank; issued from a hook body, in the same order on every rank."""
     seconds = []

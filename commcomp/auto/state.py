@@ -5,7 +5,8 @@ The schedule, counted in finished steps:
 - step 0 (DDP settles its buckets after the first backward) and every step until the first plan:
   every bucket goes through the 16-bit exchange (`fallback`);
 - a measuring round of `measure_steps` steps, first at step 1, then every `probe_every` steps: at
-  the round's first bucket each step, a few all-reduces probe the network; on every bucket, every
+  the first bucket of each of its steps, three all-reduces probe the network (the round keeps the
+  fastest time per size); on every bucket, every
   candidate runs once on the bucket's real gradients without communicating (`commcomp.auto.measure`);
   the buckets meanwhile travel as planned (or by the fallback);
 - at the round's last step, after its last bucket has been sent, one all-reduce takes the maximum
