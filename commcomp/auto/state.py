@@ -1,4 +1,5 @@
-"""`AutoState` and `auto_hook`: the DDP method that measures and picks a compressor per bucket.
+"""`AutoState`: the state of the DDP method that measures and picks a compressor per bucket (its
+hook: `commcomp.auto.hook`).
 
 The schedule, counted in finished steps:
 
@@ -27,14 +28,13 @@ import torch.distributed as dist
 
 from commcomp.auto.measure import Network, Trial, probe, trial
 from commcomp.auto.plan import Choice, choose
-from commcomp.exchange import TorchWire
 from commcomp.gradiveq import GradiVeQState
 from commcomp.gradiveq.pipeline import BasisUpdates
-from commcomp.hooks.base import HookState, register_simple_method, send_group
-from commcomp.hooks.quantized import QuantizedExchange, QuantizerState
+from commcomp.hooks.base import HookState
+from commcomp.hooks.quantized import QuantizerState
 from commcomp.stats import timer
 
-__all__ = ["CANDIDATES", "AutoState", "auto_hook"]
+__all__ = ["CANDIDATES", "AutoState"]
 
 Candidate = Callable[[dist.ProcessGroup | None, dict[str, Any]], QuantizerState | GradiVeQState]
 
@@ -128,6 +128,21 @@ class AutoState(HookState):
         """Bytes of the probe all-reduces: a small one for the latency, two up to the largest bucket."""
         big = min(max(self._largest // 2, 64 << 10), 4 << 20)
         return [4 << 10, big // 4, big]
+
+    def observe(self, keys: tuple[str, ...], grads: list[torch.Tensor], buf: torch.Tensor, index: int) -> None:
+        """At every bucket, before it is sent: on a measuring step, probe the network (first
+        bucket) and run every candidate on the bucket."""
+        self._largest = max(self._largest, buf.numel() * buf.element_size())
+        if index == 0:
+            self.start_step(buf)
+        self._order.append(keys)
+        if self._measuring:
+            self.measure(keys, grads, buf)
+
+    def after_last_bucket(self, buf: torch.Tensor) -> None:
+        """After the step's last bucket was sent: plan, if a measuring round ends with this step."""
+        if self._measuring:
+            self.conclude(buf)
 
     def start_step(self, buf: torch.Tensor) -> None:
         """At the step's first bucket: is this a measuring step? If so, probe the network."""
@@ -254,91 +269,3 @@ class AutoState(HookState):
         self.next_round = int(state["next_round"])
         self.planning_seconds = float(state["planning_seconds"])
         self._round_steps, self._probes, self._trials = 0, [], {}
-
-
-def auto_hook(state: AutoState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook of the auto method; use through `commcomp.register(model, "auto")`.
-
-    The bucket's gradients are grouped by their planned method (one group, unless DDP's buckets
-    differ from the measured ones); each group goes through its method's exchange, in order.
-    """
-    state.begin_bucket(bucket)
-    wire, buf, index = TorchWire(state.process_group), bucket.buffer(), bucket.index()
-    gradiveq = state.methods.get("gradiveq")
-    tracked = None if not isinstance(gradiveq, GradiVeQState) else TrackedOnAuto(gradiveq, state)
-    if tracked is not None:
-        state.updates.flush(tracked, wire)  # the previous GradiVeQ group's second exchange
-    keys = tuple(state.param_key(p) for p in bucket.parameters())
-    grads = bucket.gradients()
-    state._largest = max(state._largest, buf.numel() * buf.element_size())
-    if index == 0:
-        state.start_step(buf)
-    state._order.append(keys)
-    if state._measuring:
-        state.measure(keys, grads, buf)
-    groups: dict[str, tuple[list[str], list[torch.Tensor]]] = {}
-    for key, grad in zip(keys, grads):
-        names, tensors = groups.setdefault(state.method(key), ([], []))
-        names.append(key)
-        tensors.append(grad)
-    for _ in range(len(groups) - 1):
-        state.add_group()
-    futures = []
-    for method, (names, tensors) in groups.items():
-        if method == "gradiveq":
-            assert tracked is not None
-            futures.append(state.updates.send(tracked, wire, names, tensors, buf, index))
-        else:
-            sub = state.methods[method]
-            assert isinstance(sub, QuantizerState)
-            futures.append(send_group(state, QuantizedExchange(sub), names, tensors, buf, index))
-    if bucket.is_last():
-        if tracked is not None:
-            state.updates.flush(tracked, wire)
-        if state._measuring:
-            state.conclude(buf)
-    if len(futures) == 1:
-        return futures[0]
-    return torch.futures.collect_all(futures).then(_every_group)
-
-
-def _every_group(done: torch.futures.Future[list[torch.futures.Future[torch.Tensor]]]) -> torch.Tensor:
-    """The bucket's buffer once every group is decoded (re-raising a group's error)."""
-    buffers = [group.wait() for group in done.value()]
-    return buffers[0]
-
-
-class TrackedOnAuto:
-    """GradiVeQ's tracked layers and residuals, with the auto state owning the step (a `TrackedHost`)."""
-
-    def __init__(self, gradiveq: GradiVeQState, host: AutoState) -> None:
-        self.gradiveq, self.host = gradiveq, host
-        self.memory = gradiveq.memory
-        self.wire_dtype = gradiveq.wire_dtype
-        self.stats = host.stats
-
-    @property
-    def rank(self) -> int:
-        return self.host.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.host.world_size
-
-    def tracked_layer(self, key: str, shape: torch.Size) -> Any:
-        return self.gradiveq.tracked_layer(key, shape)
-
-    def nonfinite(self, tensors: list[torch.Tensor]) -> bool:
-        return self.host.nonfinite(tensors)
-
-    def skip_step(self, flags: torch.Tensor, bucket_index: int) -> None:
-        self.host.skip_step(flags, bucket_index)
-
-    def commit_at_step_end(self, commit: Callable[[], None]) -> None:
-        self.host.commit_at_step_end(commit)
-
-    def end_bucket(self) -> None:
-        self.host.end_bucket()
-
-
-register_simple_method("auto", AutoState, auto_hook)
