@@ -8,6 +8,6 @@
 """
 
 from commcomp.auto.hook import auto_hook
-from commcomp.auto.state import CANDIDATES, AutoState
+from commcomp.auto.state import CANDIDATES, DEFAULT_CANDIDATES, AutoState
 
-__all__ = ["CANDIDATES", "AutoState", "auto_hook"]
+__all__ = ["CANDIDATES", "DEFAULT_CANDIDATES", "AutoState", "auto_hook"]
