@@ -111,6 +111,7 @@ class AutoState(HookState):
         self._measuring = False  # this step belongs to a measuring round
         self._step_now = 0  # the step in progress (`step` may move on while the last bucket is planned)
         self._round_steps = 0  # steps of the current round measured so far
+        self._sizes: list[int] = []  # this round's probe sizes (fixed at its first step)
         self._probes: list[float] = []  # fastest probe seconds per size, this round
         self._trials: dict[tuple[str, ...], dict[str, Trial]] = {}  # this round's, per bucket
         self._order: list[tuple[str, ...]] = []  # this step's buckets, in order
@@ -157,7 +158,9 @@ class AutoState(HookState):
         self._measuring = self.step >= self.next_round
         if self._measuring:
             with timer(buf) as t:
-                found = probe(self.probe_sizes(), self.process_group, buf.device)
+                if not self._probes:  # the round's first step
+                    self._sizes = self.probe_sizes()
+                found = probe(self._sizes, self.process_group, buf.device)
                 self._probes = found if not self._probes else [min(a, b) for a, b in zip(self._probes, found)]
             self.planning_seconds += t.seconds
 
@@ -186,8 +189,7 @@ class AutoState(HookState):
             flat = torch.tensor([v for row in values for v in row], dtype=torch.float64, device=buf.device)
             dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.process_group)
             self.stats.sent(flat.numel() * 8, kind="allreduce", world_size=self.world_size)
-            self._round_steps, sizes = 0, self.probe_sizes()
-            self._probes = []
+            self._round_steps, sizes, self._probes = 0, self._sizes, []
             if bool(torch.isfinite(flat).all()):  # an overflow step measured NaN: measure again
                 self._plan(flat.tolist(), sizes, names)
                 self.next_round = self._step_now + 1 + self.probe_every
@@ -274,4 +276,4 @@ class AutoState(HookState):
         self.replans = int(state["replans"])
         self.next_round = int(state["next_round"])
         self.planning_seconds = float(state["planning_seconds"])
-        self._round_steps, self._probes, self._trials = 0, [], {}
+        self._round_steps, self._probes, self._trials = 0, [], {}  # a round in progress starts over
