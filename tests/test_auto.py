@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commcomp
-from commcomp.auto import CANDIDATES, AutoState
+from commcomp.auto import CANDIDATES, DEFAULT_CANDIDATES, AutoState
 from commcomp.auto.measure import Exchange, Network, Trial
 from commcomp.auto.plan import SWITCH_MARGIN, choose
 
@@ -120,7 +120,8 @@ def test_every_rank_makes_the_same_plan_and_the_plan_covers_every_bucket():
         assert other[1] == plans and other[2]["buckets"] == report["buckets"]
         assert other[2]["network"] == report["network"]
     for bucket in report["buckets"]:
-        assert bucket["method"] in CANDIDATES and bucket["why"].startswith("fastest predicted")
+        assert bucket["method"] in DEFAULT_CANDIDATES and bucket["why"].startswith("fastest predicted")
+        assert set(bucket["candidates"]) == set(DEFAULT_CANDIDATES)
         chosen = bucket["candidates"][bucket["method"]]
         allowed = [c for n, c in bucket["candidates"].items() if n == "fp32" or c["error"] <= 0.8]
         assert chosen in allowed

@@ -3,9 +3,11 @@
 - `measure`: trials of each candidate on a bucket's real gradients, network probes and the fitted
   network model;
 - `plan`: the decision per bucket (pure);
-- `state`: `AutoState` and its DDP hook, registered as "auto".
+- `state`: `AutoState`, the schedule of measuring rounds, the plan, checkpoints;
+- `hook`: the DDP hook, registered as "auto".
 """
 
-from commcomp.auto.state import CANDIDATES, AutoState, auto_hook
+from commcomp.auto.hook import auto_hook
+from commcomp.auto.state import CANDIDATES, DEFAULT_CANDIDATES, AutoState
 
-__all__ = ["CANDIDATES", "AutoState", "auto_hook"]
+__all__ = ["CANDIDATES", "DEFAULT_CANDIDATES", "AutoState", "auto_hook"]

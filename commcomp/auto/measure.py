@@ -52,10 +52,13 @@ class Trial:
 
 
 def _relative_error(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """sqrt(sum ||decoded - input||^2 / sum ||input||^2) over (input, decoded) pairs, in float64."""
-    lost = sum(float((d.reshape(-1).double() - x.reshape(-1).double()).pow(2).sum()) for x, d in pairs)
-    held = sum(float(x.double().pow(2).sum()) for x, _ in pairs)
-    return math.sqrt(lost / held) if held > 0 else 0.0
+    """sqrt(sum ||decoded - input||^2 / sum ||input||^2) over (input, decoded) pairs (one host sync)."""
+    if not pairs:
+        return 0.0
+    lost = torch.stack([torch.linalg.vector_norm(d.reshape(-1).float() - x.reshape(-1).float()) for x, d in pairs])
+    held = torch.stack([torch.linalg.vector_norm(x.float()) for x, _ in pairs])
+    lost2, held2 = float(lost.double().pow(2).sum()), float(held.double().pow(2).sum())
+    return math.sqrt(lost2 / held2) if held2 > 0 else 0.0
 
 
 def trial_quantizer(state: QuantizerState, keys: list[str], grads: list[torch.Tensor], like: torch.Tensor) -> Trial:
@@ -111,7 +114,7 @@ def trial_gradiveq(state: GradiVeQState, keys: list[str], grads: list[torch.Tens
             second += b.numel()
     size = state.wire_dtype.itemsize
     exchanges = (Exchange("allreduce", first * size),) + ((Exchange("allreduce", second * size),) if second else ())
-    return Trial(t.seconds, _relative_error(pairs) if pairs else 0.0, exchanges)
+    return Trial(t.seconds, _relative_error(pairs), exchanges)
 
 
 def trial(
@@ -122,7 +125,7 @@ def trial(
     return trial_quantizer(state, keys, grads, like)
 
 
-def probe(sizes: list[int], group: dist.ProcessGroup | None, device: torch.device, repeats: int = 2) -> list[float]:
+def probe(sizes: list[int], group: dist.ProcessGroup | None, device: torch.device, repeats: int = 1) -> list[float]:
     """Seconds of a blocking float32 all-reduce of each of `sizes` bytes (the fastest of `repeats`),
     on this rank; issued from a hook body, in the same order on every rank."""
     seconds = []
