@@ -290,6 +290,19 @@ def auto_targets(rows: Sequence[Row], where: str = "") -> list[Row]:
     return out
 
 
+def byte_phases(series: Sequence[int], tolerance: float = 0.05) -> list[tuple[int, int, float]]:
+    """The run cut where the bytes per step change by more than `tolerance` (relative): (first
+    step, last step, mean bytes per step) per phase, steps counted from 1. Shows a method that
+    changes its plan (auto's fallback, first plan, re-plans) in the bytes it actually sent."""
+    phases: list[tuple[int, int, float]] = []
+    start = 0
+    for i in range(1, len(series) + 1):
+        if i == len(series) or abs(series[i] - series[start]) > tolerance * max(series[start], 1):
+            phases.append((start + 1, i, statistics.mean(series[start:i])))
+            start = i
+    return phases
+
+
 def plan_summary(row: Row, short: bool = False) -> str:
     """What auto's final plan uses: per bucket (or, `short`, the method counts), the network
     estimate, the re-plans and the planning overhead."""
@@ -313,6 +326,9 @@ def plan_summary(row: Row, short: bool = False) -> str:
     if net:
         text += f"; network estimate {net['mbit']:.0f} Mbit/s, latency {1e3 * net['latency_s']:.2f} ms"
     text += f"; {plan.get('replans', 0)} re-plans by step {plan.get('step', '?')}"
+    if not short and row.get("bytes_per_step_series"):
+        phases = byte_phases(row["bytes_per_step_series"])
+        text += "; sent " + ", ".join(f"{b / 1e6:.3f} MB/step in steps {a}-{z}" for a, z, b in phases)
     if row.get("overhead_pct") is not None:
         text += f"; planning overhead {row['overhead_pct']:.1f}% of its training time"
     return text

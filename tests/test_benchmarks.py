@@ -261,6 +261,16 @@ def test_report_auto_targets() -> None:
     assert "network estimate 95 Mbit/s, latency 1.00 ms; 1 re-plans by step 40" in text
 
 
+def test_report_byte_phases() -> None:
+    # a 16-bit fallback (100 bytes, then 101), a first plan (20), a re-plan (5, then 5.1 rounded down)
+    series = [100, 101, 20, 20, 20, 5, 5, 5]
+    assert report.byte_phases(series) == [(1, 2, 100.5), (3, 5, 20), (6, 8, 5)]
+    assert report.byte_phases([7]) == [(1, 1, 7)] and report.byte_phases([]) == []
+    row = _row("auto", [[4, 1.0, 0.9]], bytes_per_step_series=[2_000_000, 2_000_000, 50_000, 50_000])
+    row["plan"] = _plan(["topk"])
+    assert "sent 2.000 MB/step in steps 1-2, 0.050 MB/step in steps 3-4" in report.plan_summary(row)
+
+
 def test_report_given_target() -> None:
     """The sweep's rates without an fp32 row: the target is given, the best fixed method is the fastest
     row other than auto's."""
