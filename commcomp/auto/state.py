@@ -3,13 +3,13 @@ hook: `commcomp.auto.hook`).
 
 The schedule, counted in finished steps:
 
-- step 0 (DDP settles its buckets after the first backward) and every step until the first plan:
-  every bucket goes through the 16-bit exchange (`fallback`);
-- a measuring round of `measure_steps` steps, first at step 1, then every `probe_every` steps: at
+- until the first plan, every bucket goes through the 16-bit exchange (`fallback`);
+- a measuring round of `measure_steps` steps, first at step 0, then every `probe_every` steps: at
   the first bucket of each of its steps, three all-reduces probe the network (the round keeps the
-  fastest time per size); on every bucket, every
-  candidate runs once on the bucket's real gradients without communicating (`commcomp.auto.measure`);
-  the buckets meanwhile travel as planned (or by the fallback);
+  fastest time per size); on every bucket, every candidate runs once on the bucket's real gradients
+  without communicating (`commcomp.auto.measure`); the buckets meanwhile travel as planned (or by
+  the fallback). The plan is made on the buckets of the round's last step (DDP rebuilds its buckets
+  after the first step) and kept per parameter;
 - at the round's last step, after its last bucket has been sent, one all-reduce takes the maximum
   over ranks of every timing and error (the slowest rank and the worst error decide), so every rank
   computes the same plan from the same numbers (`commcomp.auto.plan`). The plan applies from the
@@ -104,7 +104,7 @@ class AutoState(HookState):
         self._by_param: dict[str, str] = {}  # parameter name -> its method (from `choices`)
         self.network: Network | None = None
         self.replans = 0
-        self.next_round = 1  # step at which the next measuring round starts
+        self.next_round = 0  # step at which the next measuring round starts
         self.planning_seconds = 0.0  # this rank's time in probes, trials and planning
         # --- internal state ---
         self.updates = BasisUpdates()  # GradiVeQ buckets waiting for their basis update
