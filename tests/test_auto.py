@@ -6,6 +6,7 @@ The re-plan after a bandwidth change is tested on the emulated cluster (tests/te
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -211,3 +212,19 @@ def test_network_fit_recovers_a_line():
     seconds = [truth.seconds(Exchange("allreduce", s), world) for s in sizes]
     fitted = Network.fit(sizes, seconds, world)
     assert fitted.latency == pytest.approx(truth.latency) and fitted.mbit == pytest.approx(100)
+
+
+def _probe(rank, world, cap, enough):
+    from commcomp.auto.measure import probe
+
+    return probe(cap, None, torch.device("cpu"), enough)
+
+
+@pytest.mark.parametrize("enough", [1e9, 1e-12])
+def test_every_rank_probes_the_same_doubling_sizes(enough):
+    found = run(_probe, 3, 100_000, enough, timeout=60)
+    sizes = list(found[0])
+    assert all(list(f) == sizes for f in found)
+    assert sizes[0] == 4096 and all(b == min(2 * a, 100_000) for a, b in itertools.pairwise(sizes))
+    # never stopping early: up to the cap; as early as possible: the third probe reads the first two's times
+    assert sizes[-1] == 100_000 if enough > 1 else len(sizes) == 3

@@ -7,8 +7,8 @@ with their exact bytes, and its relative error on the bucket's actual gradients 
 error feedback). Trials leave the candidates' state as they found it (random streams restored,
 residuals and bases untouched).
 
-The network is probed with plain all-reduces of a few sizes; `Network.fit` turns the timings into a
-latency per collective and seconds per wire byte (`commcomp.stats.wire_factor` converts the bytes
+The network is probed with plain all-reduces of doubling sizes (`probe`); `Network.fit` turns the
+timings into a latency per collective and seconds per wire byte (`commcomp.stats.wire_factor` converts the bytes
 handed to a collective into what it carries at this world size).
 """
 
@@ -125,19 +125,31 @@ def trial(
     return trial_quantizer(state, keys, grads, like)
 
 
-def probe(sizes: list[int], group: dist.ProcessGroup | None, device: torch.device, repeats: int = 1) -> list[float]:
-    """Seconds of a blocking float32 all-reduce of each of `sizes` bytes (the fastest of `repeats`),
-    on this rank; issued from a hook body, in the same order on every rank."""
-    seconds = []
-    for size in sizes:
-        buf = torch.zeros(max(1, size // 4), device=device)
-        best = math.inf
-        for _ in range(repeats):
-            with timer(buf) as t:
-                dist.all_reduce(buf, group=group)
-            best = min(best, t.seconds)
-        seconds.append(best)
-    return seconds
+def probe(cap: int, group: dist.ProcessGroup | None, device: torch.device, enough: float = 0.015) -> dict[int, float]:
+    """Seconds of blocking all-reduces of 4 KB, 8 KB, 16 KB, ... up to `cap` bytes, on this rank:
+    {bytes: seconds}. Issued from a hook body; every rank probes the same sizes.
+
+    An untimed one-value all-reduce first lines the ranks up, so the first probe does not absorb
+    the ranks' different arrival times (which would read as latency). The sizes double until the
+    two previous probes each took `enough` seconds on the slowest rank: the transfer then clearly
+    outweighs the latency (on a slow link this stops after a few hundred KB), while one delay from a
+    busy CPU does not stop it. Every probe carries this rank's times of the two previous ones in its
+    first values, reduced with MAX, so every rank reads the same numbers and stops after the same probe.
+    """
+    line_up = torch.zeros(1, device=device)
+    dist.all_reduce(line_up, group=group)
+    found: dict[int, float] = {}
+    size, previous = min(4 << 10, cap), [0.0, 0.0]
+    while True:
+        buf = torch.zeros(max(2, size // 4), device=device)
+        buf[:2] = torch.tensor(previous)
+        with timer(buf) as t:
+            dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
+        found[size] = t.seconds
+        if size >= cap or float(buf[:2].min()) >= enough:
+            return found
+        previous = [t.seconds, previous[0]]
+        size = min(2 * size, cap)
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,10 @@ The schedule, counted in finished steps:
 
 - until the first plan, every bucket goes through the 16-bit exchange (`fallback`);
 - a measuring round of `measure_steps` steps, first at step 0, then every `probe_every` steps: at
-  the first bucket of each of its steps, three all-reduces probe the network (the round keeps the
-  fastest time per size); on every bucket, every candidate runs once on the bucket's real gradients
-  without communicating (`commcomp.auto.measure`); the buckets meanwhile travel as planned (or by
-  the fallback). The plan is made on the buckets of the round's last step (DDP rebuilds its buckets
+  the first bucket of its first step, all-reduces of doubling sizes probe the network; on every
+  bucket of each of its steps, every candidate runs once on the bucket's real gradients without
+  communicating (`commcomp.auto.measure`); the buckets meanwhile travel as planned (or by the
+  fallback). The plan is made on the buckets of the round's last step (DDP rebuilds its buckets
   after the first step) and kept per parameter;
 - at the round's last step, after its last bucket has been sent, one all-reduce takes the maximum
   over ranks of every timing and error (the slowest rank and the worst error decide), so every rank
@@ -70,6 +70,7 @@ class AutoState(HookState):
     """
 
     fallback = "bf16"  # what buckets travel by before the first plan
+    keep_rounds = 20  # measuring rounds kept in `rounds`
 
     def __init__(
         self,
@@ -104,6 +105,7 @@ class AutoState(HookState):
         self._by_param: dict[str, str] = {}  # parameter name -> its method (from `choices`)
         self.network: Network | None = None
         self.replans = 0
+        self.rounds: list[dict[str, Any]] = []  # the latest measuring rounds: step, network, methods per bucket
         self.next_round = 0  # step at which the next measuring round starts
         self.planning_seconds = 0.0  # this rank's time in probes, trials and planning
         # --- internal state ---
@@ -111,8 +113,7 @@ class AutoState(HookState):
         self._measuring = False  # this step belongs to a measuring round
         self._step_now = 0  # the step in progress (`step` may move on while the last bucket is planned)
         self._round_steps = 0  # steps of the current round measured so far
-        self._sizes: list[int] = []  # this round's probe sizes (fixed at its first step)
-        self._probes: list[float] = []  # fastest probe seconds per size, this round
+        self._probes: dict[int, float] = {}  # this round's probe seconds per size (bytes)
         self._trials: dict[tuple[str, ...], dict[str, Trial]] = {}  # this round's, per bucket
         self._order: list[tuple[str, ...]] = []  # this step's buckets, in order
         self._largest = 0  # bytes of the largest bucket seen
@@ -130,11 +131,10 @@ class AutoState(HookState):
         return [obj for sub in self.methods.values() for obj in sub.volatile()]
 
     # ----- measuring -----
-    def probe_sizes(self) -> list[int]:
-        """Bytes of the probe all-reduces: a small one for the latency, two up to a quarter of the
-        largest bucket (64 KB to 2 MB: long enough to time the bandwidth, short enough to cost little)."""
-        big = min(max(self._largest // 4, 64 << 10), 2 << 20)
-        return [4 << 10, big // 4, big]
+    def probe_cap(self) -> int:
+        """The largest probe: the largest bucket, at most 4 MB (a bucket's fp32 all-reduce is the
+        largest transfer a plan can choose)."""
+        return min(max(self._largest, 64 << 10), 4 << 20)
 
     def observe(self, keys: tuple[str, ...], grads: list[torch.Tensor], buf: torch.Tensor, index: int) -> None:
         """At every bucket, before it is sent: on a measuring step, probe the network (first
@@ -152,16 +152,16 @@ class AutoState(HookState):
             self.conclude(buf)
 
     def start_step(self, buf: torch.Tensor) -> None:
-        """At the step's first bucket: is this a measuring step? If so, probe the network."""
+        """At the step's first bucket: is this a measuring step? If it starts a round, probe the network."""
         self._order = []
         self._step_now = self.step
         self._measuring = self.step >= self.next_round
-        if self._measuring:
+        if self._measuring and self._round_steps == 0:  # the network once per round
             with timer(buf) as t:
-                if not self._probes:  # the round's first step
-                    self._sizes = self.probe_sizes()
-                found = probe(self._sizes, self.process_group, buf.device)
-                self._probes = found if not self._probes else [min(a, b) for a, b in zip(self._probes, found)]
+                self._probes = probe(self.probe_cap(), self.process_group, buf.device)
+                for size in self._probes:
+                    self.stats.sent(size, kind="allreduce", world_size=self.world_size)
+                self.stats.sent(4, kind="allreduce", world_size=self.world_size)  # the line-up
             self.planning_seconds += t.seconds
 
     def measure(self, keys: tuple[str, ...], grads: list[torch.Tensor], buf: torch.Tensor) -> None:
@@ -183,15 +183,17 @@ class AutoState(HookState):
             return
         with timer(buf) as t:
             names = list(self.methods)
-            values = [self._probes] + [
+            sizes = sorted(self._probes)  # the same sizes on every rank
+            values = [[self._probes[size] for size in sizes]] + [
                 [getattr(self._trials[k][n], f) for n in names for f in ("seconds", "error")] for k in self._order
             ]
             flat = torch.tensor([v for row in values for v in row], dtype=torch.float64, device=buf.device)
             dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.process_group)
             self.stats.sent(flat.numel() * 8, kind="allreduce", world_size=self.world_size)
-            self._round_steps, sizes, self._probes = 0, self._sizes, []
+            self._round_steps, self._probes = 0, {}
             if bool(torch.isfinite(flat).all()):  # an overflow step measured NaN: measure again
                 self._plan(flat.tolist(), sizes, names)
+                self.rounds[-1]["probes"] = {size: flat[i].item() for i, size in enumerate(sizes)}
                 self.next_round = self._step_now + 1 + self.probe_every
             self._trials = {}
         self.planning_seconds += t.seconds
@@ -208,6 +210,16 @@ class AutoState(HookState):
             current = self.choices.get(keys)
             method = None if current is None else current.method
             choices[keys] = choose(trials, self.network, self.world_size, self.max_error, method)
+        net = self.network
+        self.rounds.append(
+            {
+                "step": self._step_now,
+                "latency_s": net.latency,
+                "mbit": net.mbit,
+                "methods": [c.method for c in choices.values()],
+            }
+        )
+        del self.rounds[: -self.keep_rounds]
         old = {k: c.method for k, c in self.choices.items()}
         if old and old != {k: c.method for k, c in choices.items()}:
             self.replans += 1
@@ -234,6 +246,7 @@ class AutoState(HookState):
             "network": None if net is None else {"latency_s": net.latency, "mbit": net.mbit},
             "overhead_seconds": self.planning_seconds,
             "next_round": self.next_round,
+            "rounds": list(self.rounds),
             "buckets": [
                 {
                     "bucket": i,
@@ -262,6 +275,7 @@ class AutoState(HookState):
             "choices": [{"params": list(k), **c.as_dict()} for k, c in self.choices.items()],
             "network": None if net is None else [net.latency, net.seconds_per_byte],
             "replans": self.replans,
+            "rounds": list(self.rounds),
             "next_round": self.next_round,
             "planning_seconds": self.planning_seconds,
             "methods": {name: sub.state_dict() for name, sub in self.methods.items()},
@@ -274,6 +288,7 @@ class AutoState(HookState):
         self._set({tuple(entry["params"]): Choice.from_dict(entry) for entry in state["choices"]})
         self.network = None if state["network"] is None else Network(*state["network"])
         self.replans = int(state["replans"])
+        self.rounds = list(state["rounds"])
         self.next_round = int(state["next_round"])
         self.planning_seconds = float(state["planning_seconds"])
-        self._round_steps, self._probes, self._trials = 0, [], {}  # a round in progress starts over
+        self._round_steps, self._probes, self._trials = 0, {}, {}  # a round in progress starts over
