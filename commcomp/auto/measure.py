@@ -125,16 +125,17 @@ def trial(
     return trial_quantizer(state, keys, grads, like)
 
 
-def probe(cap: int, group: dist.ProcessGroup | None, device: torch.device, enough: float = 0.015) -> dict[int, float]:
-    """Seconds of blocking all-reduces of 4 KB, 8 KB, 16 KB, ... up to `cap` bytes, on this rank:
-    {bytes: seconds}. Issued from a hook body; every rank probes the same sizes.
+def probe(cap: int, group: dist.ProcessGroup | None, device: torch.device, enough: float = 0.01) -> dict[int, float]:
+    """Seconds of a blocking all-reduce of 4 KB, 8 KB, 16 KB, ... up to `cap` bytes on this rank,
+    each the faster of two: {bytes: seconds}. Issued from a hook body; every rank probes the same sizes.
 
     An untimed one-value all-reduce first lines the ranks up, so the first probe does not absorb
-    the ranks' different arrival times (which would read as latency). The sizes double until the
-    two previous probes each took `enough` seconds on the slowest rank: the transfer then clearly
-    outweighs the latency (on a slow link this stops after a few hundred KB), while one delay from a
-    busy CPU does not stop it. Every probe carries this rank's times of the two previous ones in its
-    first values, reduced with MAX, so every rank reads the same numbers and stops after the same probe.
+    the ranks' different arrival times (which would read as latency). A busy CPU only ever adds
+    time, so the faster of two runs is kept. The sizes double until the two previous sizes each took
+    `enough` seconds on the slowest rank: the transfer then clearly outweighs the latency (on a slow
+    link this stops after about 100 KB). Each size's runs carry this rank's times of the two previous
+    sizes in their first values, reduced with MAX, so every rank reads the same numbers and stops
+    after the same size.
     """
     line_up = torch.zeros(1, device=device)
     dist.all_reduce(line_up, group=group)
@@ -143,12 +144,16 @@ def probe(cap: int, group: dist.ProcessGroup | None, device: torch.device, enoug
     while True:
         buf = torch.zeros(max(2, size // 4), device=device)
         buf[:2] = torch.tensor(previous)
-        with timer(buf) as t:
-            dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
-        found[size] = t.seconds
-        if size >= cap or float(buf[:2].min()) >= enough:
+        runs = []
+        for _ in range(2):
+            with timer(buf) as t:
+                dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
+            runs.append(t.seconds)
+        found[size] = min(runs)
+        agreed = float(buf[:2].min())  # the slowest rank's times of the two previous sizes
+        if size >= cap or agreed >= enough:
             return found
-        previous = [t.seconds, previous[0]]
+        previous = [found[size], previous[0]]
         size = min(2 * size, cap)
 
 

@@ -64,7 +64,8 @@ class AutoState(HookState):
         max_error: the error budget: a candidate whose relative error on a bucket's gradients
             (||decoded - g|| / ||g||, one step, before error feedback) exceeds it is not chosen for
             that bucket. fp32 is always allowed.
-        measure_steps: steps per measuring round (timings keep each round's fastest, errors its worst).
+        measure_steps: steps per measuring round (codec timings keep the round's fastest, errors its
+            worst; before the first plan every trial runs twice, the first call being a cold one).
         probe_every: steps between the end of a round and the next one (re-planning on drift).
         check_finite, nonfinite: as for every hook (`commcomp.overflow`).
     """
@@ -78,7 +79,7 @@ class AutoState(HookState):
         *,
         candidates: tuple[str, ...] | list[str] | None = None,
         max_error: float = 0.8,
-        measure_steps: int = 2,
+        measure_steps: int = 1,
         probe_every: int = 200,
         check_finite: bool = True,
         nonfinite: str = "propagate",
@@ -157,18 +158,21 @@ class AutoState(HookState):
         self._step_now = self.step
         self._measuring = self.step >= self.next_round
         if self._measuring and self._round_steps == 0:  # the network once per round
-            with timer(buf) as t:
-                self._probes = probe(self.probe_cap(), self.process_group, buf.device)
-                for size in self._probes:
-                    self.stats.sent(size, kind="allreduce", world_size=self.world_size)
-                self.stats.sent(4, kind="allreduce", world_size=self.world_size)  # the line-up
-            self.planning_seconds += t.seconds
+            self._probes = probe(self.probe_cap(), self.process_group, buf.device)
+            for size in self._probes:
+                self.stats.sent(size, kind="allreduce", world_size=self.world_size)
+            self.stats.sent(4, kind="allreduce", world_size=self.world_size)  # the line-up
+            # the probes' own time; waiting for the ranks to line up is time the bucket would have waited
+            self.planning_seconds += sum(self._probes.values())
 
     def measure(self, keys: tuple[str, ...], grads: list[torch.Tensor], buf: torch.Tensor) -> None:
-        """Run every candidate on this bucket's gradients (no communication)."""
+        """Run every candidate on this bucket's gradients (no communication); before the first plan
+        twice, since a codec's first call also allocates its buffers and state."""
         with timer(buf) as t:
-            found = {name: trial(sub, list(keys), grads, buf) for name, sub in self.methods.items()}
             kept = self._trials.get(keys)
+            if kept is None and self.network is None:
+                kept = {name: trial(sub, list(keys), grads, buf) for name, sub in self.methods.items()}
+            found = {name: trial(sub, list(keys), grads, buf) for name, sub in self.methods.items()}
             if kept is not None:  # the round's fastest time, worst error
                 for name, new in found.items():
                     old = kept[name]
@@ -207,8 +211,8 @@ class AutoState(HookState):
                 t = self._trials[keys][name]
                 trials[name] = Trial(flat[at], flat[at + 1], t.exchanges)
                 at += 2
-            current = self.choices.get(keys)
-            method = None if current is None else current.method
+            current = {self._by_param.get(key) for key in keys}  # per parameter: DDP may have rebuilt its buckets
+            method = current.pop() if len(current) == 1 else None
             choices[keys] = choose(trials, self.network, self.world_size, self.max_error, method)
         net = self.network
         self.rounds.append(
