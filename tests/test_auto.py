@@ -228,3 +228,12 @@ def test_every_rank_probes_the_same_doubling_sizes(enough):
     assert sizes[0] == 4096 and all(b == min(2 * a, 100_000) for a, b in itertools.pairwise(sizes))
     # never stopping early: up to the cap; as early as possible: the third probe reads the first two's times
     assert sizes[-1] == 100_000 if enough > 1 else len(sizes) == 3
+
+
+def test_the_same_methods_on_rebuilt_buckets_are_no_replan():
+    """Rounds at step 0 (DDP's initial buckets) and after DDP rebuilt them: with one candidate the
+    methods per parameter never change, so no round counts as a re-plan."""
+    options = {"candidates": ["bf16"], "measure_steps": 1, "probe_every": 1}
+    (_, plans, report, _, n_buckets) = run(_train, 2, "auto", options, 7, timeout=180)[0]
+    assert len(report["rounds"]) >= 3 and report["replans"] == 0
+    assert plans[-1] == ["bf16"] * n_buckets

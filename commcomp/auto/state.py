@@ -224,12 +224,11 @@ class AutoState(HookState):
             }
         )
         del self.rounds[: -self.keep_rounds]
-        old = {k: c.method for k, c in self.choices.items()}
-        if old and old != {k: c.method for k, c in choices.items()}:
-            self.replans += 1
         gradiveq = self.methods.get("gradiveq")
         before = dict(self._by_param)
         self._set(choices)
+        if before and before != self._by_param:  # per parameter: DDP's rebuilt buckets are no change
+            self.replans += 1
         if isinstance(gradiveq, GradiVeQState) and gradiveq.memory is not None:
             for key, method in before.items():
                 if method == "gradiveq" and self.method(key) != method:
