@@ -220,14 +220,13 @@ def _probe(rank, world, cap, enough):
     return probe(cap, None, torch.device("cpu"), enough)
 
 
-@pytest.mark.parametrize("enough", [1e9, 1e-12])
-def test_every_rank_probes_the_same_doubling_sizes(enough):
-    found = run(_probe, 3, 100_000, enough, timeout=60)
+def test_every_rank_probes_the_same_doubling_sizes():
+    """(Stopping early, on a shaped link, is checked by tests/test_auto_cluster.py's re-plan.)"""
+    found = run(_probe, 3, 100_000, 1e9, timeout=60)
     sizes = list(found[0])
     assert all(list(f) == sizes for f in found)
     assert sizes[0] == 4096 and all(b == min(2 * a, 100_000) for a, b in itertools.pairwise(sizes))
-    # never stopping early: up to the cap; as early as possible: the third probe reads the first two's times
-    assert sizes[-1] == 100_000 if enough > 1 else len(sizes) == 3
+    assert sizes[-1] == 100_000
 
 
 def test_the_same_methods_on_rebuilt_buckets_are_no_replan():

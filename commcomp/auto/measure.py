@@ -125,35 +125,38 @@ def trial(
     return trial_quantizer(state, keys, grads, like)
 
 
-def probe(cap: int, group: dist.ProcessGroup | None, device: torch.device, enough: float = 0.01) -> dict[int, float]:
-    """Seconds of a blocking all-reduce of 4 KB, 8 KB, 16 KB, ... up to `cap` bytes on this rank,
-    each the faster of two: {bytes: seconds}. Issued from a hook body; every rank probes the same sizes.
+def probe(cap: int, group: dist.ProcessGroup | None, device: torch.device, enough: float = 0.02) -> dict[int, float]:
+    """Seconds of a blocking all-reduce of 4 KB, 8 KB, 16 KB, ... up to `cap` bytes on this rank:
+    {bytes: seconds}. Issued from a hook body; every rank probes the same sizes.
 
     An untimed one-value all-reduce first lines the ranks up, so the first probe does not absorb
-    the ranks' different arrival times (which would read as latency). A busy CPU only ever adds
-    time, so the faster of two runs is kept. The sizes double until the two previous sizes each took
-    `enough` seconds on the slowest rank: the transfer then clearly outweighs the latency (on a slow
-    link this stops after about 100 KB). Each size's runs carry this rank's times of the two previous
-    sizes in their first values, reduced with MAX, so every rank reads the same numbers and stops
-    after the same size.
+    the ranks' different arrival times (which would read as latency). Each size runs twice and
+    keeps the faster run (a busy CPU only ever adds time). The sizes double until one took `enough`
+    seconds and 4x the first size's time on the slowest rank: the transfer then clearly outweighs
+    the latency, and the next size, run once, is the last (on a 25 Mbit/s link: 128 KB). Each run
+    carries this rank's times of the previous size and of the first in its first values, reduced
+    with MAX, so every rank reads the same numbers and stops after the same size.
     """
     line_up = torch.zeros(1, device=device)
     dist.all_reduce(line_up, group=group)
     found: dict[int, float] = {}
-    size, previous = min(4 << 10, cap), [0.0, 0.0]
+    size, previous, first = min(4 << 10, cap), 0.0, 0.0
     while True:
         buf = torch.zeros(max(2, size // 4), device=device)
-        buf[:2] = torch.tensor(previous)
+        buf[:2] = torch.tensor([previous, first])
         runs = []
         for _ in range(2):
             with timer(buf) as t:
                 dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
             runs.append(t.seconds)
-        found[size] = min(runs)
-        agreed = float(buf[:2].min())  # the slowest rank's times of the two previous sizes
-        if size >= cap or agreed >= enough:
+            agreed_previous, agreed_first = float(buf[0]), float(buf[1])  # the slowest rank's, everywhere alike
+            done = size >= cap or (len(found) > 0 and agreed_previous >= max(enough, 4 * agreed_first))
+            if done:
+                break
+        found[size] = previous = min(runs)
+        if done:
             return found
-        previous = [found[size], previous[0]]
+        first = first or previous
         size = min(2 * size, cap)
 
 
