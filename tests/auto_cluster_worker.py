@@ -65,6 +65,7 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--probe-every", type=int, default=2)
     parser.add_argument("--measure-steps", type=int, default=2)
+    parser.add_argument("--candidates", default="", help="comma-separated (default: auto's own)")
     parser.add_argument("--wait", type=float, default=60.0, help="seconds rank 0 waits for DIR/go")
     opts = parser.parse_args()
     torch.set_num_threads(1)
@@ -72,7 +73,8 @@ def main() -> int:
     net = build()
     ddp = DDP(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    state = commcomp.register(ddp, "auto", probe_every=opts.probe_every, measure_steps=opts.measure_steps)
+    chosen = {"candidates": opts.candidates.split(",")} if opts.candidates else {}
+    state = commcomp.register(ddp, "auto", probe_every=opts.probe_every, measure_steps=opts.measure_steps, **chosen)
     assert isinstance(state, AutoState)
 
     while not state.plan()["buckets"]:

@@ -63,7 +63,11 @@ ALONE = {
 }
 
 
-def _train(rank, world, method, options, steps, save=None, load=None, edit=None):
+def _train(rank, world, method, options, steps, save=None, load=None, edit=None, verify_steps=None):
+    if verify_steps is not None:  # time every plan against the fallback, in halves of `verify_steps` steps
+        monkeypatch = pytest.MonkeyPatch()
+        monkeypatch.setattr("commcomp.auto.verify.CLEAR_GAIN", float("inf"))
+        monkeypatch.setattr(AutoState, "verify_steps", verify_steps)
     torch.manual_seed(0)
     net = Net()
     ddp = DDP(net, bucket_cap_mb=0.004)
@@ -236,3 +240,39 @@ def test_the_same_methods_on_rebuilt_buckets_are_no_replan():
     (_, plans, report, _, n_buckets) = run(_train, 2, "auto", options, 7, timeout=180)[0]
     assert len(report["rounds"]) >= 3 and report["replans"] == 0
     assert plans[-1] == ["bf16"] * n_buckets
+
+
+def test_a_plan_timed_against_the_fallback_is_decided_alike_on_every_rank():
+    """fp32 is the only candidate within a zero error budget, so the plan (fp32) differs from the
+    bf16 fallback; timed on real steps, one of the two is kept, by every rank alike."""
+    options = {"candidates": ["fp32", "bf16"], "max_error": 0.0, "probe_every": 100}
+    out = run(_train, 2, "auto", options, 10, None, None, None, 3, timeout=180)
+    reports = [o[2] for o in out]
+    assert all(r["rounds"] == reports[0]["rounds"] and r["buckets"] == reports[0]["buckets"] for r in reports)
+    timed = reports[0]["rounds"][0]["timed"]
+    kept = {b["method"] for b in reports[0]["buckets"]}
+    assert kept == ({"fp32"} if timed["kept"] == "plan" else {"bf16"})
+    assert {m for plan in out[0][1][1:7] for m in plan} == {"fp32"}  # the report shows the plan while timing
+
+
+def test_verification_is_only_for_close_predictions():
+    from commcomp.auto.plan import Choice
+    from commcomp.auto.verify import Verification, worth_verifying
+
+    def pick(method, seconds, fallback_seconds):
+        table = {
+            "bf16": {"seconds": fallback_seconds, "bytes": 2, "error": 0.0},
+            method: {"seconds": seconds, "bytes": 1, "error": 0.1},
+        }
+        return Choice(method, seconds, 1, 0.1, "", table)
+
+    assert worth_verifying([pick("gradiveq", 0.6, 1.0)], "bf16")  # predicted 1.7x faster: check it
+    assert not worth_verifying([pick("gradiveq", 0.3, 1.0)], "bf16")  # 3.3x: trusted
+    assert not worth_verifying([pick("bf16", 1.0, 1.0)], "bf16")  # the fallback itself
+    v = Verification("bf16", 2)
+    methods = []
+    for _ in range(5):
+        done = v.tick()
+        methods.append(v.method("gradiveq"))
+    # step i starts with tick i: 2 steps of the plan, 2 of the fallback, then the decision
+    assert methods == ["gradiveq", "gradiveq", "bf16", "bf16", "bf16"] and done and len(v.medians()) == 2

@@ -2,12 +2,15 @@
 
 - `measure`: trials of each candidate on a bucket's real gradients, network probes and the fitted
   network model;
+- `candidates`: the methods to choose among;
 - `plan`: the decision per bucket (pure);
+- `verify`: timing a plan against the 16-bit fallback on real steps, when the prediction is close;
 - `state`: `AutoState`, the schedule of measuring rounds, the plan, checkpoints;
 - `hook`: the DDP hook, registered as "auto".
 """
 
+from commcomp.auto.candidates import CANDIDATES, DEFAULT_CANDIDATES
 from commcomp.auto.hook import auto_hook
-from commcomp.auto.state import CANDIDATES, DEFAULT_CANDIDATES, AutoState
+from commcomp.auto.state import AutoState
 
 __all__ = ["CANDIDATES", "DEFAULT_CANDIDATES", "AutoState", "auto_hook"]

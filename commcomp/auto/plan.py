@@ -41,6 +41,11 @@ class Choice:
         found["bytes"] = found.pop("nbytes")
         return found
 
+    def switched(self, method: str, why: str) -> Choice:
+        """This bucket's choice with `method` instead (one of its candidates), for the reason `why`."""
+        row = self.candidates[method]
+        return Choice(method, row["seconds"], int(row["bytes"]), row["error"], why, self.candidates)
+
     @classmethod
     def from_dict(cls, found: dict[str, Any]) -> Choice:
         fields = {k: v for k, v in found.items() if k not in ("bytes", "params", "bucket")}

@@ -20,36 +20,21 @@ body in bucket order. A bucket that leaves GradiVeQ at a re-plan drops its error
 (what GradiVeQ had not yet delivered: at most a few steps of dropped gradient).
 """
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from commcomp.auto.candidates import CANDIDATES, DEFAULT_CANDIDATES
 from commcomp.auto.measure import Network, Trial, probe, trial
 from commcomp.auto.plan import Choice, choose
+from commcomp.auto.verify import Verification, worth_verifying
 from commcomp.gradiveq import GradiVeQState
 from commcomp.gradiveq.pipeline import BasisUpdates
 from commcomp.hooks.base import HookState
-from commcomp.hooks.quantized import QuantizerState
 from commcomp.stats import timer
 
-__all__ = ["CANDIDATES", "DEFAULT_CANDIDATES", "AutoState"]
-
-Candidate = Callable[[dist.ProcessGroup | None, dict[str, Any]], QuantizerState | GradiVeQState]
-
-# name -> state factory(process_group, {check_finite, nonfinite}); the order breaks ties
-CANDIDATES: dict[str, Candidate] = {
-    "fp32": lambda pg, common: QuantizerState(pg, quantizer="identity", **common),
-    "bf16": lambda pg, common: QuantizerState(pg, quantizer="bf16", **common),
-    "qsgd4": lambda pg, common: QuantizerState(pg, quantizer="qsgd_ar", bits=4, **common),
-    "gradiveq": lambda pg, common: GradiVeQState(pg, **common),
-    "topk": lambda pg, common: QuantizerState(pg, quantizer="topk", ratio=0.01, error_feedback=True, **common),
-}
-# top-k is chosen only when asked for: late in training its one-step error falls well under the budget
-# (0.33-0.6 on our CNNs), yet top-1% with error feedback never reached the accuracy target on a CNN
-# trained to a plateau; one step's error does not show how stale its error feedback makes the update
-DEFAULT_CANDIDATES = ("fp32", "bf16", "qsgd4", "gradiveq")
+__all__ = ["AutoState"]
 
 
 class AutoState(HookState):
@@ -72,6 +57,7 @@ class AutoState(HookState):
 
     fallback = "bf16"  # what buckets travel by before the first plan
     keep_rounds = 20  # measuring rounds kept in `rounds`
+    verify_steps = 8  # steps per half of a verification (`commcomp.auto.verify`)
 
     def __init__(
         self,
@@ -112,6 +98,7 @@ class AutoState(HookState):
         # --- internal state ---
         self.updates = BasisUpdates()  # GradiVeQ buckets waiting for their basis update
         self._measuring = False  # this step belongs to a measuring round
+        self._verify: Verification | None = None  # a plan being timed against the fallback
         self._step_now = 0  # the step in progress (`step` may move on while the last bucket is planned)
         self._round_steps = 0  # steps of the current round measured so far
         self._probes: dict[int, float] = {}  # this round's probe seconds per size (bytes)
@@ -123,7 +110,8 @@ class AutoState(HookState):
     def method(self, key: str) -> str:
         """The plan is kept per parameter, so it holds whatever buckets DDP forms (a new process's
         first step has DDP's initial buckets, not the rebuilt ones the plan was measured on)."""
-        return self._by_param.get(key) or self._fallback()
+        planned = self._by_param.get(key) or self._fallback()
+        return planned if self._verify is None else self._verify.method(planned)
 
     def _fallback(self) -> str:
         return next((n for n in (self.fallback, "fp32") if n in self.methods), next(iter(self.methods)))
@@ -156,6 +144,8 @@ class AutoState(HookState):
         """At the step's first bucket: is this a measuring step? If it starts a round, probe the network."""
         self._order = []
         self._step_now = self.step
+        if self._verify is not None and self._verify.tick():
+            self._end_verification(buf)
         self._measuring = self.step >= self.next_round
         if self._measuring and self._round_steps == 0:  # the network once per round
             self._probes = probe(self.probe_cap(), self.process_group, buf.device)
@@ -224,14 +214,44 @@ class AutoState(HookState):
             }
         )
         del self.rounds[: -self.keep_rounds]
-        gradiveq = self.methods.get("gradiveq")
         before = dict(self._by_param)
         self._set(choices)
         if before and before != self._by_param:  # per parameter: DDP's rebuilt buckets are no change
             self.replans += 1
+        self._drop_residuals(before)
+        fallback = self._fallback()
+        if worth_verifying(list(choices.values()), fallback):
+            self._verify = Verification(fallback, self.verify_steps)
+
+    def _end_verification(self, buf: torch.Tensor) -> None:
+        """Both halves of a verification are timed: keep the faster of the plan and the fallback."""
+        assert self._verify is not None
+        medians = torch.tensor(self._verify.medians(), dtype=torch.float64, device=buf.device)
+        dist.all_reduce(medians, op=dist.ReduceOp.MAX, group=self.process_group)
+        planned, fallback = medians.tolist()
+        name, self._verify = self._verify.fallback, None
+        kept = "plan" if planned <= fallback else name
+        self.rounds[-1]["timed"] = {"plan_s": planned, f"{name}_s": fallback, "kept": kept}
+        if kept != "plan":
+            before = dict(self._by_param)
+            self._set(
+                {
+                    keys: c.switched(
+                        name,
+                        f"timed on real steps: {name} {1e3 * fallback:.1f} ms vs the plan's "
+                        f"{1e3 * planned:.1f} ms per step",
+                    )
+                    for keys, c in self.choices.items()
+                }
+            )
+            self._drop_residuals(before)
+
+    def _drop_residuals(self, before: dict[str, str]) -> None:
+        """GradiVeQ's residuals of the parameters that left it (what it had not delivered yet)."""
+        gradiveq = self.methods.get("gradiveq")
         if isinstance(gradiveq, GradiVeQState) and gradiveq.memory is not None:
             for key, method in before.items():
-                if method == "gradiveq" and self.method(key) != method:
+                if method == "gradiveq" and self._by_param.get(key) != method:
                     gradiveq.memory.residuals.pop(key, None)
 
     def _set(self, choices: dict[tuple[str, ...], Choice]) -> None:
@@ -295,3 +315,4 @@ class AutoState(HookState):
         self.next_round = int(state["next_round"])
         self.planning_seconds = float(state["planning_seconds"])
         self._round_steps, self._probes, self._trials = 0, {}, {}  # a round in progress starts over
+        self._verify = None  # and so does a verification
