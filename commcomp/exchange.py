@@ -53,6 +53,7 @@ __all__ = [
     "Pending",
     "TorchWire",
     "Wire",
+    "dense_nbytes",
     "finish",
     "nbytes",
     "send",
@@ -64,6 +65,12 @@ Received = torch.Tensor | list[torch.Tensor]  # a summed buffer, or every rank's
 def nbytes(tensor: torch.Tensor) -> int:
     """Bytes of a tensor as handed to a collective."""
     return tensor.numel() * tensor.element_size()
+
+
+def dense_nbytes(grads: list[torch.Tensor], like: torch.Tensor) -> int:
+    """Bytes an uncompressed all-reduce of `grads` would hand over, in the dtype of `like` (the
+    bucket's buffer): what `send`'s `dense_bytes` compares with."""
+    return sum(g.numel() for g in grads) * like.element_size()
 
 
 @dataclass

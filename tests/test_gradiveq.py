@@ -9,6 +9,9 @@ import zlib
 import pytest
 import torch
 import torch.distributed as dist
+from bucketed_net import Net
+from bucketed_net import batch as _batch
+from bucketed_net import params as _params
 from harness import WorkerError, run
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -168,34 +171,9 @@ def test_schedule_phases():
 # ---------------------------------------------------------------- DDP hook on gloo
 
 
-class Net(nn.Module):
-    """Conv1d + Conv2d-free model with several layers so that small buckets give >= 3 buckets."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv1d(4, 16, 3, padding=1)  # 192 values: uncompressed
-        self.conv2 = nn.Conv1d(16, 32, 3, padding=1)  # 1536: compressed, unit 512
-        self.fc1 = nn.Linear(32 * 8, 64)  # 16384: rows of 256
-        self.fc2 = nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.conv2(torch.relu(self.conv(x))))
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
-
-
-def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    x = torch.randn(16, 4, 8, generator=g)
-    return x, (x.sum((1, 2)) > 0).long() + 2 * (x[:, 0, 0] > 0).long()
-
-
 TRACKED = dict(warmup_steps=2)
 FITTED = dict(basis="fitted", warmup_steps=2, sample_steps=4, compress_steps=5, fit_slices=64)
 MODES = {"tracked": TRACKED, "fitted": FITTED}
-
-
-def _params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def _phase(state, step: int) -> str:

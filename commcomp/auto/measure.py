@@ -8,8 +8,8 @@ error feedback). Trials leave the candidates' state as they found it (random str
 residuals and bases untouched).
 
 The network is probed with plain all-reduces of doubling sizes (`probe`); `Network.fit` turns the
-timings into a latency per collective and seconds per wire byte (`commcomp.stats.wire_factor` converts the bytes
-handed to a collective into what it carries at this world size).
+timings into a latency per collective and seconds per wire byte (`commcomp.stats.wire_factor`
+converts the bytes handed to a collective into what it carries at this world size).
 """
 
 from __future__ import annotations
@@ -85,13 +85,11 @@ def trial_quantizer(state: QuantizerState, keys: list[str], grads: list[torch.Te
             for h, p in zip(inputs, payloads)
         ]
     q.load_state_dict(saved)
-    sent = sum(p.nbytes for p in payloads)
+    sent, error = sum(p.nbytes for p in payloads), _relative_error(list(zip(inputs, decoded)))
     if not q.linear:  # all-gathered: every rank decodes N payloads
-        return Trial(
-            enc.seconds + n * dec.seconds, _relative_error(list(zip(inputs, decoded))), (Exchange("allgather", sent),)
-        )
+        return Trial(enc.seconds + n * dec.seconds, error, (Exchange("allgather", sent),))
     exchanges = ((Exchange("allreduce", agreement),) if agreement else ()) + (Exchange("allreduce", sent),)
-    return Trial(enc.seconds + dec.seconds, _relative_error(list(zip(inputs, decoded))), exchanges)
+    return Trial(enc.seconds + dec.seconds, error, exchanges)
 
 
 def trial_gradiveq(state: GradiVeQState, keys: list[str], grads: list[torch.Tensor], like: torch.Tensor) -> Trial:

@@ -25,7 +25,7 @@ import torch
 
 from commcomp.consistency import bad_ranks
 from commcomp.error_feedback import ErrorFeedback
-from commcomp.exchange import Encoded, Host, InFlight, Pending, TorchWire, Wire, nbytes, send
+from commcomp.exchange import Encoded, Host, InFlight, Pending, TorchWire, Wire, dense_nbytes, nbytes, send
 from commcomp.flat import flatten, unflatten
 from commcomp.gradiveq.tracked import TrackedLayer, orthonormalize
 from commcomp.overflow import poison
@@ -216,8 +216,9 @@ class BasisUpdates:
         """Start the coefficients of the gradients `grads` (named `keys`) of bucket `index` (buffer
         `like`); the returned future completes with `like` once they are decoded."""
         self.flush(host, wire)
-        dense = sum(g.numel() for g in grads) * like.element_size()
-        item = send(host, TrackedCoefficients(host), keys, grads, wire, like=like, dense_bytes=dense)
+        item = send(
+            host, TrackedCoefficients(host), keys, grads, wire, like=like, dense_bytes=dense_nbytes(grads, like)
+        )
         result: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         self.waiting = (TrackedGroup(host, [item], like, index), result, like)
         return result

@@ -20,7 +20,7 @@ from torch import nn
 from commcomp import consistency
 from commcomp.comm import Collectives, TorchCollectives
 from commcomp.consistency import world_size_error
-from commcomp.exchange import ExchangeCodec, TorchWire, finish, send
+from commcomp.exchange import ExchangeCodec, TorchWire, dense_nbytes, finish, send
 from commcomp.overflow import NonFiniteGradientError, check_nonfinite
 from commcomp.quantizers import Quantizer
 from commcomp.registry import Registry, check_options
@@ -257,7 +257,7 @@ def send_group(
     on `host`'s process group; the returned future decodes them (in the callback), ends the group,
     and completes with `buf`."""
     wire = TorchWire(host.process_group)
-    dense = sum(g.numel() for g in grads) * buf.element_size()
+    dense = dense_nbytes(grads, buf)
     item = send(host, codec, keys, grads, wire, like=buf, dense_bytes=dense, name=f"bucket{index}")
 
     def decode(fut: torch.futures.Future[Any]) -> torch.Tensor:
