@@ -11,8 +11,11 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
+from bucketed_net import Net
+from bucketed_net import batch as _batch
+from bucketed_net import params as _params
 from harness import WorkerError, run
+from hook_reference import same_on_all_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -20,38 +23,6 @@ import commcomp
 from commcomp.auto import CANDIDATES, DEFAULT_CANDIDATES, AutoState
 from commcomp.auto.measure import Exchange, Network, Trial
 from commcomp.auto.plan import SWITCH_MARGIN, choose
-
-
-class Net(nn.Module):
-    """Conv and linear layers large enough for GradiVeQ to compress, in several small DDP buckets."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv1d(4, 32, 3, padding=1)
-        self.conv2 = nn.Conv1d(32, 32, 3, padding=1)
-        self.fc1 = nn.Linear(32 * 8, 64)
-        self.fc2 = nn.Linear(64, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv2(torch.relu(self.conv(x))))
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
-
-
-def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    x = torch.randn(16, 4, 8, generator=g)
-    return x, (x.sum((1, 2)) > 0).long() + 2 * (x[:, 0, 0] > 0).long()
-
-
-def _params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def _same_on_every_rank(p: torch.Tensor, world: int) -> bool:
-    everyone = [torch.empty_like(p) for _ in range(world)]
-    dist.all_gather(everyone, p)
-    return all(torch.equal(e, p) for e in everyone)
-
 
 # the method each single candidate stands for, as `register` takes it
 ALONE = {
@@ -87,7 +58,7 @@ def _train(rank, world, method, options, steps, save=None, load=None, edit=None,
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        assert _same_on_every_rank(_params(net), world), f"ranks disagree after step {step}"
+        assert same_on_all_ranks(net), f"ranks disagree after step {step}"
         if isinstance(state, AutoState):
             plans.append([b["method"] for b in state.plan()["buckets"]])
             if edit is not None and state.step == edit[0]:  # replace the plan through a checkpoint
@@ -269,10 +240,12 @@ def test_verification_is_only_for_close_predictions():
     assert worth_verifying([pick("gradiveq", 0.6, 1.0)], "bf16")  # predicted 1.7x faster: check it
     assert not worth_verifying([pick("gradiveq", 0.3, 1.0)], "bf16")  # 3.3x: trusted
     assert not worth_verifying([pick("bf16", 1.0, 1.0)], "bf16")  # the fallback itself
-    v = Verification("bf16", 2)
+    v = Verification("bf16", 2, start=1)
     methods = []
-    for _ in range(5):
-        done = v.tick()
-        methods.append(v.method("gradiveq"))
-    # step i starts with tick i: 2 steps of the plan, 2 of the fallback, then the decision
+    for step in range(1, 6):
+        done = v.tick(step)
+        methods.append(v.method("gradiveq", step))
+    # steps 1-2 the plan, 3-4 the fallback, then the decision at step 5
     assert methods == ["gradiveq", "gradiveq", "bf16", "bf16", "bf16"] and done and len(v.medians()) == 2
+    resumed = Verification(**v.state_dict())
+    assert resumed.medians() == v.medians() and resumed.method("gradiveq", 3) == "bf16"

@@ -13,7 +13,9 @@ The schedule, counted in finished steps:
 - at the round's last step, after its last bucket has been sent, one all-reduce takes the maximum
   over ranks of every timing and error (the slowest rank and the worst error decide), so every rank
   computes the same plan from the same numbers (`commcomp.auto.plan`). The plan applies from the
-  next step; a plan that differs from the previous one counts as a re-plan (`replans`).
+  next step; a plan that differs from the previous one counts as a re-plan (`replans`);
+- a plan predicted less than 2x faster than the fallback is timed against it on real steps
+  (`commcomp.auto.verify`) and the faster kept.
 
 Every collective (probes, the measurement all-reduce, the candidates' own) is issued from the hook
 body in bucket order. A bucket that leaves GradiVeQ at a re-plan drops its error-feedback residual
@@ -111,7 +113,7 @@ class AutoState(HookState):
         """The plan is kept per parameter, so it holds whatever buckets DDP forms (a new process's
         first step has DDP's initial buckets, not the rebuilt ones the plan was measured on)."""
         planned = self._by_param.get(key) or self._fallback()
-        return planned if self._verify is None else self._verify.method(planned)
+        return planned if self._verify is None else self._verify.method(planned, self._step_now)
 
     def _fallback(self) -> str:
         return next((n for n in (self.fallback, "fp32") if n in self.methods), next(iter(self.methods)))
@@ -144,7 +146,7 @@ class AutoState(HookState):
         """At the step's first bucket: is this a measuring step? If it starts a round, probe the network."""
         self._order = []
         self._step_now = self.step
-        if self._verify is not None and self._verify.tick():
+        if self._verify is not None and self._verify.tick(self.step):
             self._end_verification(buf)
         self._measuring = self.step >= self.next_round
         if self._measuring and self._round_steps == 0:  # the network once per round
@@ -221,7 +223,7 @@ class AutoState(HookState):
         self._drop_residuals(before)
         fallback = self._fallback()
         if worth_verifying(list(choices.values()), fallback):
-            self._verify = Verification(fallback, self.verify_steps)
+            self._verify = Verification(fallback, self.verify_steps, self._step_now + 1)
 
     def _end_verification(self, buf: torch.Tensor) -> None:
         """Both halves of a verification are timed: keep the faster of the plan and the fallback."""
@@ -230,7 +232,7 @@ class AutoState(HookState):
         dist.all_reduce(medians, op=dist.ReduceOp.MAX, group=self.process_group)
         planned, fallback = medians.tolist()
         name, self._verify = self._verify.fallback, None
-        kept = "plan" if planned <= fallback else name
+        kept = name if fallback < planned else "plan"  # a half without a timing (NaN) keeps the plan
         self.rounds[-1]["timed"] = {"plan_s": planned, f"{name}_s": fallback, "kept": kept}
         if kept != "plan":
             before = dict(self._by_param)
@@ -271,13 +273,7 @@ class AutoState(HookState):
             "next_round": self.next_round,
             "rounds": list(self.rounds),
             "buckets": [
-                {
-                    "bucket": i,
-                    "params": list(keys),
-                    "method": c.method,
-                    **{k: v for k, v in c.as_dict().items() if k != "method"},
-                }
-                for i, (keys, c) in enumerate(self.choices.items())
+                {"bucket": i, "params": list(keys), **c.as_dict()} for i, (keys, c) in enumerate(self.choices.items())
             ],
         }
 
@@ -301,6 +297,7 @@ class AutoState(HookState):
             "rounds": list(self.rounds),
             "next_round": self.next_round,
             "planning_seconds": self.planning_seconds,
+            "verify": None if self._verify is None else self._verify.state_dict(),
             "methods": {name: sub.state_dict() for name, sub in self.methods.items()},
         }
 
@@ -315,4 +312,4 @@ class AutoState(HookState):
         self.next_round = int(state["next_round"])
         self.planning_seconds = float(state["planning_seconds"])
         self._round_steps, self._probes, self._trials = 0, {}, {}  # a round in progress starts over
-        self._verify = None  # and so does a verification
+        self._verify = None if state["verify"] is None else Verification(**state["verify"])

@@ -12,8 +12,10 @@ step counts and decides from the same numbers.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
+from typing import Any
 
 from commcomp.auto.plan import Choice
 
@@ -31,27 +33,37 @@ def worth_verifying(choices: list[Choice], fallback: str) -> bool:
 
 
 class Verification:
-    """`steps` timed steps of the plan, then `steps` of the fallback."""
+    """From step `start`: `steps` timed steps of the plan, then `steps` of the fallback.
 
-    def __init__(self, fallback: str, steps: int) -> None:
+    The halves are counted in steps, not in timings, so a resumed job (whose first step has no
+    timing: the clock of the step before it stopped with the old process) switches at the same step.
+    """
+
+    def __init__(self, fallback: str, steps: int, start: int, seconds: dict[int, float] | None = None) -> None:
         self.fallback = fallback
         self.steps = steps
-        self.seconds: list[float] = []  # step durations: the plan's, then the fallback's
-        self._last: float | None = None
+        self.start = start
+        self.seconds: dict[int, float] = dict(seconds or {})  # step -> its duration
+        self._last: tuple[int, float] | None = None  # the step in progress and when it began
 
-    def tick(self) -> bool:
-        """At a step's first bucket: time the step that ended; True once both halves are timed."""
+    def tick(self, step: int) -> bool:
+        """At the first bucket of `step`: time the step that ended; True once both halves are done."""
         now = time.perf_counter()
         if self._last is not None:
-            self.seconds.append(now - self._last)
-        self._last = now
-        return len(self.seconds) >= 2 * self.steps
+            self.seconds[self._last[0]] = now - self._last[1]
+        self._last = (step, now)
+        return step - self.start >= 2 * self.steps
 
-    def method(self, planned: str) -> str:
-        """What a gradient travels by in the step now starting."""
-        return self.fallback if len(self.seconds) >= self.steps else planned
+    def method(self, planned: str, step: int) -> str:
+        """What a gradient travels by in `step`."""
+        return self.fallback if step - self.start >= self.steps else planned
 
     def medians(self) -> list[float]:
-        """[the plan's median step seconds, the fallback's]."""
-        half = self.steps
-        return [statistics.median(self.seconds[:half]), statistics.median(self.seconds[half : 2 * half])]
+        """[the plan's median step seconds, the fallback's] (NaN for a half without a timing)."""
+        halves: list[list[float]] = [[], []]
+        for step, seconds in self.seconds.items():
+            halves[(step - self.start) >= self.steps].append(seconds)
+        return [statistics.median(h) if h else math.nan for h in halves]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fallback": self.fallback, "steps": self.steps, "start": self.start, "seconds": dict(self.seconds)}
