@@ -72,6 +72,7 @@ class Watchdog:
         self._store_ok = now
         self._stop = threading.Event()
         self._store: dist.Store | None = None
+        self._registered = False
         self._threads = [
             threading.Thread(target=self._beat, name="commcomp-heartbeat", daemon=True),
             threading.Thread(target=self._judge, name="commcomp-watchdog", daemon=True),
@@ -79,6 +80,12 @@ class Watchdog:
         self._prev_hook = sys.excepthook
 
     def start(self) -> Watchdog:
+        """Register this rank (its first heartbeat and its address) before returning, so a rank
+        that stops right after this call is still named with its address; then start the threads."""
+        try:
+            self._store = self._connect()
+        except Exception:  # unreachable now: the heartbeat thread keeps trying
+            self._store = None
         for t in self._threads:
             t.start()
         sys.excepthook = self._excepthook
@@ -100,19 +107,21 @@ class Watchdog:
     def _key(self, kind: str, rank: int) -> str:
         return f"{self._prefix}{kind}/{rank}"
 
+    def _connect(self) -> dist.Store:
+        host, port = self.master
+        wait = datetime.timedelta(seconds=max(2 * self.interval, 1.0))
+        store = dist.TCPStore(host, port, is_master=False, timeout=wait, wait_for_workers=False)
+        if not self._registered:  # clear what a previous run of this rank left in a reused store
+            store.set(self._key("beat", self.rank), "0")
+            store.set(self._key("addr", self.rank), self.addr)
+            self._registered = True
+        return store
+
     def _beat(self) -> None:
-        first = True
         while not self._stop.is_set():
             try:
                 if self._store is None:
-                    host, port = self.master
-                    wait = datetime.timedelta(seconds=max(2 * self.interval, 1.0))
-                    store = dist.TCPStore(host, port, is_master=False, timeout=wait, wait_for_workers=False)
-                    if first:  # clear what a previous run of this rank left in a reused store
-                        store.set(self._key("beat", self.rank), "0")
-                        store.set(self._key("addr", self.rank), self.addr)
-                        first = False
-                    self._store = store
+                    self._store = self._connect()
                 self._store.add(self._key("beat", self.rank), 1)
                 now = time.monotonic()
                 for r in range(self.world_size):

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `launch` lives next to `commcomp`, not inside the installed package
@@ -37,6 +38,7 @@ from launch import (  # noqa: E402
 from launch.cli import main as cli  # noqa: E402
 from launch.cluster import ClusterError, list_clusters, remove_clusters  # noqa: E402
 from launch.torchrun import start_torchrun  # noqa: E402
+from launch.watchdog import Watchdog  # noqa: E402
 
 WORKERS = ROOT / "launch" / "workers"
 AVAILABLE, WHY = Cluster.available()
@@ -158,6 +160,21 @@ def test_init_from_env_single_process(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         finish()
     assert not dist.is_initialized()
+
+
+def test_watchdog_start_registers_the_rank_before_returning() -> None:
+    """A rank that freezes right after init must still be named with its address, so start()
+    writes this rank's heartbeat and address to the store before it returns (not later, from its
+    thread); stop() marks the rank done."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    dog = Watchdog(1, 2, "127.0.0.1", store.port, timeout=60.0, interval=30.0).start()
+    try:
+        assert store.check(["commcomp/watchdog/addr/1"])  # get() would wait for it
+        assert store.get("commcomp/watchdog/addr/1").decode() == dog.addr
+        assert store.add("commcomp/watchdog/beat/1", 0) >= 0
+    finally:
+        dog.stop()
+    assert store.add("commcomp/watchdog/beat/1", 0) >= 1 << 40
 
 
 def test_local_fallback_runs_torchrun_and_names_a_frozen_rank() -> None:
