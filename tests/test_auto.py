@@ -86,6 +86,16 @@ def test_a_single_candidate_trains_exactly_like_its_own_hook(name):
     assert auto[0][1][-1] == [name] * auto[0][4]  # the plan covers every bucket
 
 
+def test_every_bucket_travels_by_its_choice_from_step_0():
+    """Each bucket is decided before it is sent, step 0 included: with bf16 over the error budget
+    every bucket is fp32, so the first steps (before the timed check's bf16 half) are plain fp32."""
+    options = {"candidates": ["fp32", "bf16"], "max_error": 0.0, "probe_every": 100}
+    auto = run(_train, 2, "auto", options, 5, timeout=180)
+    alone = run(_train, 2, "identity", {}, 5, timeout=180)
+    assert torch.equal(auto[0][0], alone[0][0])
+    assert set(auto[0][1][0]) == {"fp32"}  # the plan of step 0, on DDP's initial buckets
+
+
 def test_every_rank_makes_the_same_plan_and_the_plan_covers_every_bucket():
     out = run(_train, 3, "auto", {"measure_steps": 2, "probe_every": 3}, 9, timeout=240)
     (_, plans, report, losses, n_buckets) = out[0]

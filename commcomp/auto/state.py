@@ -3,25 +3,25 @@ hook: `commcomp.auto.hook`).
 
 The schedule, counted in finished steps:
 
-- until the first plan, every bucket goes through the 16-bit exchange (`fallback`);
 - a measuring round of `measure_steps` steps, first at step 0, then every `probe_every` steps: at
   the first bucket of its first step, all-reduces of doubling sizes probe the network; on every
   bucket of each of its steps, every candidate runs once on the bucket's real gradients without
-  communicating (`commcomp.auto.measure`); the buckets meanwhile travel as planned (or by the
-  fallback). The plan is made on the buckets of the round's last step (DDP rebuilds its buckets
-  after the first step) and kept per parameter;
-- at the round's last step, after its last bucket has been sent, one all-reduce takes the maximum
-  over ranks of every timing and error (the slowest rank and the worst error decide), so every rank
-  computes the same plan from the same numbers (`commcomp.auto.plan`). The plan applies from the
-  next step; a plan that differs from the previous one counts as a re-plan (`replans`);
-- a plan predicted less than 2x faster than the fallback is timed against it on real steps
-  (`commcomp.auto.verify`) and the faster kept.
+  communicating (`commcomp.auto.measure`);
+- each bucket of a measuring step is decided before it is sent: one all-reduce takes the maximum
+  over ranks of its candidates' timings and errors (and, at the round's first bucket, of the probe
+  times), so every rank makes the same choice from the same numbers (`commcomp.auto.plan`), and the
+  bucket travels by it from this step on: from step 0, no step is sent by a method the job would
+  not have chosen. The plan is kept per parameter (DDP rebuilds its buckets after the first step);
+  a round that ends with a different plan counts as a re-plan (`replans`);
+- a plan predicted less than 2x faster than the 16-bit exchange (`fallback`) is timed against it on
+  real steps (`commcomp.auto.verify`) and the faster kept.
 
 Every collective (probes, the measurement all-reduce, the candidates' own) is issued from the hook
 body in bucket order. A bucket that leaves GradiVeQ at a re-plan drops its error-feedback residual
 (what GradiVeQ had not yet delivered: at most a few steps of dropped gradient).
 """
 
+import math
 from typing import Any
 
 import torch
@@ -52,12 +52,12 @@ class AutoState(HookState):
             (||decoded - g|| / ||g||, one step, before error feedback) exceeds it is not chosen for
             that bucket. fp32 is always allowed.
         measure_steps: steps per measuring round (codec timings keep the round's fastest, errors its
-            worst; before the first plan every trial runs twice, the first call being a cold one).
+            worst; in the first round every trial runs twice, the first call being a cold one).
         probe_every: steps between the end of a round and the next one (re-planning on drift).
         check_finite, nonfinite: as for every hook (`commcomp.overflow`).
     """
 
-    fallback = "bf16"  # what buckets travel by before the first plan
+    fallback = "bf16"  # what a plan is timed against; what a bucket without a choice travels by
     keep_rounds = 20  # measuring rounds kept in `rounds`
     verify_steps = 8  # steps per half of a verification (`commcomp.auto.verify`)
 
@@ -91,7 +91,8 @@ class AutoState(HookState):
             sub.stats = self.stats  # one account of every byte and second
         # --- the plan ---
         self.choices: dict[tuple[str, ...], Choice] = {}  # measured bucket's parameter names -> its choice
-        self._by_param: dict[str, str] = {}  # parameter name -> its method (from `choices`)
+        self._planned: dict[str, str] = {}  # parameter name -> its method (from `choices`)
+        self._by_param: dict[str, str] = {}  # the same, with this round's decisions so far
         self.network: Network | None = None
         self.replans = 0
         self.rounds: list[dict[str, Any]] = []  # the latest measuring rounds: step, network, methods per bucket
@@ -100,10 +101,13 @@ class AutoState(HookState):
         # --- internal state ---
         self.updates = BasisUpdates()  # GradiVeQ buckets waiting for their basis update
         self._measuring = False  # this step belongs to a measuring round
+        self._round_ok = True  # every bucket of this measuring step was decided (no NaN measured)
+        self._decided: dict[tuple[str, ...], Choice] = {}  # this measuring step's choices, per bucket
         self._verify: Verification | None = None  # a plan being timed against the fallback
         self._step_now = 0  # the step in progress (`step` may move on while the last bucket is planned)
         self._round_steps = 0  # steps of the current round measured so far
-        self._probes: dict[int, float] = {}  # this round's probe seconds per size (bytes)
+        self._probes: dict[int, float] = {}  # this round's probe seconds per size (bytes), until agreed
+        self._round_probes: dict[int, float] = {}  # the agreed ones (the slowest rank's)
         self._trials: dict[tuple[str, ...], dict[str, Trial]] = {}  # this round's, per bucket
         self._order: list[tuple[str, ...]] = []  # this step's buckets, in order
         self._largest = 0  # bytes of the largest bucket seen
@@ -129,13 +133,14 @@ class AutoState(HookState):
 
     def observe(self, keys: tuple[str, ...], grads: list[torch.Tensor], buf: torch.Tensor, index: int) -> None:
         """At every bucket, before it is sent: on a measuring step, probe the network (first
-        bucket) and run every candidate on the bucket."""
+        bucket), run every candidate on the bucket and decide its method."""
         self._largest = max(self._largest, buf.numel() * buf.element_size())
         if index == 0:
             self.start_step(buf)
         self._order.append(keys)
         if self._measuring:
             self.measure(keys, grads, buf)
+            self.decide(keys, buf)
 
     def after_last_bucket(self, buf: torch.Tensor) -> None:
         """After the step's last bucket was sent: plan, if a measuring round ends with this step."""
@@ -144,7 +149,7 @@ class AutoState(HookState):
 
     def start_step(self, buf: torch.Tensor) -> None:
         """At the step's first bucket: is this a measuring step? If it starts a round, probe the network."""
-        self._order = []
+        self._order, self._decided, self._round_ok = [], {}, True
         self._step_now = self.step
         if self._verify is not None and self._verify.tick(self.step):
             self._end_verification(buf)
@@ -158,11 +163,11 @@ class AutoState(HookState):
             self.planning_seconds += sum(self._probes.values())
 
     def measure(self, keys: tuple[str, ...], grads: list[torch.Tensor], buf: torch.Tensor) -> None:
-        """Run every candidate on this bucket's gradients (no communication); before the first plan
+        """Run every candidate on this bucket's gradients (no communication); in the first round
         twice, since a codec's first call also allocates its buffers and state."""
         with timer(buf) as t:
             kept = self._trials.get(keys)
-            if kept is None and self.network is None:
+            if kept is None and not self.rounds:  # the first round
                 kept = {name: trial(sub, list(keys), grads, buf) for name, sub in self.methods.items()}
             found = {name: trial(sub, list(keys), grads, buf) for name, sub in self.methods.items()}
             if kept is not None:  # the round's fastest time, worst error
@@ -172,57 +177,69 @@ class AutoState(HookState):
             self._trials[keys] = found
         self.planning_seconds += t.seconds
 
+    def decide(self, keys: tuple[str, ...], buf: torch.Tensor) -> None:
+        """Agree on this bucket's numbers (the maximum over ranks; the round's probe times with its
+        first bucket) and choose its method, which it travels by from now on."""
+        with timer(buf) as t:
+            names = list(self.methods)
+            sizes = sorted(self._probes)  # the same sizes on every rank; none after the round's first bucket
+            trials = self._trials[keys]
+            values = [self._probes[size] for size in sizes]
+            values += [getattr(trials[n], f) for n in names for f in ("seconds", "error")]
+            flat = torch.tensor(values, dtype=torch.float64, device=buf.device)
+            dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.process_group)
+            self.stats.sent(flat.numel() * 8, kind="allreduce", world_size=self.world_size)
+            agreed = flat.tolist()
+            if sizes:
+                self._probes = {}
+                self._round_probes = dict(zip(sizes, agreed[: len(sizes)]))
+                if all(map(math.isfinite, self._round_probes.values())):
+                    self.network = Network.fit(sizes, agreed[: len(sizes)], self.world_size)
+            rest = agreed[len(sizes) :]
+            if self.network is None or not all(map(math.isfinite, rest)):  # an overflow step measured NaN
+                self._round_ok = False
+            else:
+                agreed_trials = {
+                    n: Trial(rest[2 * i], rest[2 * i + 1], trials[n].exchanges) for i, n in enumerate(names)
+                }
+                current = {self._planned.get(key) for key in keys}  # per parameter: DDP may have rebuilt its buckets
+                method = current.pop() if len(current) == 1 else None
+                choice = choose(agreed_trials, self.network, self.world_size, self.max_error, method)
+                self._decided[keys] = choice
+                before = dict(self._by_param)
+                self._by_param.update(dict.fromkeys(keys, choice.method))
+                self._drop_residuals(before)
+        self.planning_seconds += t.seconds
+
     def conclude(self, buf: torch.Tensor) -> None:
-        """After the step's last bucket was sent: close the round if it is complete, and plan."""
+        """After the measuring step's last bucket was sent: close the round once all its steps
+        decided every bucket (an overflow step measured NaN: measure again at the next step)."""
+        if not self._round_ok:  # the round starts over at the next step, probes included
+            self._round_steps, self._trials = 0, {}
+            return
         self._round_steps += 1
         if self._round_steps < self.measure_steps:
             return
-        with timer(buf) as t:
-            names = list(self.methods)
-            sizes = sorted(self._probes)  # the same sizes on every rank
-            values = [[self._probes[size] for size in sizes]] + [
-                [getattr(self._trials[k][n], f) for n in names for f in ("seconds", "error")] for k in self._order
-            ]
-            flat = torch.tensor([v for row in values for v in row], dtype=torch.float64, device=buf.device)
-            dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.process_group)
-            self.stats.sent(flat.numel() * 8, kind="allreduce", world_size=self.world_size)
-            self._round_steps, self._probes = 0, {}
-            if bool(torch.isfinite(flat).all()):  # an overflow step measured NaN: measure again
-                self._plan(flat.tolist(), sizes, names)
-                self.rounds[-1]["probes"] = {size: flat[i].item() for i, size in enumerate(sizes)}
-                self.next_round = self._step_now + 1 + self.probe_every
-            self._trials = {}
-        self.planning_seconds += t.seconds
-
-    def _plan(self, flat: list[float], sizes: list[int], names: list[str]) -> None:
-        self.network = Network.fit(sizes, flat[: len(sizes)], self.world_size)
-        at, choices = len(sizes), {}
-        for keys in self._order:
-            trials = {}
-            for name in names:
-                t = self._trials[keys][name]
-                trials[name] = Trial(flat[at], flat[at + 1], t.exchanges)
-                at += 2
-            current = {self._by_param.get(key) for key in keys}  # per parameter: DDP may have rebuilt its buckets
-            method = current.pop() if len(current) == 1 else None
-            choices[keys] = choose(trials, self.network, self.world_size, self.max_error, method)
         net = self.network
+        assert net is not None
+        before = self._planned
+        self._set(dict(self._decided))
         self.rounds.append(
             {
                 "step": self._step_now,
                 "latency_s": net.latency,
                 "mbit": net.mbit,
-                "methods": [c.method for c in choices.values()],
+                "methods": [c.method for c in self.choices.values()],
+                "probes": self._round_probes,
             }
         )
         del self.rounds[: -self.keep_rounds]
-        before = dict(self._by_param)
-        self._set(choices)
         if before and before != self._by_param:  # per parameter: DDP's rebuilt buckets are no change
             self.replans += 1
-        self._drop_residuals(before)
+        self._round_steps, self._trials = 0, {}
+        self.next_round = self._step_now + 1 + self.probe_every
         fallback = self._fallback()
-        if worth_verifying(list(choices.values()), fallback):
+        if worth_verifying(list(self.choices.values()), fallback):
             self._verify = Verification(fallback, self.verify_steps, self._step_now + 1)
 
     def _end_verification(self, buf: torch.Tensor) -> None:
@@ -258,7 +275,8 @@ class AutoState(HookState):
 
     def _set(self, choices: dict[tuple[str, ...], Choice]) -> None:
         self.choices = choices
-        self._by_param = {key: c.method for keys, c in choices.items() for key in keys}
+        self._planned = {key: c.method for keys, c in choices.items() for key in keys}
+        self._by_param = dict(self._planned)
 
     # ----- reporting -----
     def plan(self) -> dict[str, Any]:
