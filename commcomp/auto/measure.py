@@ -27,7 +27,7 @@ from commcomp.hooks.quantized import QuantizerState
 from commcomp.quantizers import SharedScaleQuantizer, StochasticQuantizer
 from commcomp.stats import timer, wire_factor
 
-__all__ = ["Exchange", "Network", "Trial", "probe", "trial", "trial_gradiveq", "trial_quantizer"]
+__all__ = ["Exchange", "Network", "Trial", "agree", "probe", "trial", "trial_gradiveq", "trial_quantizer"]
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,22 @@ def probe(cap: int, group: dist.ProcessGroup | None, device: torch.device, enoug
             return found
         first = first or previous
         size = min(2 * size, cap)
+
+
+def agree(
+    probes: dict[int, float], trials: dict[str, Trial], group: dist.ProcessGroup | None, device: torch.device
+) -> tuple[dict[int, float], dict[str, Trial], int]:
+    """The slowest rank's probe times and, per candidate, the slowest rank's codec seconds and the
+    worst error: one all-reduce (MAX), so every rank decides from the same numbers. Every rank
+    passes the same probe sizes and candidates. Returns them with the bytes handed to the all-reduce."""
+    sizes = sorted(probes)
+    values = [probes[size] for size in sizes] + [v for t in trials.values() for v in (t.seconds, t.error)]
+    flat = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+    found = flat.tolist()
+    rest = iter(found[len(sizes) :])
+    agreed = {name: Trial(next(rest), next(rest), t.exchanges) for name, t in trials.items()}
+    return dict(zip(sizes, found)), agreed, nbytes(flat)
 
 
 @dataclass(frozen=True)

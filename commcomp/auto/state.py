@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from commcomp.auto.candidates import CANDIDATES, DEFAULT_CANDIDATES
-from commcomp.auto.measure import Network, Trial, probe, trial
+from commcomp.auto.measure import Network, Trial, agree, probe, trial
 from commcomp.auto.plan import Choice, choose
 from commcomp.auto.verify import Verification, worth_verifying
 from commcomp.gradiveq import GradiVeQState
@@ -181,30 +181,19 @@ class AutoState(HookState):
         """Agree on this bucket's numbers (the maximum over ranks; the round's probe times with its
         first bucket) and choose its method, which it travels by from now on."""
         with timer(buf) as t:
-            names = list(self.methods)
-            sizes = sorted(self._probes)  # the same sizes on every rank; none after the round's first bucket
-            trials = self._trials[keys]
-            values = [self._probes[size] for size in sizes]
-            values += [getattr(trials[n], f) for n in names for f in ("seconds", "error")]
-            flat = torch.tensor(values, dtype=torch.float64, device=buf.device)
-            dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.process_group)
-            self.stats.sent(flat.numel() * 8, kind="allreduce", world_size=self.world_size)
-            agreed = flat.tolist()
-            if sizes:
-                self._probes = {}
-                self._round_probes = dict(zip(sizes, agreed[: len(sizes)]))
-                if all(map(math.isfinite, self._round_probes.values())):
-                    self.network = Network.fit(sizes, agreed[: len(sizes)], self.world_size)
-            rest = agreed[len(sizes) :]
-            if self.network is None or not all(map(math.isfinite, rest)):  # an overflow step measured NaN
+            probes, trials, sent = agree(self._probes, self._trials[keys], self.process_group, buf.device)
+            self.stats.sent(sent, kind="allreduce", world_size=self.world_size)
+            if probes:  # the round's first bucket
+                self._probes, self._round_probes = {}, probes
+                if all(map(math.isfinite, probes.values())):
+                    self.network = Network.fit(list(probes), list(probes.values()), self.world_size)
+            numbers = [v for c in trials.values() for v in (c.seconds, c.error)]
+            if self.network is None or not all(map(math.isfinite, numbers)):  # an overflow step measured NaN
                 self._round_ok = False
             else:
-                agreed_trials = {
-                    n: Trial(rest[2 * i], rest[2 * i + 1], trials[n].exchanges) for i, n in enumerate(names)
-                }
                 current = {self._planned.get(key) for key in keys}  # per parameter: DDP may have rebuilt its buckets
                 method = current.pop() if len(current) == 1 else None
-                choice = choose(agreed_trials, self.network, self.world_size, self.max_error, method)
+                choice = choose(trials, self.network, self.world_size, self.max_error, method)
                 self._decided[keys] = choice
                 before = dict(self._by_param)
                 self._by_param.update(dict.fromkeys(keys, choice.method))
