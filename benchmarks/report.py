@@ -293,7 +293,7 @@ def auto_targets(rows: Sequence[Row], where: str = "") -> list[Row]:
 def byte_phases(series: Sequence[int], tolerance: float = 0.05) -> list[tuple[int, int, float]]:
     """The run cut where the bytes per step change by more than `tolerance` (relative): (first
     step, last step, mean bytes per step) per phase, steps counted from 1. Shows a method that
-    changes its plan (auto's fallback, first plan, re-plans) in the bytes it actually sent."""
+    changes its plan (auto's measuring rounds, timed checks, re-plans) in the bytes it actually sent."""
     phases: list[tuple[int, int, float]] = []
     start = 0
     for i in range(1, len(series) + 1):

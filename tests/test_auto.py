@@ -35,9 +35,9 @@ ALONE = {
 
 
 def _train(rank, world, method, options, steps, save=None, load=None, edit=None, verify_steps=None):
-    if verify_steps is not None:  # time every plan against the fallback, in halves of `verify_steps` steps
+    if verify_steps is not None:  # time every plan against bf16 and fp32, `verify_steps` steps each
         monkeypatch = pytest.MonkeyPatch()
-        monkeypatch.setattr("commcomp.auto.verify.CLEAR_GAIN", float("inf"))
+        monkeypatch.setattr("commcomp.auto.verify.CLEAR_GAIN", 1e9)
         monkeypatch.setattr(AutoState, "verify_steps", verify_steps)
     torch.manual_seed(0)
     net = Net()
@@ -49,8 +49,9 @@ def _train(rank, world, method, options, steps, save=None, load=None, edit=None,
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         state.load_state_dict(ckpt["comm"])
-    plans, losses = [], []
+    plans, losses, sent = [], [], []
     for _ in range(steps):
+        before = state.stats.bytes_sent
         step = state.step
         x, y = _batch(rank, step)
         opt.zero_grad()
@@ -58,6 +59,7 @@ def _train(rank, world, method, options, steps, save=None, load=None, edit=None,
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        sent.append(state.stats.bytes_sent - before)
         assert same_on_all_ranks(net), f"ranks disagree after step {step}"
         if isinstance(state, AutoState):
             plans.append([b["method"] for b in state.plan()["buckets"]])
@@ -72,7 +74,7 @@ def _train(rank, world, method, options, steps, save=None, load=None, edit=None,
                 f"{save[0]}.rank{rank}",
             )
     report = state.plan() if isinstance(state, AutoState) else None
-    return _params(net), plans, report, losses, state.num_buckets
+    return _params(net), plans, report, losses, state.num_buckets, sent
 
 
 @pytest.mark.parametrize("name", list(CANDIDATES))
@@ -98,7 +100,7 @@ def test_every_bucket_travels_by_its_choice_from_step_0():
 
 def test_every_rank_makes_the_same_plan_and_the_plan_covers_every_bucket():
     out = run(_train, 3, "auto", {"measure_steps": 2, "probe_every": 3}, 9, timeout=240)
-    (_, plans, report, losses, n_buckets) = out[0]
+    (_, plans, report, losses, n_buckets, _) = out[0]
     assert n_buckets >= 3
     assert plans[0] == []  # steps 0 and 1 measure
     assert len(plans[1]) == n_buckets
@@ -218,44 +220,66 @@ def test_the_same_methods_on_rebuilt_buckets_are_no_replan():
     """Rounds at step 0 (DDP's initial buckets) and after DDP rebuilt them: with one candidate the
     methods per parameter never change, so no round counts as a re-plan."""
     options = {"candidates": ["bf16"], "measure_steps": 1, "probe_every": 1}
-    (_, plans, report, _, n_buckets) = run(_train, 2, "auto", options, 7, timeout=180)[0]
+    (_, plans, report, _, n_buckets, _) = run(_train, 2, "auto", options, 7, timeout=180)[0]
     assert len(report["rounds"]) >= 3 and report["replans"] == 0
     assert plans[-1] == ["bf16"] * n_buckets
 
 
-def test_a_plan_timed_against_the_fallback_is_decided_alike_on_every_rank():
-    """fp32 is the only candidate within a zero error budget, so the plan (fp32) differs from the
-    bf16 fallback; timed on real steps, one of the two is kept, by every rank alike."""
-    options = {"candidates": ["fp32", "bf16"], "max_error": 0.0, "probe_every": 100}
-    out = run(_train, 2, "auto", options, 10, None, None, None, 3, timeout=180)
+def _train_qsgd_planned(rank, world, *args):
+    """`_train` with QSGD predicted free on every bucket, so the plan is QSGD everywhere."""
+    from commcomp.auto import state as auto_state
+
+    real = auto_state.choose
+
+    def choose(trials, *rest):
+        return real({**trials, "qsgd4": Trial(1e-6, trials["qsgd4"].error, ())}, *rest)
+
+    pytest.MonkeyPatch().setattr(auto_state, "choose", choose)
+    return _train(rank, world, *args)
+
+
+def test_a_timed_check_is_decided_alike_on_every_rank():
+    """A plan of QSGD is timed against bf16 and fp32 everywhere (3 steps each); the fastest of the
+    three (slowest rank's medians) is kept, by every rank alike, and the steps went by each in turn."""
+    options = {"candidates": ["qsgd4", "bf16", "fp32"], "max_error": 1.0, "probe_every": 100}
+    out = run(_train_qsgd_planned, 2, "auto", options, 12, None, None, None, 3, timeout=180)
     reports = [o[2] for o in out]
     assert all(r["rounds"] == reports[0]["rounds"] and r["buckets"] == reports[0]["buckets"] for r in reports)
     timed = reports[0]["rounds"][0]["timed"]
+    assert list(timed) == ["plan_s", "bf16_s", "fp32_s", "kept"]
+    fastest = min(("plan", "bf16", "fp32"), key=lambda name: timed[f"{name}_s"])
+    assert timed["kept"] == fastest
     kept = {b["method"] for b in reports[0]["buckets"]}
-    assert kept == ({"fp32"} if timed["kept"] == "plan" else {"bf16"})
-    assert {m for plan in out[0][1][1:7] for m in plan} == {"fp32"}  # the report shows the plan while timing
+    assert kept == ({"qsgd4"} if fastest == "plan" else {fastest})
+    sent = out[0][5]  # bytes handed to collectives per step: QSGD < bf16 < fp32
+    assert sent[1] < sent[4] < sent[7] and sent[1:4] == [sent[1]] * 3 and sent[4:7] == [sent[4]] * 3
 
 
 def test_verification_is_only_for_close_predictions():
     from commcomp.auto.plan import Choice
-    from commcomp.auto.verify import Verification, worth_verifying
+    from commcomp.auto.verify import Verification, alternatives
 
-    def pick(method, seconds, fallback_seconds):
+    def pick(method, seconds, bf16_seconds, fp32_seconds=10.0):
         table = {
-            "bf16": {"seconds": fallback_seconds, "bytes": 2, "error": 0.0},
+            "bf16": {"seconds": bf16_seconds, "bytes": 2, "error": 0.0},
+            "fp32": {"seconds": fp32_seconds, "bytes": 4, "error": 0.0},
             method: {"seconds": seconds, "bytes": 1, "error": 0.1},
         }
         return Choice(method, seconds, 1, 0.1, "", table)
 
-    assert worth_verifying([pick("gradiveq", 0.6, 1.0)], "bf16")  # predicted 1.7x faster: check it
-    assert not worth_verifying([pick("gradiveq", 0.3, 1.0)], "bf16")  # 3.3x: trusted
-    assert not worth_verifying([pick("bf16", 1.0, 1.0)], "bf16")  # the fallback itself
-    v = Verification("bf16", 2, start=1)
+    assert alternatives([pick("gradiveq", 0.6, 1.0)]) == ["bf16"]  # predicted 1.7x faster than bf16: check it
+    assert alternatives([pick("gradiveq", 0.6, 1.0, 1.1)]) == ["bf16", "fp32"]
+    assert alternatives([pick("gradiveq", 0.3, 1.0)]) == []  # 3.3x: trusted
+    assert alternatives([pick("bf16", 1.0, 1.0, 1.5)]) == ["fp32"]  # bf16 is the plan itself
+    v = Verification(["bf16", "fp32"], 2, start=1)
     methods = []
-    for step in range(1, 6):
+    for step in range(1, 8):
         done = v.tick(step)
         methods.append(v.method("gradiveq", step))
-    # steps 1-2 the plan, 3-4 the fallback, then the decision at step 5
-    assert methods == ["gradiveq", "gradiveq", "bf16", "bf16", "bf16"] and done and len(v.medians()) == 2
+    # steps 1-2 the plan, 3-4 bf16, 5-6 fp32, then the decision at step 7
+    assert methods == ["gradiveq", "gradiveq", "bf16", "bf16", "fp32", "fp32", "fp32"] and done
+    assert len(v.medians()) == 3
+    assert v.fastest([2.0, 1.0, 3.0]) == "bf16" and v.fastest([1.0, 1.0, 1.0]) == "plan"
+    assert v.fastest([math.nan, math.nan, 3.0]) == "fp32" and v.fastest([math.nan] * 3) == "plan"
     resumed = Verification(**v.state_dict())
     assert resumed.medians() == v.medians() and resumed.method("gradiveq", 3) == "bf16"

@@ -4,7 +4,7 @@
   network model;
 - `candidates`: the methods to choose among;
 - `plan`: the decision per bucket (pure);
-- `verify`: timing a plan against the 16-bit fallback on real steps, when the prediction is close;
+- `verify`: timing a plan against bf16 and fp32 for every bucket on real steps, when the prediction is close;
 - `state`: `AutoState`, the schedule of measuring rounds, the plan, checkpoints;
 - `hook`: the DDP hook, registered as "auto".
 """

@@ -13,8 +13,8 @@ The schedule, counted in finished steps:
   bucket travels by it from this step on: from step 0, no step is sent by a method the job would
   not have chosen. The plan is kept per parameter (DDP rebuilds its buckets after the first step);
   a round that ends with a different plan counts as a re-plan (`replans`);
-- a plan predicted less than 2x faster than the 16-bit exchange (`fallback`) is timed against it on
-  real steps (`commcomp.auto.verify`) and the faster kept.
+- a plan predicted less than 2x faster than sending every bucket in bf16, or in fp32, is timed
+  against them on real steps (`commcomp.auto.verify`) and the fastest kept.
 
 Every collective (probes, the measurement all-reduce, the candidates' own) is issued from the hook
 body in bucket order. A bucket that leaves GradiVeQ at a re-plan drops its error-feedback residual
@@ -30,7 +30,7 @@ import torch.distributed as dist
 from commcomp.auto.candidates import CANDIDATES, DEFAULT_CANDIDATES
 from commcomp.auto.measure import Network, Trial, agree, probe, trial
 from commcomp.auto.plan import Choice, choose
-from commcomp.auto.verify import Verification, worth_verifying
+from commcomp.auto.verify import Verification, alternatives
 from commcomp.gradiveq import GradiVeQState
 from commcomp.gradiveq.pipeline import BasisUpdates
 from commcomp.hooks.base import HookState
@@ -57,7 +57,7 @@ class AutoState(HookState):
         check_finite, nonfinite: as for every hook (`commcomp.overflow`).
     """
 
-    fallback = "bf16"  # what a plan is timed against; what a bucket without a choice travels by
+    fallback = "bf16"  # what a bucket without a choice travels by (a NaN measured at step 0)
     keep_rounds = 20  # measuring rounds kept in `rounds`
     verify_steps = 8  # steps per half of a verification (`commcomp.auto.verify`)
 
@@ -103,7 +103,7 @@ class AutoState(HookState):
         self._measuring = False  # this step belongs to a measuring round
         self._round_ok = True  # every bucket of this measuring step was decided (no NaN measured)
         self._decided: dict[tuple[str, ...], Choice] = {}  # this measuring step's choices, per bucket
-        self._verify: Verification | None = None  # a plan being timed against the fallback
+        self._verify: Verification | None = None  # a plan being timed against the alternatives
         self._step_now = 0  # the step in progress (`step` may move on while the last bucket is planned)
         self._round_steps = 0  # steps of the current round measured so far
         self._probes: dict[int, float] = {}  # this round's probe seconds per size (bytes), until agreed
@@ -227,31 +227,23 @@ class AutoState(HookState):
             self.replans += 1
         self._round_steps, self._trials = 0, {}
         self.next_round = self._step_now + 1 + self.probe_every
-        fallback = self._fallback()
-        if worth_verifying(list(self.choices.values()), fallback):
-            self._verify = Verification(fallback, self.verify_steps, self._step_now + 1)
+        arms = alternatives(list(self.choices.values()))
+        if arms:
+            self._verify = Verification(arms, self.verify_steps, self._step_now + 1)
 
     def _end_verification(self, buf: torch.Tensor) -> None:
-        """Both halves of a verification are timed: keep the faster of the plan and the fallback."""
+        """Every arm of a timed check is done: keep the fastest of the plan and the alternatives."""
         assert self._verify is not None
         medians = torch.tensor(self._verify.medians(), dtype=torch.float64, device=buf.device)
         dist.all_reduce(medians, op=dist.ReduceOp.MAX, group=self.process_group)
-        planned, fallback = medians.tolist()
-        name, self._verify = self._verify.fallback, None
-        kept = name if fallback < planned else "plan"  # a half without a timing (NaN) keeps the plan
-        self.rounds[-1]["timed"] = {"plan_s": planned, f"{name}_s": fallback, "kept": kept}
+        verify, self._verify = self._verify, None
+        timed = dict(zip(["plan", *verify.arms], medians.tolist()))
+        kept = verify.fastest(list(timed.values()))
+        self.rounds[-1]["timed"] = {**{f"{name}_s": s for name, s in timed.items()}, "kept": kept}
         if kept != "plan":
+            why = "timed on real steps: " + ", ".join(f"{name} {1e3 * s:.1f} ms" for name, s in timed.items())
             before = dict(self._by_param)
-            self._set(
-                {
-                    keys: c.switched(
-                        name,
-                        f"timed on real steps: {name} {1e3 * fallback:.1f} ms vs the plan's "
-                        f"{1e3 * planned:.1f} ms per step",
-                    )
-                    for keys, c in self.choices.items()
-                }
-            )
+            self._set({keys: c.switched(kept, why + " per step") for keys, c in self.choices.items()})
             self._drop_residuals(before)
 
     def _drop_residuals(self, before: dict[str, str]) -> None:

@@ -1,13 +1,16 @@
-"""Checking a plan against the 16-bit fallback on real steps, when the prediction is not clear-cut.
+"""Checking a plan on real steps against sending everything by one plain method, when the
+prediction is not clear-cut.
 
 The step-time model (codec seconds + collective times, measured apart) can miss what only a real
-step shows: on a fast link a codec's CPU time competes with the other ranks' backward passes, and
-each dependent collective waits for the slowest rank. So when a plan is predicted less than 2x
-faster than sending every bucket by the fallback, the next `steps` steps run the plan and the
-`steps` after them the fallback; each step is timed from one first bucket to the next, the median
-of each half is taken (an evaluation or a checkpoint in between is an outlier, not a trend), one
-all-reduce takes the slowest rank's, and the faster one is kept. Every rank switches at the same
-step counts and decides from the same numbers.
+step shows: on a fast link a codec's CPU time competes with the other ranks' backward passes, a
+collective's time hides behind another rank's computation, and each dependent collective waits for
+the slowest rank. So a plan is timed against each of `UNIFORM` (the 16-bit exchange, and no
+compression at all) that the candidates include and that it is predicted less than `CLEAR_GAIN`x
+faster than: the next `steps` steps run the plan, then `steps` steps each alternative in turn; each
+step is timed from one first bucket to the next, the median of each arm is taken (an evaluation or
+a checkpoint in between is an outlier, not a trend), one all-reduce takes the slowest rank's, and
+the fastest arm is kept. Every rank switches at the same step counts and decides from the same
+numbers.
 """
 
 from __future__ import annotations
@@ -19,51 +22,70 @@ from typing import Any
 
 from commcomp.auto.plan import Choice
 
-__all__ = ["Verification", "worth_verifying"]
+__all__ = ["CLEAR_GAIN", "UNIFORM", "Verification", "alternatives"]
 
-CLEAR_GAIN = 2.0  # a plan predicted this many times faster than the fallback is trusted as it is
+CLEAR_GAIN = 2.0  # a plan predicted this many times faster than an alternative is trusted as it is
+UNIFORM = ("bf16", "fp32")  # what a plan may be timed against, in this order
 
 
-def worth_verifying(choices: list[Choice], fallback: str) -> bool:
-    """Whether the plan differs from the fallback and is predicted less than `CLEAR_GAIN`x faster."""
-    if all(c.method == fallback for c in choices) or any(fallback not in c.candidates for c in choices):
-        return False
+def alternatives(choices: list[Choice]) -> list[str]:
+    """The methods of `UNIFORM` to time the plan against: candidates of every bucket, not already
+    the plan of every bucket, and predicted less than `CLEAR_GAIN`x slower than the plan."""
     planned = sum(c.predicted_seconds for c in choices)
-    return planned * CLEAR_GAIN > sum(c.candidates[fallback]["seconds"] for c in choices)
+    return [
+        name
+        for name in UNIFORM
+        if choices
+        and all(name in c.candidates for c in choices)
+        and not all(c.method == name for c in choices)
+        and planned * CLEAR_GAIN > sum(c.candidates[name]["seconds"] for c in choices)
+    ]
 
 
 class Verification:
-    """From step `start`: `steps` timed steps of the plan, then `steps` of the fallback.
+    """From step `start`: `steps` timed steps of the plan, then `steps` of each of `arms` in turn.
 
-    The halves are counted in steps, not in timings, so a resumed job (whose first step has no
+    The arms are counted in steps, not in timings, so a resumed job (whose first step has no
     timing: the clock of the step before it stopped with the old process) switches at the same step.
     """
 
-    def __init__(self, fallback: str, steps: int, start: int, seconds: dict[int, float] | None = None) -> None:
-        self.fallback = fallback
+    def __init__(self, arms: list[str], steps: int, start: int, seconds: dict[int, float] | None = None) -> None:
+        self.arms = list(arms)
         self.steps = steps
         self.start = start
         self.seconds: dict[int, float] = dict(seconds or {})  # step -> its duration
         self._last: tuple[int, float] | None = None  # the step in progress and when it began
 
     def tick(self, step: int) -> bool:
-        """At the first bucket of `step`: time the step that ended; True once both halves are done."""
+        """At the first bucket of `step`: time the step that ended; True once every arm is done."""
         now = time.perf_counter()
         if self._last is not None:
             self.seconds[self._last[0]] = now - self._last[1]
         self._last = (step, now)
-        return step - self.start >= 2 * self.steps
+        return step - self.start >= (1 + len(self.arms)) * self.steps
+
+    def _arm(self, step: int) -> int:
+        """0: the plan; i: arms[i - 1]."""
+        return min((step - self.start) // self.steps, len(self.arms))
 
     def method(self, planned: str, step: int) -> str:
         """What a gradient travels by in `step`."""
-        return self.fallback if step - self.start >= self.steps else planned
+        arm = self._arm(step)
+        return planned if arm == 0 else self.arms[arm - 1]
 
     def medians(self) -> list[float]:
-        """[the plan's median step seconds, the fallback's] (NaN for a half without a timing)."""
-        halves: list[list[float]] = [[], []]
+        """[the plan's median step seconds, then each arm's] (NaN for an arm without a timing)."""
+        timed: list[list[float]] = [[] for _ in range(1 + len(self.arms))]
         for step, seconds in self.seconds.items():
-            halves[(step - self.start) >= self.steps].append(seconds)
-        return [statistics.median(h) if h else math.nan for h in halves]
+            timed[self._arm(step)].append(seconds)
+        return [statistics.median(t) if t else math.nan for t in timed]
+
+    def fastest(self, medians: list[float]) -> str:
+        """ "plan" or the arm with the smallest of `medians` (as from `medians()`, agreed); arms
+        without a timing are left out, and the plan wins ties."""
+        names = ["plan", *self.arms]
+        timed = [(m, i) for i, m in enumerate(medians) if math.isfinite(m)]
+        return names[min(timed)[1]] if timed else "plan"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"fallback": self.fallback, "steps": self.steps, "start": self.start, "seconds": dict(self.seconds)}
+        return {"arms": list(self.arms), "steps": self.steps, "start": self.start, "seconds": dict(self.seconds)}
