@@ -23,7 +23,8 @@ import warnings
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # `from harness import run` in every test module
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from harness import run` in every test module
+sys.path.insert(1, os.path.dirname(sys.path[0]))  # `launch` lives next to `commcomp`, not inside the package
 
 import harness
 
@@ -129,13 +130,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         modules.add(module)
         seen |= {key for key in (*TESTS, *SINGLE_PROCESS) if _matches(key, module, item.name)}
         spawns = getattr(getattr(item, "module", None), "run", None) is harness.run  # a module not listed yet
-        for mark in sorted(_markers(module, item.name, spawns)):
+        marks = _markers(module, item.name, spawns)
+        for mark in sorted(marks):
             item.add_marker(getattr(pytest.mark, mark))
+        if "netns" in marks:
+            item.add_marker(_netns_skip())
     # a renamed test must not drop out of its tier silently
     stale = sorted(k for k in (*TESTS, *SINGLE_PROCESS) if k[0] in modules and k not in seen)
     if stale and not any("::" in a for a in config.args):
         listed = ", ".join(f"{m}.py::{p}" for m, p in stale)
         warnings.warn(f"tests/conftest.py names tests that no longer exist: {listed}", stacklevel=1)
+
+
+def _netns_skip() -> pytest.MarkDecorator:
+    """Skip (which fails the run, see below) the tests of the emulated cluster where it cannot be built."""
+    from launch import Cluster
+
+    available, why = Cluster.available()
+    return pytest.mark.skipif(not available, reason=f"emulated cluster unavailable: {why}")
 
 
 _skipped: list[str] = []

@@ -13,19 +13,16 @@ import inspect
 import itertools
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from harness import run
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchmarks import report
+from benchmarks.workloads import get_workload
 
-from benchmarks import report  # noqa: E402
-from benchmarks.workloads import get_workload  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 WIDTH = 24  # CNN1D(24): its two 1,728-value conv weights are big enough for GradiVeQ to compress
 STEPS = 6

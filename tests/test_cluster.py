@@ -22,11 +22,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `launch` lives next to `commcomp`, not inside the installed package
-    sys.path.insert(0, str(ROOT))
-
-from launch import (  # noqa: E402
+from launch import (
     Cluster,
     LaunchError,
     LocalCluster,
@@ -35,14 +31,13 @@ from launch import (  # noqa: E402
     launch_mpirun,
     launch_torchrun,
 )
-from launch.cli import main as cli  # noqa: E402
-from launch.cluster import ClusterError, list_clusters, remove_clusters  # noqa: E402
-from launch.torchrun import start_torchrun  # noqa: E402
-from launch.watchdog import Watchdog  # noqa: E402
+from launch.cli import main as cli
+from launch.cluster import ClusterError, list_clusters, remove_clusters
+from launch.torchrun import start_torchrun
+from launch.watchdog import Watchdog
 
+ROOT = Path(__file__).resolve().parents[1]
 WORKERS = ROOT / "launch" / "workers"
-AVAILABLE, WHY = Cluster.available()
-needs_netns = pytest.mark.skipif(not AVAILABLE, reason=f"emulated cluster unavailable: {WHY}")
 
 
 def _links() -> set[str]:
@@ -196,7 +191,6 @@ def test_local_fallback_runs_torchrun_and_names_a_frozen_rank() -> None:
 # ----- the cluster itself -----
 
 
-@needs_netns
 def test_links_are_shaped_both_ways_and_carry_the_traffic() -> None:
     """Two clusters at once (same subnet, no clash), 50 and 200 Mbit/s: tc shows a tbf at the
     configured rate on both ends of every link, and a TCP transfer in each direction passes through
@@ -208,7 +202,6 @@ def test_links_are_shaped_both_ways_and_carry_the_traffic() -> None:
                 _check_carries(cluster, src, dst, nbytes)
 
 
-@needs_netns
 def test_set_rate_reshapes_every_link_both_ways_in_place() -> None:
     """A 3-host cluster at 200 Mbit/s reshaped live to 20: tc shows 20 on both ends of every link,
     on the same filters as before (changed in place, not deleted and re-added), and they carry
@@ -233,7 +226,6 @@ def test_set_rate_reshapes_every_link_both_ways_in_place() -> None:
         _check_shaped(view)
 
 
-@needs_netns
 def test_teardown_leaves_nothing_even_when_the_body_raises() -> None:
     links, spaces = _links(), _netns()
     with pytest.raises(RuntimeError, match="boom"), Cluster(hosts=3, rate_mbit=100) as c:
@@ -246,7 +238,6 @@ def test_teardown_leaves_nothing_even_when_the_body_raises() -> None:
     assert _links() == links  # nothing was ever created in (or leaked into) the root namespace
 
 
-@needs_netns
 def test_sigterm_tears_down_and_sigkill_leftovers_are_removed_as_stale() -> None:
     prefix = f"cct{os.getpid() % 100000}"
     script = (
@@ -276,7 +267,6 @@ def test_sigterm_tears_down_and_sigkill_leftovers_are_removed_as_stale() -> None
 # ----- launchers -----
 
 
-@needs_netns
 def test_torchrun_across_hosts_sums_correctly_over_the_shaped_link() -> None:
     hosts, per_node, rate, mbytes = 2, 2, 100.0, 4.0
     with Cluster(hosts=hosts, rate_mbit=rate) as c:
@@ -292,7 +282,6 @@ def test_torchrun_across_hosts_sums_correctly_over_the_shaped_link() -> None:
         assert _link_ends(c, 1)[1]["bytes"] >= mbytes * (1 << 20)
 
 
-@needs_netns
 def test_torchrun_max_restarts_recovers_from_a_failed_worker() -> None:
     with Cluster(hosts=2, rate_mbit=100) as c:
         args = ["--timeout", "30", "--fail-once", "1"]
@@ -303,7 +292,6 @@ def test_torchrun_max_restarts_recovers_from_a_failed_worker() -> None:
         assert max(r["attempt"] for r in records) == 1  # the failed agent restarted its worker
 
 
-@needs_netns
 def test_mpirun_across_hosts_allreduces_over_the_shaped_link() -> None:
     pytest.importorskip("mpi4py", reason="mpi4py is installed by scripts/setup.sh")
     rate, mbytes = 100.0, 4.0
@@ -317,7 +305,6 @@ def test_mpirun_across_hosts_allreduces_over_the_shaped_link() -> None:
         assert _link_ends(c, 1)[1]["bytes"] >= mbytes * (1 << 20)
 
 
-@needs_netns
 def test_horovod_under_mpirun_across_hosts() -> None:
     pytest.importorskip("horovod.torch", reason="Horovod is built by scripts/setup.sh")
     with Cluster(hosts=2, rate_mbit=100) as c:
@@ -325,7 +312,6 @@ def test_horovod_under_mpirun_across_hosts() -> None:
         _check_sums(_records(result.outputs), 2)
 
 
-@needs_netns
 def test_cut_link_fails_the_job_within_the_timeout_naming_the_rank() -> None:
     timeout, cut = 6.0, 1
     with Cluster(hosts=2, rate_mbit=100) as c:

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import importlib
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `launch` lives next to `commcomp`, not inside the installed package
-    sys.path.insert(0, str(ROOT))
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 TOP = ("commcomp", "launch", "benchmarks", "tests", "scripts", "docs", ".ci")
