@@ -1,8 +1,14 @@
 """The small model of the DDP hook tests (several buckets at `bucket_cap_mb=0.004`), its per-rank
-batches, and its parameters as one flat tensor."""
+batches, its parameters as one flat tensor, and a worker that registers a method with per-rank
+options and runs one backward pass."""
+
+from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import commcomp
 
 
 class Net(nn.Module):
@@ -29,3 +35,12 @@ def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def backward_once(rank: int, world: int, method: str, options: list[dict[str, Any]]) -> None:
+    """Register `method` with `options[rank]` on the bucketed model and run one backward pass
+    (options that differ between ranks must fail there, on every rank)."""
+    ddp = DDP(Net(), bucket_cap_mb=0.004)
+    commcomp.register(ddp, method, **options[rank])
+    x, y = batch(rank, 0)
+    nn.functional.cross_entropy(ddp(x), y).backward()

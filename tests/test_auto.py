@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from bucketed_net import Net
+from bucketed_net import Net, backward_once
 from bucketed_net import batch as _batch
 from bucketed_net import params as _params
 from harness import WorkerError, run
@@ -161,16 +161,9 @@ def test_bad_options_are_named(options, words):
         assert words in message
 
 
-def _mismatch(rank, world):
-    ddp = DDP(Net(), bucket_cap_mb=0.004)
-    commcomp.register(ddp, "auto", max_error=0.5 if rank == 0 else 0.8)
-    x, y = _batch(rank, 0)
-    nn.functional.cross_entropy(ddp(x), y).backward()
-
-
 def test_options_that_differ_between_ranks_fail_on_every_rank():
     with pytest.raises(WorkerError) as err:
-        run(_mismatch, 2, timeout=60)
+        run(backward_once, 2, "auto", [{"max_error": 0.5}, {"max_error": 0.8}], timeout=60)
     assert str(err.value).count("max_error") >= 2
 
 

@@ -9,7 +9,7 @@ import zlib
 import pytest
 import torch
 import torch.distributed as dist
-from bucketed_net import Net
+from bucketed_net import Net, backward_once
 from bucketed_net import batch as _batch
 from bucketed_net import params as _params
 from harness import WorkerError, run
@@ -411,16 +411,9 @@ def test_nan_gradients_raise_on_every_rank(mode):
         assert "NaN or Inf" in m and "rank(s) [1]" in m
 
 
-def _mismatch_worker(rank, world):
-    ddp = DDP(Net(), bucket_cap_mb=0.004)
-    commcomp.register(ddp, "gradiveq", rank=8 if rank == 0 else 4)
-    x, y = _batch(rank, 0)
-    nn.functional.cross_entropy(ddp(x), y).backward()
-
-
 def test_options_differing_across_ranks_raise_everywhere():
     with pytest.raises(WorkerError) as err:
-        run(_mismatch_worker, 2, timeout=120)
+        run(backward_once, 2, "gradiveq", [{"rank": 8}, {"rank": 4}], timeout=120)
     assert str(err.value).count("options differ across ranks") >= 2  # on both ranks, no hang
 
 
