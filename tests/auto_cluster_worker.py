@@ -3,12 +3,16 @@ tests/test_auto_cluster.py).
 
     torchrun ... tests/auto_cluster_worker.py --dir DIR [--probe-every 2] [--measure-steps 2]
 
-1. Trains until the first plan exists, then on with it up to the step where the next measuring
-   round starts, and prints the plan as `RESULT {"rank": r, "phase": "before", "plan": {...}}`.
+1. Trains until the first plan exists, sets every bucket of it to fp32 (a fast link's plan: on a
+   busy 2-core machine the unshaped link's own plan is a close call between the candidates, and a
+   plan that is already the slow link's would leave nothing to re-plan), trains on up to the step
+   where the next measuring round starts, and prints the plan as
+   `RESULT {"rank": r, "phase": "before", "plan": {...}}`.
 2. Prints WAITING; rank 0 waits for the file DIR/go (the test reshapes the links, then creates it)
    while a barrier holds the other ranks.
-3. Trains through that measuring round (which probes the network and plans again at its end) and
-   prints the plan again (phase "after").
+3. Trains through that measuring round (its check of the network fails on the slowed link, so it
+   starts over at the next step with a full probe, and plans again at its end) and prints the plan
+   again (phase "after").
 
 Every rank stops at the same step: the plan appears at the same step on every rank, and
 `next_round` is the same everywhere. The model is an MLP of about 1.6M parameters (6.3 MB of fp32
@@ -81,6 +85,11 @@ def main() -> int:
         if state.step > 10 * opts.measure_steps:
             raise RuntimeError(f"no plan after {state.step} steps")
         train_step(ddp, opt, info.rank, state.step)
+    saved = state.state_dict()
+    for entry in saved["choices"]:
+        entry["method"] = "fp32"
+    saved["verify"] = None  # no timed check of the measured plan
+    state.load_state_dict(saved)
     slow_round = state.plan()["next_round"]
     while state.step < slow_round:
         train_step(ddp, opt, info.rank, state.step)
@@ -95,7 +104,9 @@ def main() -> int:
             time.sleep(0.05)
     dist.barrier()
 
-    while state.step < slow_round + opts.measure_steps:
+    while state.plan()["rounds"][-1]["step"] < slow_round:  # the round's own record, once it closed
+        if state.step > slow_round + 10 * opts.measure_steps:
+            raise RuntimeError(f"no measuring round closed between steps {slow_round} and {state.step}")
         train_step(ddp, opt, info.rank, state.step)
     report(info.rank, "after", state.plan())
     finish()

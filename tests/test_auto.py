@@ -197,16 +197,41 @@ def test_network_fit_recovers_a_line():
 def _probe(rank, world, cap, enough):
     from commcomp.auto.measure import probe
 
-    return probe(cap, None, torch.device("cpu"), enough)
+    found = probe(cap, None, torch.device("cpu"), enough)
+    return found.seconds, found.sent
 
 
 def test_every_rank_probes_the_same_doubling_sizes():
     """(Stopping early, on a shaped link, is checked by tests/test_auto_cluster.py's re-plan.)"""
     found = run(_probe, 3, 100_000, 1e9, timeout=60)
-    sizes = list(found[0])
-    assert all(list(f) == sizes for f in found)
+    sizes = list(found[0][0])
+    assert all(list(f[0]) == sizes for f in found)
     assert sizes[0] == 4096 and all(b == min(2 * a, 100_000) for a, b in itertools.pairwise(sizes))
     assert sizes[-1] == 100_000
+    # every all-reduce is counted: the line-up, two runs of each size, one of the last
+    assert found[0][1] == [4] + [4 * max(2, s // 4) for s in sizes for _ in range(1 if s == 100_000 else 2)]
+
+
+def test_a_replan_round_checks_the_network_with_one_size_and_probes_in_full_when_it_moved():
+    """A re-plan round re-times the size where the last full probe stopped; the check passes within
+    a factor DRIFT of the fitted line, else the round starts over with a full probe."""
+    from commcomp.auto.measure import DRIFT
+
+    net = Network(1e-3, 8 / 100e6)
+    expected = net.seconds(Exchange("allreduce", 65536), 4)
+    assert net.holds(65536, expected * 0.9 * DRIFT, 4) and net.holds(65536, expected / (0.9 * DRIFT), 4)
+    assert not net.holds(65536, expected * 1.1 * DRIFT, 4) and not net.holds(65536, expected / (1.1 * DRIFT), 4)
+    options = {"candidates": ["bf16", "fp32"], "measure_steps": 1, "probe_every": 2}
+    (*_, report, _, _, _) = run(_train, 2, "auto", options, 10, timeout=180)[0]
+    rounds = report["rounds"]
+    assert rounds[0]["probed"] == "in full" and len(rounds) >= 3
+    for before, now in itertools.pairwise(rounds):
+        due = before["step"] + 1 + options["probe_every"]
+        if now["probed"] == "checked":  # one size, where the last probe stopped, at the round's step
+            assert len(now["probes"]) == 1 and set(now["probes"]) <= set(before["probes"])
+            assert now["step"] == due
+        else:  # the check at the round's step failed: in full at the next one
+            assert now["step"] == due + 1
 
 
 def test_the_same_methods_on_rebuilt_buckets_are_no_replan():

@@ -9,13 +9,15 @@ residuals and bases untouched).
 
 The network is probed with plain all-reduces of doubling sizes (`probe`); `Network.fit` turns the
 timings into a latency per collective and seconds per wire byte (`commcomp.stats.wire_factor`
-converts the bytes handed to a collective into what it carries at this world size).
+converts the bytes handed to a collective into what it carries at this world size). A re-plan round
+first re-times one size (`recheck`) and probes in full only when it is off the line (`Network.holds`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,7 +29,22 @@ from commcomp.hooks.quantized import QuantizerState
 from commcomp.quantizers import SharedScaleQuantizer, StochasticQuantizer
 from commcomp.stats import timer, wire_factor
 
-__all__ = ["Exchange", "Network", "Trial", "agree", "probe", "trial", "trial_gradiveq", "trial_quantizer"]
+__all__ = [
+    "DRIFT",
+    "Exchange",
+    "Network",
+    "Probes",
+    "Trial",
+    "agree",
+    "probe",
+    "recheck",
+    "trial",
+    "trial_gradiveq",
+    "trial_quantizer",
+]
+
+ENOUGH = 0.02  # seconds: a probe that took this long (and 4x the first) is dominated by the transfer
+DRIFT = 1.5  # a re-plan round probes the network in full when a check is off the fitted line by more
 
 
 @dataclass(frozen=True)
@@ -123,9 +140,19 @@ def trial(
     return trial_quantizer(state, keys, grads, like)
 
 
-def probe(cap: int, group: dist.ProcessGroup | None, device: torch.device, enough: float = 0.02) -> dict[int, float]:
-    """Seconds of a blocking all-reduce of 4 KB, 8 KB, 16 KB, ... up to `cap` bytes on this rank:
-    {bytes: seconds}. Issued from a hook body; every rank probes the same sizes.
+@dataclass
+class Probes:
+    """Probe all-reduces on this rank: `seconds` per size in bytes (the faster of its runs), the bytes
+    of every all-reduce issued (`sent`, the line-up included) and the time of every timed run (`spent`)."""
+
+    seconds: dict[int, float]
+    sent: list[int]
+    spent: float
+
+
+def probe(cap: int, group: dist.ProcessGroup | None, device: torch.device, enough: float = ENOUGH) -> Probes:
+    """All-reduces of 4 KB, 8 KB, 16 KB, ... up to `cap` bytes, timed on this rank. Issued from a
+    hook body; every rank probes the same sizes.
 
     An untimed one-value all-reduce first lines the ranks up, so the first probe does not absorb
     the ranks' different arrival times (which would read as latency). Each size runs twice and
@@ -135,9 +162,8 @@ def probe(cap: int, group: dist.ProcessGroup | None, device: torch.device, enoug
     carries this rank's times of the previous size and of the first in its first values, reduced
     with MAX, so every rank reads the same numbers and stops after the same size.
     """
-    line_up = torch.zeros(1, device=device)
-    dist.all_reduce(line_up, group=group)
     found: dict[int, float] = {}
+    sent, spent = [_line_up(group, device)], 0.0
     size, previous, first = min(4 << 10, cap), 0.0, 0.0
     while True:
         buf = torch.zeros(max(2, size // 4), device=device)
@@ -147,15 +173,44 @@ def probe(cap: int, group: dist.ProcessGroup | None, device: torch.device, enoug
             with timer(buf) as t:
                 dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
             runs.append(t.seconds)
+            sent.append(nbytes(buf))
             agreed_previous, agreed_first = float(buf[0]), float(buf[1])  # the slowest rank's, everywhere alike
             done = size >= cap or (len(found) > 0 and agreed_previous >= max(enough, 4 * agreed_first))
             if done:
                 break
         found[size] = previous = min(runs)
+        spent += sum(runs)
         if done:
-            return found
+            return Probes(found, sent, spent)
         first = first or previous
         size = min(2 * size, cap)
+
+
+def recheck(size: int, group: dist.ProcessGroup | None, device: torch.device) -> Probes:
+    """The faster of two all-reduces of `size` bytes on this rank, after a line-up: a re-plan
+    round's check that the network still fits its line (`Network.holds`)."""
+    sent, runs = [_line_up(group, device)], []
+    buf = torch.zeros(max(2, size // 4), device=device)
+    for _ in range(2):
+        with timer(buf) as t:
+            dist.all_reduce(buf, group=group)
+        runs.append(t.seconds)
+        sent.append(nbytes(buf))
+    return Probes({size: min(runs)}, sent, sum(runs))
+
+
+def check_size(rounds: list[dict[str, Any]]) -> int:
+    """The size a re-plan round re-times: where the last round's probe stopped doubling (its first
+    size that took `ENOUGH` seconds), or its largest."""
+    last = {int(size): seconds for size, seconds in rounds[-1]["probes"].items()}
+    return min((size for size, seconds in last.items() if seconds >= ENOUGH), default=max(last))
+
+
+def _line_up(group: dist.ProcessGroup | None, device: torch.device) -> int:
+    """An untimed one-value all-reduce (the ranks arrive at different times); its bytes."""
+    line_up = torch.zeros(1, device=device)
+    dist.all_reduce(line_up, group=group)
+    return nbytes(line_up)
 
 
 def agree(
@@ -200,3 +255,9 @@ class Network:
     def seconds(self, exchange: Exchange, world_size: int) -> float:
         wire = exchange.nbytes * wire_factor(exchange.kind, world_size)
         return self.latency + wire * self.seconds_per_byte
+
+    def holds(self, size: int, seconds: float, world_size: int) -> bool:
+        """Whether an all-reduce of `size` bytes that took `seconds` fits this line within a factor
+        of `DRIFT` (a link that changed by less than that rarely changes the plan)."""
+        expected = self.seconds(Exchange("allreduce", size), world_size)
+        return expected / DRIFT <= seconds <= expected * DRIFT

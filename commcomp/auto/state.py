@@ -4,7 +4,8 @@ hook: `commcomp.auto.hook`).
 The schedule, counted in finished steps:
 
 - a measuring round of `measure_steps` steps, first at step 0, then every `probe_every` steps: at
-  the first bucket of its first step, all-reduces of doubling sizes probe the network; on every
+  the first bucket of its first step, all-reduces of doubling sizes probe the network (a later
+  round re-times one size, and probes in full at its next step only if that is off the line); on every
   bucket of each of its steps, every candidate runs once on the bucket's real gradients without
   communicating (`commcomp.auto.measure`);
 - each bucket of a measuring step is decided before it is sent: one all-reduce takes the maximum
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from commcomp.auto.candidates import CANDIDATES, DEFAULT_CANDIDATES
-from commcomp.auto.measure import Network, Trial, agree, probe, trial
+from commcomp.auto.measure import Network, Trial, agree, check_size, probe, recheck, trial
 from commcomp.auto.plan import Choice, choose
 from commcomp.auto.verify import Verification, alternatives
 from commcomp.gradiveq import GradiVeQState
@@ -59,7 +60,7 @@ class AutoState(HookState):
 
     fallback = "bf16"  # what a bucket without a choice travels by (a NaN measured at step 0)
     keep_rounds = 20  # measuring rounds kept in `rounds`
-    verify_steps = 8  # steps per half of a verification (`commcomp.auto.verify`)
+    verify_steps = 8  # steps per arm of a timed check (`commcomp.auto.verify`)
 
     def __init__(
         self,
@@ -102,6 +103,8 @@ class AutoState(HookState):
         self.updates = BasisUpdates()  # GradiVeQ buckets waiting for their basis update
         self._measuring = False  # this step belongs to a measuring round
         self._round_ok = True  # every bucket of this measuring step was decided (no NaN measured)
+        self.full_probe = False  # the next round probes the network in full (its check failed)
+        self._checking = False  # this round re-times one size instead of probing in full
         self._decided: dict[tuple[str, ...], Choice] = {}  # this measuring step's choices, per bucket
         self._verify: Verification | None = None  # a plan being timed against the alternatives
         self._step_now = 0  # the step in progress (`step` may move on while the last bucket is planned)
@@ -155,12 +158,14 @@ class AutoState(HookState):
             self._end_verification(buf)
         self._measuring = self.step >= self.next_round
         if self._measuring and self._round_steps == 0:  # the network once per round
-            self._probes = probe(self.probe_cap(), self.process_group, buf.device)
-            for size in self._probes:
-                self.stats.sent(size, kind="allreduce", world_size=self.world_size)
-            self.stats.sent(4, kind="allreduce", world_size=self.world_size)  # the line-up
+            size = None if self.network is None or self.full_probe or not self.rounds else check_size(self.rounds)
+            group, device = self.process_group, buf.device
+            found = probe(self.probe_cap(), group, device) if size is None else recheck(size, group, device)
+            self._probes, self._checking = found.seconds, size is not None
+            for nbytes in found.sent:
+                self.stats.sent(nbytes, kind="allreduce", world_size=self.world_size)
             # the probes' own time; waiting for the ranks to line up is time the bucket would have waited
-            self.planning_seconds += sum(self._probes.values())
+            self.planning_seconds += found.spent
 
     def measure(self, keys: tuple[str, ...], grads: list[torch.Tensor], buf: torch.Tensor) -> None:
         """Run every candidate on this bucket's gradients (no communication); in the first round
@@ -185,11 +190,10 @@ class AutoState(HookState):
             self.stats.sent(sent, kind="allreduce", world_size=self.world_size)
             if probes:  # the round's first bucket
                 self._probes, self._round_probes = {}, probes
-                if all(map(math.isfinite, probes.values())):
-                    self.network = Network.fit(list(probes), list(probes.values()), self.world_size)
+                self._update_network(probes)
             numbers = [v for c in trials.values() for v in (c.seconds, c.error)]
-            if self.network is None or not all(map(math.isfinite, numbers)):  # an overflow step measured NaN
-                self._round_ok = False
+            if not self._round_ok or self.network is None or not all(map(math.isfinite, numbers)):
+                self._round_ok = False  # a NaN measured (an overflow step), or the network changed
             else:
                 current = {self._planned.get(key) for key in keys}  # per parameter: DDP may have rebuilt its buckets
                 method = current.pop() if len(current) == 1 else None
@@ -199,6 +203,18 @@ class AutoState(HookState):
                 self._by_param.update(dict.fromkeys(keys, choice.method))
                 self._drop_residuals(before)
         self.planning_seconds += t.seconds
+
+    def _update_network(self, probes: dict[int, float]) -> None:
+        """Fit the network to a full probe, or check it against a re-plan round's one size: off the
+        line by more than `DRIFT`, the round starts over with a full probe at the next step."""
+        if not self._checking:
+            if all(map(math.isfinite, probes.values())):
+                self.network = Network.fit(list(probes), list(probes.values()), self.world_size)
+                self.full_probe = False
+            return
+        ((size, seconds),) = probes.items()
+        if self.network is None or not self.network.holds(size, seconds, self.world_size):
+            self.full_probe, self._round_ok = True, False
 
     def conclude(self, buf: torch.Tensor) -> None:
         """After the measuring step's last bucket was sent: close the round once all its steps
@@ -220,6 +236,7 @@ class AutoState(HookState):
                 "mbit": net.mbit,
                 "methods": [c.method for c in self.choices.values()],
                 "probes": self._round_probes,
+                "probed": "checked" if self._checking else "in full",
             }
         )
         del self.rounds[: -self.keep_rounds]
@@ -234,16 +251,11 @@ class AutoState(HookState):
     def _end_verification(self, buf: torch.Tensor) -> None:
         """Every arm of a timed check is done: keep the fastest of the plan and the alternatives."""
         assert self._verify is not None
-        medians = torch.tensor(self._verify.medians(), dtype=torch.float64, device=buf.device)
-        dist.all_reduce(medians, op=dist.ReduceOp.MAX, group=self.process_group)
-        verify, self._verify = self._verify, None
-        timed = dict(zip(["plan", *verify.arms], medians.tolist()))
-        kept = verify.fastest(list(timed.values()))
-        self.rounds[-1]["timed"] = {**{f"{name}_s": s for name, s in timed.items()}, "kept": kept}
+        kept, self.rounds[-1]["timed"], why = self._verify.decide(self.process_group, buf.device)
+        self._verify = None
         if kept != "plan":
-            why = "timed on real steps: " + ", ".join(f"{name} {1e3 * s:.1f} ms" for name, s in timed.items())
             before = dict(self._by_param)
-            self._set({keys: c.switched(kept, why + " per step") for keys, c in self.choices.items()})
+            self._set({keys: c.switched(kept, why) for keys, c in self.choices.items()})
             self._drop_residuals(before)
 
     def _drop_residuals(self, before: dict[str, str]) -> None:
@@ -295,6 +307,7 @@ class AutoState(HookState):
             "replans": self.replans,
             "rounds": list(self.rounds),
             "next_round": self.next_round,
+            "full_probe": self.full_probe,
             "planning_seconds": self.planning_seconds,
             "verify": None if self._verify is None else self._verify.state_dict(),
             "methods": {name: sub.state_dict() for name, sub in self.methods.items()},
@@ -309,6 +322,7 @@ class AutoState(HookState):
         self.replans = int(state["replans"])
         self.rounds = list(state["rounds"])
         self.next_round = int(state["next_round"])
+        self.full_probe = bool(state["full_probe"])
         self.planning_seconds = float(state["planning_seconds"])
         self._round_steps, self._probes, self._trials = 0, {}, {}  # a round in progress starts over
         self._verify = None if state["verify"] is None else Verification(**state["verify"])
