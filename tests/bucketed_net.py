@@ -1,6 +1,6 @@
-"""The small model of the DDP hook tests (several buckets at `bucket_cap_mb=0.004`), its per-rank
-batches, its parameters as one flat tensor, and a worker that registers a method with per-rank
-options and runs one backward pass."""
+"""The small model of the DDP hook tests (several buckets at `bucket_cap_mb=0.004`) and of the
+Horovod parity tests (tests/horovod_worker.py), its per-rank batches, its parameters as one flat
+tensor, and a worker that registers a method with per-rank options and runs one backward pass."""
 
 from typing import Any
 

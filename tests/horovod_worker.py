@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bucketed_net import Net, batch, params
 from torch import nn
 
 from commcomp import quantizers
@@ -26,35 +27,11 @@ if str(ROOT) not in sys.path:  # the workloads (benchmarks.data) live in the rep
     sys.path.insert(0, str(ROOT))
 
 # --------------------------------------------------------------------------- shared with the DDP side
-
-
-class ConvNet(nn.Module):
-    """Conv1d + Linear layers; conv2 (1,536 values) and fc1 (16,384) are big enough for GradiVeQ."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv1d(4, 16, 3, padding=1)
-        self.conv2 = nn.Conv1d(16, 32, 3, padding=1)
-        self.fc1 = nn.Linear(32 * 8, 64)
-        self.fc2 = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv2(torch.relu(self.conv(x))))
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+# (the conv model, its batches and its flat parameters are tests/bucketed_net.py's)
 
 
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
-
-
-def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    x = torch.randn(16, 4, 8, generator=g)
-    return x, (x.sum((1, 2)) > 0).long() + 2 * (x[:, 0, 0] > 0).long()
-
-
-def flat_params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 GRADIVEQ = dict(warmup_steps=2, wire_dtype="fp32")  # the tracked basis, two dense steps first
@@ -65,7 +42,7 @@ PARITY_STEPS = 12  # warm-up, sampling, a refit, compressed steps and the next c
 
 def build(kind: str) -> nn.Module:
     torch.manual_seed(0)
-    return ConvNet() if kind == "conv" else mlp()
+    return Net() if kind == "conv" else mlp()
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, rank: int, steps: range, after: Callable[[], None]) -> None:
@@ -83,7 +60,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, rank: int, steps: range,
 def _identical_everywhere(model: nn.Module) -> bool:
     import horovod.torch as hvd
 
-    p = flat_params(model)
+    p = params(model)
     everyone = hvd.allgather(p.unsqueeze(0), name="test.identical")
     return all(torch.equal(row, p) for row in everyone)
 
@@ -108,7 +85,7 @@ def _commcomp_run(kind: str, compressor: str, options: dict[str, Any], steps: in
         log.append((opt.stats.last.bytes_sent, expected_bytes(opt, model, n), _identical_everywhere(model)))
 
     train(model, opt, rank, range(steps), after)
-    return {"params": flat_params(model), "log": log, "stats": opt.stats.as_dict()}
+    return {"params": params(model), "log": log, "stats": opt.stats.as_dict()}
 
 
 def expected_bytes(opt: Any, model: nn.Module, n: int) -> int:
@@ -172,7 +149,7 @@ def _checkpoint_run(steps: int, cut: int, outdir: Path) -> dict[str, Any]:
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["opt"])
     train(model, opt, rank, range(cut, steps), lambda: None)
-    return {"params": flat_params(model), "step": opt.comm_state.step}
+    return {"params": params(model), "step": opt.comm_state.step}
 
 
 def _error_runs() -> dict[str, str]:
@@ -247,7 +224,7 @@ def _plain_horovod_run() -> dict[str, Any]:
             compression=compression,
         )
         train(model, opt, rank, range(4), lambda: None)
-        out[name] = (flat_params(model), _identical_everywhere(model))
+        out[name] = (params(model), _identical_everywhere(model))
     return out
 
 
@@ -261,7 +238,7 @@ def _pqasgd_run(steps: int) -> dict[str, Any]:
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     avg = PQASGD(model, opt, period=2, quantizer="qsgd", collectives=HorovodCollectives(), **QSGD)
     train(model, opt, hvd.rank(), range(steps), lambda: None)
-    return {"params": flat_params(model), "stats": avg.stats.as_dict()}
+    return {"params": params(model), "stats": avg.stats.as_dict()}
 
 
 def suite(outdir: Path) -> dict[str, Any]:

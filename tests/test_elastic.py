@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from bucketed_net import params
 from harness import run
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -77,10 +78,6 @@ def train(net: nn.Module, model: nn.Module, step: Callable[[], None], rank: int,
         step()
 
 
-def flat_params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
 def save_phase(rank: int, world: int, directory: str) -> None:
     for label in CASES:
         net, model, obj, step = build(label)
@@ -101,12 +98,12 @@ def load_phase(rank: int, world: int, directory: str) -> dict[str, Any]:
             plain_error = str(err)
         elastic.load(obj, Path(directory) / f"{label}.pt")
         state = elastic.gather(obj)  # every new rank's state after the load
-        params = flat_params(model)
+        loaded = params(model)
         train(net, model, step, rank, range(STEPS, 2 * STEPS))
-        after = flat_params(model)
+        after = params(model)
         everyone = [torch.empty_like(after) for _ in range(world)]
         dist.all_gather(everyone, after)
-        out[label] = {"plain_error": plain_error, "loaded": state, "params": params, "after": everyone}
+        out[label] = {"plain_error": plain_error, "loaded": state, "params": loaded, "after": everyone}
     return out
 
 

@@ -68,12 +68,12 @@ def _ddp_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
         commcomp.register(ddp, name, **options)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
         hw.train(ddp, opt, rank, range(hw.PARITY_STEPS), lambda: None)
-        out[key] = hw.flat_params(model)
+        out[key] = hw.params(model)
     model = hw.build("mlp")
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     PQASGD(model, opt, period=2, quantizer="qsgd", **hw.QSGD)
     hw.train(model, opt, rank, range(hw.PARITY_STEPS), lambda: None)
-    out["pqasgd"] = hw.flat_params(model)
+    out["pqasgd"] = hw.params(model)
     return out
 
 
@@ -98,7 +98,7 @@ def test_same_parameters_as_the_ddp_hook(suite, ddp, method):
         reference = ddp[rank][method]
         assert horovod.shape == reference.shape
         torch.testing.assert_close(horovod, reference, rtol=1e-5, atol=1e-6)
-        moved = (reference - hw.flat_params(hw.build("conv" if "gradiveq" in method else "mlp"))).abs().max()
+        moved = (reference - hw.params(hw.build("conv" if "gradiveq" in method else "mlp"))).abs().max()
         assert moved > 1e-3  # the runs really trained
 
 
