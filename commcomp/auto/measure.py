@@ -31,11 +31,14 @@ from commcomp.stats import timer, wire_factor
 
 __all__ = [
     "DRIFT",
+    "ENOUGH",
     "Exchange",
     "Network",
     "Probes",
     "Trial",
     "agree",
+    "check_size",
+    "max_over_ranks",
     "probe",
     "recheck",
     "trial",
@@ -201,10 +204,13 @@ def recheck(size: int, group: dist.ProcessGroup | None, device: torch.device) ->
 
 
 def check_size(rounds: list[dict[str, Any]]) -> int:
-    """The size a re-plan round re-times: where the last round's probe stopped doubling (its first
-    size that took `ENOUGH` seconds), or its largest."""
+    """The size a re-plan round re-times: where the last round's probe stopped doubling (by
+    `probe`'s rule: the first size after the first that took `ENOUGH` seconds and 4x the first
+    size's time), or its largest. A small size slowed by a busy CPU is not the transfer."""
     last = {int(size): seconds for size, seconds in rounds[-1]["probes"].items()}
-    return min((size for size, seconds in last.items() if seconds >= ENOUGH), default=max(last))
+    sizes = sorted(last)
+    bar = max(ENOUGH, 4 * last[sizes[0]])
+    return next((size for size in sizes[1:] if last[size] >= bar), sizes[-1])
 
 
 def _line_up(group: dist.ProcessGroup | None, device: torch.device) -> int:
@@ -222,12 +228,19 @@ def agree(
     passes the same probe sizes and candidates. Returns them with the bytes handed to the all-reduce."""
     sizes = sorted(probes)
     values = [probes[size] for size in sizes] + [v for t in trials.values() for v in (t.seconds, t.error)]
-    flat = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
-    found = flat.tolist()
+    found, sent = max_over_ranks(values, group, device)
     rest = iter(found[len(sizes) :])
     agreed = {name: Trial(next(rest), next(rest), t.exchanges) for name, t in trials.items()}
-    return dict(zip(sizes, found)), agreed, nbytes(flat)
+    return dict(zip(sizes, found)), agreed, sent
+
+
+def max_over_ranks(
+    values: list[float], group: dist.ProcessGroup | None, device: torch.device
+) -> tuple[list[float], int]:
+    """Each of `values` maximised over the ranks (one all-reduce, float64), and the bytes handed to it."""
+    flat = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+    return flat.tolist(), nbytes(flat)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from commcomp.auto.candidates import CANDIDATES, DEFAULT_CANDIDATES
-from commcomp.auto.measure import Network, Trial, agree, check_size, probe, recheck, trial
+from commcomp.auto.measure import Network, Trial, agree, check_size, max_over_ranks, probe, recheck, trial
 from commcomp.auto.plan import Choice, choose
 from commcomp.auto.verify import Verification, alternatives
 from commcomp.gradiveq import GradiVeQState
@@ -199,7 +199,7 @@ class AutoState(HookState):
                 method = current.pop() if len(current) == 1 else None
                 choice = choose(trials, self.network, self.world_size, self.max_error, method)
                 self._decided[keys] = choice
-                before = dict(self._by_param)
+                before = {key: self._by_param[key] for key in keys if key in self._by_param}
                 self._by_param.update(dict.fromkeys(keys, choice.method))
                 self._drop_residuals(before)
         self.planning_seconds += t.seconds
@@ -251,7 +251,9 @@ class AutoState(HookState):
     def _end_verification(self, buf: torch.Tensor) -> None:
         """Every arm of a timed check is done: keep the fastest of the plan and the alternatives."""
         assert self._verify is not None
-        kept, self.rounds[-1]["timed"], why = self._verify.decide(self.process_group, buf.device)
+        medians, sent = max_over_ranks(self._verify.medians(), self.process_group, buf.device)
+        self.stats.sent(sent, kind="allreduce", world_size=self.world_size)
+        kept, self.rounds[-1]["timed"], why = self._verify.decide(medians)
         self._verify = None
         if kept != "plan":
             before = dict(self._by_param)

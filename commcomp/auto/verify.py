@@ -20,9 +20,6 @@ import statistics
 import time
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
 from commcomp.auto.plan import Choice
 
 __all__ = ["CLEAR_GAIN", "UNIFORM", "Verification", "alternatives"]
@@ -84,18 +81,16 @@ class Verification:
         return [statistics.median(t) if t else math.nan for t in timed]
 
     def fastest(self, medians: list[float]) -> str:
-        """ "plan" or the arm with the smallest of `medians` (as from `medians()`, agreed); arms
-        without a timing are left out, and the plan wins ties."""
+        """The arm with the smallest of `medians` (as from `medians()`, agreed over the ranks), or
+        "plan"; arms without a timing are left out, and the plan wins ties."""
         names = ["plan", *self.arms]
         timed = [(m, i) for i, m in enumerate(medians) if math.isfinite(m)]
         return names[min(timed)[1]] if timed else "plan"
 
-    def decide(self, group: dist.ProcessGroup | None, device: torch.device) -> tuple[str, dict[str, Any], str]:
-        """Once every arm is done: the slowest rank's medians (one all-reduce, MAX), so every rank
-        decides alike. Returns the kept arm ("plan" or a method), the record of the check, and why."""
-        medians = torch.tensor(self.medians(), dtype=torch.float64, device=device)
-        dist.all_reduce(medians, op=dist.ReduceOp.MAX, group=group)
-        timed = dict(zip(["plan", *self.arms], medians.tolist()))
+    def decide(self, medians: list[float]) -> tuple[str, dict[str, Any], str]:
+        """Once every arm is done, from the slowest rank's `medians()` (the same on every rank): the
+        kept arm ("plan" or a method), the record of the check, and why."""
+        timed = dict(zip(["plan", *self.arms], medians))
         kept = self.fastest(list(timed.values()))
         why = "timed on real steps: " + ", ".join(f"{name} {1e3 * s:.1f} ms" for name, s in timed.items())
         return kept, {**{f"{name}_s": s for name, s in timed.items()}, "kept": kept}, why + " per step"
