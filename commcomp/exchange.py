@@ -20,6 +20,10 @@ The pieces plugged in:
   element-wise over ranks (one dtype, e.g. GradiVeQ coefficients or fp16 values; a codec may add any
   extra tensors it wants summed, it gets them back at decode in the order sent). `summed=False`: the
   parts are this rank's packed bytes (uint8), all-gathered; decode gets every rank's bytes.
+- `DenseExchange` is the plain average in a wire dtype (fp32, fp16, bf16: g/N summed). It is
+  element-wise, so a DDP bucket whose gradients tile its buffer (`tiles`) travels as one tensor,
+  the buffer itself: one division and one copy back instead of one of each per gradient, and
+  bitwise the same buffer on the wire.
 - `Wire` issues the collective: `TorchWire` on a torch.distributed group (DDP), the Horovod wire in
   `commcomp.horovod`.
 - The `Host` owns the step (`commcomp.hooks.base.HookState` is one): its rank and world size, its
@@ -46,6 +50,7 @@ from commcomp.overflow import poison
 from commcomp.stats import CommStats, timer
 
 __all__ = [
+    "DenseExchange",
     "Encoded",
     "ExchangeCodec",
     "Host",
@@ -57,6 +62,7 @@ __all__ = [
     "finish",
     "nbytes",
     "send",
+    "tiles",
 ]
 
 Received = torch.Tensor | list[torch.Tensor]  # a summed buffer, or every rank's buffer in rank order
@@ -86,6 +92,9 @@ class Encoded:
     grads: list[torch.Tensor]
     parts: list[torch.Tensor]
     context: Any = None
+    # summed codecs may lay the parts end to end into one buffer with a free slot per rank after
+    # them: the engine writes the flags there and sends it as it is (no copy into a new buffer)
+    flat: torch.Tensor | None = None
 
 
 class ExchangeCodec(Protocol):
@@ -106,6 +115,45 @@ class ExchangeCodec(Protocol):
     def commit(self, encoded: Encoded) -> None:
         """Called once the group decoded cleanly on every rank."""
         ...
+
+
+class DenseExchange:
+    """`ExchangeCodec` of the plain average: every rank sends g/N in `wire_dtype` (None: the
+    gradients' own), the all-reduce sums it, and decoding casts the sum back into the gradients.
+    Nothing is learned, so nothing is committed."""
+
+    summed = True
+
+    def __init__(self, world_size: int, wire_dtype: torch.dtype | None = None) -> None:
+        self.world_size, self.wire_dtype = world_size, wire_dtype
+
+    def encode(self, keys: list[str], grads: list[torch.Tensor]) -> Encoded:
+        dtypes = {self.wire_dtype or g.dtype for g in grads}
+        if len(dtypes) != 1:  # none, or several: the engine sends nothing, or refuses
+            return Encoded(keys, grads, [g.reshape(-1) / self.world_size for g in grads])
+        sizes = [g.numel() for g in grads]
+        flat = torch.empty(sum(sizes) + self.world_size, dtype=dtypes.pop(), device=grads[0].device)
+        parts = list(flat[: sum(sizes)].split(sizes))
+        for g, part in zip(grads, parts):
+            torch.div(g.reshape(-1), self.world_size, out=part)  # g/N, rounded once to the wire dtype
+        return Encoded(keys, grads, parts, flat=flat)
+
+    def decode(self, received: list[torch.Tensor], encoded: Encoded) -> list[torch.Tensor]:
+        return received  # the engine's copy into the gradients casts back
+
+    def commit(self, encoded: Encoded) -> None:
+        pass
+
+
+def tiles(grads: list[torch.Tensor], buffer: torch.Tensor) -> bool:
+    """True if `grads` are `buffer`'s contents laid end to end (a DDP bucket's gradient views), so
+    that an element-wise codec may send the buffer as one tensor."""
+    offset, base, size = 0, buffer.data_ptr(), buffer.element_size()
+    for g in grads:
+        if g.dtype != buffer.dtype or not g.is_contiguous() or g.data_ptr() != base + offset * size:
+            return False
+        offset += g.numel()
+    return offset == buffer.numel()
 
 
 class Host(Protocol):
@@ -216,7 +264,11 @@ def send(
             flags = flag_slots(bad, host.rank, host.world_size, wire_dtype, like.device)
         else:
             flags = torch.tensor([int(bad)], dtype=torch.uint8, device=like.device)
-        flat = flatten([*encoded.parts, flags])
+        if encoded.flat is not None:
+            flat = encoded.flat
+            flat[-flags.numel() :].copy_(flags)
+        else:
+            flat = flatten([*encoded.parts, flags])
     host.stats.encoded(enc.seconds)
     kind = "allreduce" if codec.summed else "allgather"
     host.stats.sent(nbytes(flat), dense=dense_bytes, kind=kind, world_size=host.world_size)

@@ -52,8 +52,9 @@ def test_flags_mark_the_bad_ranks_after_a_sum() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_nonfinite_check_matches_an_element_wise_check(dtype: torch.dtype) -> None:
-    """The summed check agrees with `isfinite` element by element, extreme finite values included
-    (their sums must not overflow into a false alarm), and +inf in one tensor with -inf in another."""
+    """The check agrees with `isfinite` element by element: extreme finite values (no false alarm
+    once widened), +inf in one tensor with -inf in another, NaN alone or next to an infinity, mixed
+    dtypes, empty tensors and integers."""
     big = torch.finfo(dtype).max
     gen = torch.Generator().manual_seed(0)
     cases = [
@@ -62,6 +63,10 @@ def test_nonfinite_check_matches_an_element_wise_check(dtype: torch.dtype) -> No
         [torch.tensor([float("inf")], dtype=dtype), torch.tensor([float("-inf")], dtype=dtype)],
         [torch.randn(3, 5, generator=gen).to(dtype), torch.tensor([1.0, float("nan")], dtype=dtype)],
         [torch.randn(9, generator=gen).to(dtype), torch.arange(5)],
+        [torch.tensor([float("nan")] * 3, dtype=dtype)],
+        [torch.tensor([float("-inf"), float("nan"), 1.0], dtype=dtype)],
+        [torch.full((3,), big, dtype=dtype), torch.full((2,), 1.0, dtype=torch.float64)],
+        [torch.randn(2, 2, generator=gen).to(dtype), torch.tensor([float("nan")], dtype=torch.float32)],
         [torch.empty(0, dtype=dtype)],
         [],
     ]

@@ -1,4 +1,4 @@
-"""The quantizer DDP hook with qsgd, topk, randk and sign on real gloo process groups.
+"""The quantizer DDP hook with qsgd, topk, randk, sign and the dense casts on real gloo process groups.
 
 Every step is compared with a plain reference: each rank also trains a copy of the model without DDP,
 all-gathers the raw gradients with torch.distributed, and simulates every rank's compression (same
@@ -18,7 +18,8 @@ from torch import nn
 
 import commcomp
 from commcomp import quantizers
-from commcomp.hooks.quantized import QuantizerState
+from commcomp.exchange import DenseExchange, tiles
+from commcomp.hooks.quantized import QuantizerState, quantizer_hook
 
 CONFIGS: list[tuple[str, dict[str, Any], bool]] = [
     ("qsgd", {"bits": 4, "bucket_size": 64}, False),
@@ -29,6 +30,7 @@ CONFIGS: list[tuple[str, dict[str, Any], bool]] = [
     ("randk", {"k": 7, "rescale": False}, True),
 ]
 STEPS = 3
+DENSE = [("identity", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)]
 
 
 def _net() -> nn.Module:
@@ -208,3 +210,61 @@ def test_clear_errors() -> None:
         assert out["state"] == "QuantizerState"
         assert "NaN or Inf" in out.get("nan", "") and "rank(s) [1]" in out["nan"], out
         assert "options differ across ranks" in out.get("differ", ""), out
+
+
+def test_dense_exchange_sends_what_the_quantizer_would_whole_or_per_gradient() -> None:
+    """The plain average's encoding of a buffer is bitwise its quantizer's g/N, gradient by gradient,
+    laid end to end: sending a bucket's buffer whole puts the same values on the wire."""
+    buf = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    grads = [v.view(shape) for v, shape in zip(buf.split([600, 300, 100]), [(20, 30), (300,), (10, 10)])]
+    assert tiles(grads, buf)
+    assert not tiles(grads[:2], buf) and not tiles(grads[::-1], buf)  # a part, or out of order
+    assert not tiles([buf.view(10, 100).t()], buf) and not tiles([buf.double()], buf)  # a layout, a copy
+    for name, wire in DENSE:
+        codec = DenseExchange(3, None if name == "identity" else wire)
+        whole = codec.encode(["bucket0"], [buf]).parts[0]
+        per_gradient = torch.cat(codec.encode(["a", "b", "c"], grads).parts)
+        quantized = torch.cat([quantizers.get(name).compress(g / 3).tensors[0] for g in grads])
+        assert whole.dtype == wire and torch.equal(whole, per_gradient) and torch.equal(whole, quantized), name
+
+
+def _dense_worker(rank: int, world: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, wire in DENSE:
+        net, ref = _net(), _net()
+        model = nn.parallel.DistributedDataParallel(net, bucket_cap_mb=0.002)
+        state = QuantizerState(quantizer=name)
+        whole: list[bool] = []
+
+        def hook(
+            state: QuantizerState, bucket: dist.GradBucket, whole: list[bool] = whole
+        ) -> torch.futures.Future[torch.Tensor]:
+            whole.append(tiles(bucket.gradients(), bucket.buffer()))
+            return quantizer_hook(state, bucket)
+
+        model.register_comm_hook(state, hook)
+        worst = 0.0
+        for step in range(2):  # DDP rebuilds its buckets after the first step
+            x, y = batch(rank, step)
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            ref.zero_grad()
+            F.cross_entropy(ref(x), y).backward()
+            everyone = everyone_grads(ref)
+            for k, p in net.named_parameters():
+                shares = torch.stack([g[k] / world for g in everyone])
+                expected = shares.to(wire).float().sum(0)
+                # the wire sums in its own dtype: each of the world - 1 additions rounds once
+                bound = world * torch.finfo(wire).eps * shares.abs().sum(0) + 1e-12
+                worst = max(worst, float(((p.grad - expected).abs() / bound).max()))
+        out[name] = {"whole": whole, "worst": worst, "buckets": state.num_buckets, "same": same_on_all_ranks(net)}
+    return out
+
+
+def test_dense_quantizers_average_whole_buckets_like_a_plain_reference() -> None:
+    """identity, fp16 and bf16 send each DDP bucket's buffer whole, and every gradient is the
+    average of every rank's g/N rounded to the wire, within the wire's own rounding of the sum."""
+    for out in run(_dense_worker, 3, timeout=300):
+        for name, res in out.items():
+            assert res["buckets"] >= 3 and all(res["whole"]), (name, res)
+            assert res["worst"] <= 1.0 and res["same"], (name, res)

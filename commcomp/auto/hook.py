@@ -16,7 +16,7 @@ from commcomp.exchange import TorchWire
 from commcomp.gradiveq import GradiVeQState
 from commcomp.gradiveq.tracked import TrackedLayer
 from commcomp.hooks.base import register_simple_method, send_group
-from commcomp.hooks.quantized import QuantizedExchange, QuantizerState
+from commcomp.hooks.quantized import QuantizerState
 
 __all__ = ["TrackedOnAuto", "auto_hook"]
 
@@ -51,7 +51,8 @@ def auto_hook(state: AutoState, bucket: dist.GradBucket) -> torch.futures.Future
         else:
             sub = state.methods[method]
             assert isinstance(sub, QuantizerState)
-            futures.append(send_group(state, QuantizedExchange(sub), names, tensors, buf, index))
+            codec = sub.exchange_codec([(k, g.shape) for k, g in zip(names, tensors)], buf)
+            futures.append(send_group(state, codec, names, tensors, buf, index))
     if bucket.is_last():
         if tracked is not None:
             state.updates.flush(tracked, wire)

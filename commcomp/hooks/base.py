@@ -20,7 +20,7 @@ from torch import nn
 from commcomp import consistency
 from commcomp.comm import Collectives, TorchCollectives
 from commcomp.consistency import world_size_error
-from commcomp.exchange import ExchangeCodec, TorchWire, dense_nbytes, finish, send
+from commcomp.exchange import DenseExchange, ExchangeCodec, TorchWire, dense_nbytes, finish, send, tiles
 from commcomp.overflow import NonFiniteGradientError, check_nonfinite
 from commcomp.quantizers import Quantizer
 from commcomp.registry import Registry, check_options
@@ -255,9 +255,11 @@ def send_group(
 ) -> torch.futures.Future[torch.Tensor]:
     """Send gradients `grads` (named `keys`) of begun bucket `index` (buffer `buf`) through `codec`
     on `host`'s process group; the returned future decodes them (in the callback), ends the group,
-    and completes with `buf`."""
+    and completes with `buf`. A `DenseExchange` of the whole bucket sends `buf` as one tensor."""
     wire = TorchWire(host.process_group)
     dense = dense_nbytes(grads, buf)
+    if isinstance(codec, DenseExchange) and tiles(grads, buf):
+        keys, grads = [f"bucket{index}"], [buf]
     item = send(host, codec, keys, grads, wire, like=buf, dense_bytes=dense, name=f"bucket{index}")
 
     def decode(fut: torch.futures.Future[Any]) -> torch.Tensor:

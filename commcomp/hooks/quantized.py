@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from commcomp import quantizers
 from commcomp.error_feedback import ErrorFeedback
-from commcomp.exchange import Encoded
+from commcomp.exchange import DenseExchange, Encoded
 from commcomp.flat import flatten, unflatten
 from commcomp.hooks.base import HookState, exchange_hook
 from commcomp.quantizers import (
@@ -35,6 +35,7 @@ from commcomp.quantizers import (
     relayout,
     unpack_batch,
 )
+from commcomp.quantizers.basic import Cast, Identity
 from commcomp.stats import timer
 
 __all__ = ["QuantizedExchange", "QuantizerState", "flatten_summable", "quantizer_hook", "unflatten_summable"]
@@ -83,7 +84,14 @@ class QuantizerState(HookState):
         parts of a gradient that is averaged after decoding (see `commcomp.elastic`)."""
         return self.quantizer.linear
 
-    def exchange_codec(self, params: list[tuple[str, torch.Size]], like: torch.Tensor) -> "QuantizedExchange":
+    def exchange_codec(
+        self, params: list[tuple[str, torch.Size]], like: torch.Tensor
+    ) -> "QuantizedExchange | DenseExchange":
+        """The plain average (`DenseExchange`) for identity, fp16 and bf16 without error feedback;
+        else the quantizer's own exchange."""
+        q = self.quantizer
+        if self.memory is None and isinstance(q, (Identity, Cast)):
+            return DenseExchange(self.world_size, q.wire_dtype if isinstance(q, Cast) else None)
         return QuantizedExchange(self)
 
     def prepare(self, key: str, grad: torch.Tensor) -> torch.Tensor:
