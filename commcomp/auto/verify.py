@@ -6,11 +6,14 @@ step shows: on a fast link a codec's CPU time competes with the other ranks' bac
 collective's time hides behind another rank's computation, and each dependent collective waits for
 the slowest rank. So a plan is timed against each of `UNIFORM` (the 16-bit exchange, and no
 compression at all) that the candidates include and that it is predicted less than `CLEAR_GAIN`x
-faster than: the next `steps` steps run the plan, then `steps` steps each alternative in turn; each
-step is timed from one first bucket to the next, the median of each arm is taken (an evaluation or
-a checkpoint in between is an outlier, not a trend), one all-reduce takes the slowest rank's, and
-the fastest arm is kept. Every rank switches at the same step counts and decides from the same
-numbers.
+faster than: the plan and each alternative take turns in blocks of `steps // 2` steps, twice over
+(so a drift of the machine's load, or the first steps' warm-up, falls on every arm alike, not on
+whichever came first); each step is timed from one first bucket to the next, the median of each arm
+is taken (an evaluation or a checkpoint in between is an outlier, not a trend), and one all-reduce
+takes the slowest rank's. The fastest alternative replaces the plan only if its median is more than
+`MARGIN` below the plan's: per-step times on a busy machine scatter by tens of percent, and on a
+near tie the prediction that chose the plan breaks it. Every rank switches at the same step counts
+and decides from the same numbers.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from typing import Any
 
 from commcomp.auto.plan import Choice
 
-__all__ = ["CLEAR_GAIN", "UNIFORM", "Verification", "alternatives"]
+__all__ = ["CLEAR_GAIN", "MARGIN", "UNIFORM", "Verification", "alternatives"]
 
 CLEAR_GAIN = 2.0  # a plan predicted this many times faster than an alternative is trusted as it is
+MARGIN = 0.05  # an alternative replaces the plan only if its median step is this much shorter
 UNIFORM = ("bf16", "fp32")  # what a plan may be timed against, in this order
 
 
@@ -43,7 +47,7 @@ def alternatives(choices: list[Choice]) -> list[str]:
 
 
 class Verification:
-    """From step `start`: `steps` timed steps of the plan, then `steps` of each of `arms` in turn.
+    """From step `start`: the plan and each of `arms` in turn, `steps // 2` steps at a time, twice.
 
     The arms are counted in steps, not in timings, so a resumed job (whose first step has no
     timing: the clock of the step before it stopped with the old process) switches at the same step.
@@ -62,11 +66,15 @@ class Verification:
         if self._last is not None:
             self.seconds[self._last[0]] = now - self._last[1]
         self._last = (step, now)
-        return step - self.start >= (1 + len(self.arms)) * self.steps
+        return step - self.start >= 2 * self._block * (1 + len(self.arms))
+
+    @property
+    def _block(self) -> int:
+        return max(1, self.steps // 2)
 
     def _arm(self, step: int) -> int:
         """0: the plan; i: arms[i - 1]."""
-        return min((step - self.start) // self.steps, len(self.arms))
+        return (step - self.start) // self._block % (1 + len(self.arms))
 
     def method(self, planned: str, step: int) -> str:
         """What a gradient travels by in `step`."""
@@ -81,11 +89,14 @@ class Verification:
         return [statistics.median(t) if t else math.nan for t in timed]
 
     def fastest(self, medians: list[float]) -> str:
-        """The arm with the smallest of `medians` (as from `medians()`, agreed over the ranks), or
-        "plan"; arms without a timing are left out, and the plan wins ties."""
-        names = ["plan", *self.arms]
-        timed = [(m, i) for i, m in enumerate(medians) if math.isfinite(m)]
-        return names[min(timed)[1]] if timed else "plan"
+        """From `medians` (as from `medians()`, agreed over the ranks): the fastest alternative if
+        its median is more than `MARGIN` below the plan's (or the plan has none), else "plan"; arms
+        without a timing are left out."""
+        plan, rest = medians[0], [(m, name) for m, name in zip(medians[1:], self.arms) if math.isfinite(m)]
+        if not rest:
+            return "plan"
+        best, name = min(rest)
+        return name if not math.isfinite(plan) or best < plan * (1 - MARGIN) else "plan"
 
     def decide(self, medians: list[float]) -> tuple[str, dict[str, Any], str]:
         """Once every arm is done, from the slowest rank's `medians()` (the same on every rank): the
