@@ -216,15 +216,20 @@ def test_every_rank_probes_the_same_doubling_sizes():
 def test_a_replan_round_checks_the_network_with_one_size_and_probes_in_full_when_it_moved():
     """A re-plan round re-times the size where the last full probe stopped; the check passes within
     a factor DRIFT of the fitted line, else the round starts over with a full probe."""
-    from commcomp.auto.measure import DRIFT, check_size
+    from commcomp.auto.measure import DRIFT, check_size, transfer_bound
 
     net = Network(1e-3, 8 / 100e6)
     expected = net.seconds(Exchange("allreduce", 65536), 4)
     assert net.holds(65536, expected * 0.9 * DRIFT, 4) and net.holds(65536, expected / (0.9 * DRIFT), 4)
     assert not net.holds(65536, expected * 1.1 * DRIFT, 4) and not net.holds(65536, expected / (1.1 * DRIFT), 4)
-    # where the doubling stopped: 20 ms and 4x the first size's time (a slow 8 KB is not it)
+    # where the doubling stopped: 20 ms and 4x the fastest smaller size's time (a slow 8 KB is not
+    # it; a slow first size does not raise the bar)
     probes = {4096: 0.006, 8192: 0.021, 16384: 0.012, 32768: 0.025, 65536: 0.030, 131072: 0.060}
     assert check_size([{"probes": probes}]) == 32768
+    probes = {4096: 0.009, 8192: 0.005, 16384: 0.010, 32768: 0.022, 65536: 0.045}
+    assert check_size([{"probes": probes}]) == 32768
+    assert transfer_bound([0.009, 0.005, 0.022]) and not transfer_bound([0.009, 0.022])
+    assert not transfer_bound([0.001, 0.019]) and not transfer_bound([0.03])  # under 20 ms; nothing smaller
     assert check_size([{"probes": {4096: 0.001, 8192: 0.002}}]) == 8192  # none did: the largest
     assert check_size([{"probes": {65536: 0.03}}]) == 65536  # a checked round's one size
     options = {"candidates": ["bf16", "fp32"], "measure_steps": 1, "probe_every": 2}

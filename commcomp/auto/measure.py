@@ -41,12 +41,13 @@ __all__ = [
     "max_over_ranks",
     "probe",
     "recheck",
+    "transfer_bound",
     "trial",
     "trial_gradiveq",
     "trial_quantizer",
 ]
 
-ENOUGH = 0.02  # seconds: a probe that took this long (and 4x the first) is dominated by the transfer
+ENOUGH = 0.02  # seconds: a probe that took this long (and 4x a smaller size) is dominated by the transfer
 DRIFT = 2.0  # a re-plan round probes the network in full when a check is off the fitted line by more
 
 
@@ -159,34 +160,43 @@ def probe(cap: int, group: dist.ProcessGroup | None, device: torch.device, enoug
 
     An untimed one-value all-reduce first lines the ranks up, so the first probe does not absorb
     the ranks' different arrival times (which would read as latency). Each size runs twice and
-    keeps the faster run (a busy CPU only ever adds time). The sizes double until one took `enough`
-    seconds and 4x the first size's time on the slowest rank: the transfer then clearly outweighs
-    the latency, and the next size, run once, is the last (on a 25 Mbit/s link: 128 KB). Each run
-    carries this rank's times of the previous size and of the first in its first values, reduced
-    with MAX, so every rank reads the same numbers and stops after the same size.
+    keeps the faster run (a busy CPU only ever adds time). The sizes double until one is
+    `transfer_bound` on the slowest rank: the transfer then clearly outweighs the latency, and the
+    next size, run once, is the last (on a 25 Mbit/s link: 128 KB). Each size's first run carries
+    this rank's time of the previous size in its first value, reduced with MAX, so every rank reads
+    the same times and stops after the same size.
     """
     found: dict[int, float] = {}
+    agreed: list[float] = []  # the slowest rank's time of each size so far
     sent, spent = [_line_up(group, device)], 0.0
-    size, previous, first = min(4 << 10, cap), 0.0, 0.0
+    size, previous = min(4 << 10, cap), 0.0
     while True:
         buf = torch.zeros(max(2, size // 4), device=device)
-        buf[:2] = torch.tensor([previous, first])
+        buf[0] = previous
         runs = []
-        for _ in range(2):
+        for run in range(2):
             with timer(buf) as t:
                 dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
             runs.append(t.seconds)
             sent.append(nbytes(buf))
-            agreed_previous, agreed_first = float(buf[0]), float(buf[1])  # the slowest rank's, everywhere alike
-            done = size >= cap or (len(found) > 0 and agreed_previous >= max(enough, 4 * agreed_first))
+            if run == 0 and found:
+                agreed.append(float(buf[0]))  # the previous size's, everywhere alike
+            done = size >= cap or transfer_bound(agreed, enough)
             if done:
                 break
         found[size] = previous = min(runs)
         spent += sum(runs)
         if done:
             return Probes(found, sent, spent)
-        first = first or previous
         size = min(2 * size, cap)
+
+
+def transfer_bound(times: list[float], enough: float = ENOUGH) -> bool:
+    """True if the last of `times` (a probe's times of doubling sizes) took `enough` seconds and 4x
+    the fastest smaller size's: the transfer, not the latency, makes it. The fastest, not the
+    first: a first size slowed by a busy CPU would raise the bar and send the probe on to sizes that
+    only cost time."""
+    return len(times) > 1 and times[-1] >= max(enough, 4 * min(times[:-1]))
 
 
 def recheck(size: int, group: dist.ProcessGroup | None, device: torch.device) -> Probes:
@@ -204,13 +214,13 @@ def recheck(size: int, group: dist.ProcessGroup | None, device: torch.device) ->
 
 
 def check_size(rounds: list[dict[str, Any]]) -> int:
-    """The size a re-plan round re-times: where the last round's probe stopped doubling (by
-    `probe`'s rule: the first size after the first that took `ENOUGH` seconds and 4x the first
-    size's time), or its largest. A small size slowed by a busy CPU is not the transfer."""
+    """The size a re-plan round re-times: where the last round's probe stopped doubling (the first
+    size that was `transfer_bound`), or its largest. A small size slowed by a busy CPU is not the
+    transfer."""
     last = {int(size): seconds for size, seconds in rounds[-1]["probes"].items()}
     sizes = sorted(last)
-    bar = max(ENOUGH, 4 * last[sizes[0]])
-    return next((size for size in sizes[1:] if last[size] >= bar), sizes[-1])
+    times = [last[size] for size in sizes]
+    return next((size for i, size in enumerate(sizes) if transfer_bound(times[: i + 1])), sizes[-1])
 
 
 def _line_up(group: dist.ProcessGroup | None, device: torch.device) -> int:
