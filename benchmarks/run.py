@@ -219,7 +219,7 @@ NOTES = [
     " error-feedback residual) cost 8 x rank multiply-adds per weight per step, 128 at rank 16, against"
     " 6 x 32 = 192 for the forward and backward passes of the mlp's 32 samples per rank, so on these cores"
     " its codec is a large share of a small step (PowerSGD runs three of these products; its codec time is not"
-    " reported). On the cnn, whose convolutions do more work per weight, it stays under 10%. The Horovod rows"
+    " reported). On the cnn, whose convolutions do more work per weight, its share is smaller. The Horovod rows"
     " also share the 2 cores with Horovod's background threads, which stretches every timed region.",
 ]
 
