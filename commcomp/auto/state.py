@@ -15,7 +15,7 @@ The schedule, counted in finished steps:
   not have chosen. The plan is kept per parameter (DDP rebuilds its buckets after the first step);
   a round that ends with a different plan counts as a re-plan (`replans`);
 - a plan predicted less than 2x faster than sending every bucket in bf16, or in fp32, is timed
-  against them on real steps (`commcomp.auto.verify`) and the fastest kept.
+  against them on real steps (`commcomp.auto.verify`); an alternative more than 5% faster replaces it.
 
 Every collective (probes, the measurement all-reduce, the candidates' own) is issued from the hook
 body in bucket order. A bucket that leaves GradiVeQ at a re-plan drops its error-feedback residual
@@ -249,7 +249,8 @@ class AutoState(HookState):
             self._verify = Verification(arms, self.verify_steps, self._step_now + 1)
 
     def _end_verification(self, buf: torch.Tensor) -> None:
-        """Every arm of a timed check is done: keep the fastest of the plan and the alternatives."""
+        """Every arm of a timed check is done: keep the plan, or the alternative that beat it
+        (`Verification.decide`)."""
         assert self._verify is not None
         medians, sent = max_over_ranks(self._verify.medians(), self.process_group, buf.device)
         self.stats.sent(sent, kind="allreduce", world_size=self.world_size)
