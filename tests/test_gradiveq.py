@@ -376,6 +376,18 @@ def test_sampling_steps_can_be_sent_as_4bit_qsgd():
             assert dims and all(d > 0 for d in dims.values())  # the PCA was fitted on the decoded samples
 
 
+def test_sampling_steps_can_be_sent_in_bf16():
+    """A dense sample quantizer takes the quantizer hook's own exchange (the plain average)."""
+    results = run(_train_worker, 2, {**FITTED, "sample_quantizer": "bf16"}, 2 + 4 + 5, False, timeout=180)
+    assert torch.equal(results[0][0], results[1][0])
+    assert {phase for phase, *_ in results[0][1]} >= {"sample", "compress"}
+    for phase, sent, dense, dims in results[0][1]:
+        if phase == "sample":  # 2 bytes a value, plus one 2-byte flag slot per rank and bucket
+            assert dense / 2 < sent < dense / 2 + 64
+        if phase == "compress":
+            assert dims and all(d > 0 for d in dims.values())
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_gradient_as_bucket_view_and_world_size_one(mode):
     run(_train_worker, 2, MODES[mode], 13, True, timeout=180)

@@ -20,10 +20,9 @@ from typing import Any, Protocol
 import torch
 
 from commcomp.comm import Collectives
-from commcomp.exchange import Encoded, Host
+from commcomp.exchange import Encoded, ExchangeCodec, Host
 from commcomp.gradiveq.codec import LayerCodec
 from commcomp.gradiveq.refit import refit_bases
-from commcomp.hooks.quantized import QuantizedExchange
 from commcomp.stats import timer
 
 __all__ = ["FittedExchange", "FittedHost", "FittedOptions", "Share", "refit"]
@@ -92,7 +91,7 @@ class FittedExchange:
     every gradient's `Share` summed in one all-reduce or, on sampling steps with a sample quantizer,
     the gradients sent through `sampling`. Committing feeds the PCA on sampling steps."""
 
-    def __init__(self, state: FittedHost, phase: str, sampling: QuantizedExchange | None = None) -> None:
+    def __init__(self, state: FittedHost, phase: str, sampling: ExchangeCodec | None = None) -> None:
         self.state, self.phase, self.sampling = state, phase, sampling
 
     @property

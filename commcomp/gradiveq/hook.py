@@ -31,7 +31,7 @@ from commcomp.gradiveq.pipeline import BasisUpdates, TrackedCoefficients
 from commcomp.gradiveq.schedule import Schedule
 from commcomp.gradiveq.tracked import TrackedLayer, matrix_plan
 from commcomp.hooks.base import HookState, exchange_hook, register_simple_method
-from commcomp.hooks.quantized import QuantizedExchange, QuantizerState
+from commcomp.hooks.quantized import QuantizerState
 from commcomp.quantizers import Quantizer
 
 __all__ = ["GradiVeQState", "gradiveq_hook"]
@@ -218,7 +218,7 @@ class GradiVeQState(HookState):
         if phase == "compress" and self.schedule.refit(self.step):
             refit(self, [c for c in codecs if c is not None], like)
         if phase == "sample" and self.sampling is not None:  # the paper's quantized sampling steps
-            return FittedExchange(self, phase, QuantizedExchange(self.sampling))
+            return FittedExchange(self, phase, self.sampling.exchange_codec(params, like))
         return FittedExchange(self, phase)
 
     # ----- checkpointing -----
