@@ -13,9 +13,11 @@ Part 2 (the hook path, one rank's view of an N-rank step): the gradients of the 
 (784-2048-2048-10, 5.8M values) go through the DDP hook's own codec: encode once (with error
 feedback where the method uses it), then decode what N ranks sent (the all-gathered bytes of N
 ranks, or the all-reduced sum once, or the shared-grid codes once). GradiVeQ ("gradiveq", the
-registered method's defaults: tracked basis, error feedback) runs its two exchanges: encode = the
-coefficients and the basis update (orthonormalising the summed coefficients in between), decode =
-P B^T. The collectives themselves are not run: their results are prepared before timing.
+registered method's defaults: tracked basis, one exchange, error feedback): encode = both sides of
+each layer's slice matrix, decode = the projection, this rank's residual and the next bases. Each
+quantizer runs its `QuantizedExchange` (for fp16 and bf16 the same values as the plain average the
+hook sends, with the cast back counted as decoding). The collectives themselves are not run: their
+results are prepared before timing.
 Reported: encode, decode and total milliseconds and total / the copy of the same gradients. The
 target is total <= 20x copy.
 
@@ -158,7 +160,7 @@ HOOK_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "sign+ef": ("sign", {"error_feedback": True}),
     "qsgd4_ar": ("qsgd_ar", {"bits": 4}),
     "sign_ar+ef": ("sign_ar", {"error_feedback": True}),
-    "gradiveq": ("gradiveq", {}),  # the registered method's defaults (tracked basis): see `_gradiveq_path`
+    "gradiveq": ("gradiveq", {}),  # the registered method's defaults (tracked basis, one exchange)
 }
 
 
@@ -206,42 +208,6 @@ class _Capture:
         return _Ready(flat if self.result is None else self.result)
 
 
-def _gradiveq_path(
-    options: dict[str, Any], keys: list[str], grads: list[torch.Tensor], world: int
-) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    """(encode, decode) of one rank's tracked GradiVeQ step, as its DDP hook runs it on one bucket:
-    encode = the coefficients X_n U (and g_n / N for small layers, with the flags) + orthonormalising
-    their sum and the basis update X_n^T P (both counted as encoding by the hook); decode = P B^T
-    from the summed basis updates. The sums of `world` ranks (same gradients) are prepared first."""
-    from commcomp.exchange import send
-    from commcomp.gradiveq.pipeline import TrackedCoefficients, TrackedGroup
-
-    def first(state: Any, wire: _Capture) -> Any:
-        return send(state, TrackedCoefficients(state), keys, grads, wire, like=grads[0], dense_bytes=0)
-
-    states = [_sim_state("gradiveq", options, r, world) for r in range(world)]
-    wires = [_Capture() for _ in states]
-    items = [first(st, w) for st, w in zip(states, wires)]
-    coefficients = torch.stack([w.sent for w in wires]).sum(0)
-    for item in items:
-        item.pending = _Ready(coefficients)
-    updates = [_Capture() for _ in states]
-    groups = [TrackedGroup(st, [item], grads[0]) for st, item in zip(states, items)]
-    for g, w in zip(groups, updates):
-        g.start_basis_update(w)
-    summed_updates = torch.stack([w.sent for w in updates]).sum(0)
-    mine, ready = states[0], _Capture(coefficients)
-    groups[0].complete(summed_updates)
-    for commit in mine._commits:  # what the step's end keeps: the residuals the next encode adds
-        commit()
-
-    def encode() -> None:
-        item = first(mine, ready)
-        TrackedGroup(mine, [item], grads[0]).start_basis_update(_Capture(summed_updates))
-
-    return encode, partial(groups[0].complete, summed_updates)
-
-
 def hook_rows(names: list[str], world: int, reps: int) -> list[dict[str, Any]]:
     """Part 2: the hook's codec on the mlp's gradients, one rank's encode and decode of N ranks."""
     from commcomp.hooks.quantized import QuantizedExchange
@@ -254,12 +220,9 @@ def hook_rows(names: list[str], world: int, reps: int) -> list[dict[str, Any]]:
     rows = []
     for name in names:
         quantizer, options = HOOK_METHODS[name]
-        if quantizer == "gradiveq":
-            encode, decode = _gradiveq_path(options, keys, [g.clone() for g in grads], world)
-            copy, enc, dec = seconds([partial(dst.copy_, flat), encode, decode], reps)
-            rows.append(_hook_row(name, world, flat.numel(), copy, enc, dec))
-            continue
-        codecs = [QuantizedExchange(_sim_state(quantizer, options, r, world)) for r in range(world)]
+        params = [(k, g.shape) for k, g in zip(keys, grads)]
+        states = [_sim_state(quantizer, options, r, world) for r in range(world)]
+        codecs = [s.exchange_codec(params, flat) if quantizer == "gradiveq" else QuantizedExchange(s) for s in states]
         sent = [c.encode(keys, [g.clone() for g in grads]) for c in codecs]  # what every rank sends
         if codecs[0].summed:  # the all-reduce's result: the element-wise sum of every rank's parts
             received = [torch.stack(parts).sum(0, dtype=parts[0].dtype) for parts in zip(*(e.parts for e in sent))]

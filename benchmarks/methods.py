@@ -286,6 +286,9 @@ METHODS: dict[str, MethodSpec] = {
     "torch-powersgd-r4": _powersgd(4),
     "torch-powersgd-r8": _powersgd(8),
     "gradiveq": MethodSpec("commcomp GradiVeQ", _commcomp("gradiveq", from_options=gradiveq_options)),
+    "gradiveq-2x": MethodSpec(
+        "commcomp GradiVeQ, two exchanges", _commcomp("gradiveq", {"exchanges": 2}, from_options=gradiveq_options)
+    ),
     "fp16": registered("commcomp fp16", "fp16"),
     "bf16": registered("commcomp bf16", "bf16"),
     "qsgd4": registered("commcomp QSGD 4-bit", "qsgd", bits=4),

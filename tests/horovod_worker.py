@@ -35,6 +35,7 @@ def mlp() -> nn.Module:
 
 
 GRADIVEQ = dict(warmup_steps=2, wire_dtype="fp32")  # the tracked basis, two dense steps first
+GRADIVEQ_TWO = dict(GRADIVEQ, exchanges=2)  # the same with the two-exchange power step
 GRADIVEQ_FITTED = dict(basis="fitted", warmup_steps=2, sample_steps=3, compress_steps=4)
 QSGD = dict(bits=4, bucket_size=64, seed=7)
 PARITY_STEPS = 12  # warm-up, sampling, a refit, compressed steps and the next cycle's sampling
@@ -95,10 +96,13 @@ def expected_bytes(opt: Any, model: nn.Module, n: int) -> int:
     total = 16 if step == 0 else 0  # the options check: an all-gathered int64 pair
     tracked = getattr(state, "basis", None) == "tracked" and step >= state.warmup_steps
     for name, p in model.named_parameters():
-        if tracked:  # coefficients + leftovers (or the raw gradient) + N flags, float32
+        if tracked:  # float32: one exchange, C_n and Q_n + leftovers + N flags + N checksum slots (or the
+            # raw gradient + N flags); two, the coefficients + leftovers (or the raw gradient) + N flags
             layer = state.layers.get(name)
-            values = p.numel() if layer is None else layer.plan.S * layer.d + p.numel() - layer.plan.S * layer.plan.K
-            total += 4 * (values + n)
+            one = state.exchanges == 1
+            payload = 0 if layer is None else (layer.plan.S + (layer.plan.K if one else 0)) * layer.d
+            values = p.numel() if layer is None else payload  # S K is the whole layer
+            total += 4 * (values + n + (n if one and layer is not None else 0))
         elif hasattr(state, "codecs"):  # GradiVeQ: coefficients + leftovers + N flags, float32
             codec = state.codecs.get(name)
             compressing = state.schedule is not None and state.schedule.phase(step) == "compress"
@@ -111,7 +115,7 @@ def expected_bytes(opt: Any, model: nn.Module, n: int) -> int:
             q = state.quantizer
             fresh = quantizers.get(q.name, **q.options())  # compressing with `q` would draw its random numbers
             total += fresh.compress(torch.zeros_like(p)).nbytes + (4 * n if q.linear else 1)
-    if tracked:  # the basis updates K*d per compressed layer and 4 checksum bytes per rank, float32
+    if tracked and state.exchanges == 2:  # the basis updates K*d per compressed layer and 4 checksum bytes per rank
         total += 4 * (sum(t.plan.K * t.d for t in state.layers.values() if t is not None) + 4 * n)
     if getattr(state, "schedule", None) is not None and state.schedule.refit(step):
         codecs = [c for c in state.codecs.values() if c is not None and c.basis is not None]
@@ -244,6 +248,7 @@ def _pqasgd_run(steps: int) -> dict[str, Any]:
 def suite(outdir: Path) -> dict[str, Any]:
     parts: dict[str, Callable[[], Any]] = {
         "gradiveq": lambda: _commcomp_run("conv", "gradiveq", GRADIVEQ, PARITY_STEPS),
+        "gradiveq_two": lambda: _commcomp_run("conv", "gradiveq", GRADIVEQ_TWO, PARITY_STEPS),
         "gradiveq_fitted": lambda: _commcomp_run("conv", "gradiveq", GRADIVEQ_FITTED, PARITY_STEPS),
         "qsgd": lambda: _commcomp_run("mlp", "qsgd", QSGD, PARITY_STEPS),
         "topk_ef": lambda: _commcomp_run("conv", "topk", dict(ratio=0.05, error_feedback=True), 4),

@@ -119,7 +119,7 @@ def test_every_rank_makes_the_same_plan_and_the_plan_covers_every_bucket():
 
 
 def test_a_mixed_plan_trains_identically_on_every_rank():
-    """Buckets on different methods in one step (GradiVeQ's two exchanges among the others')."""
+    """Buckets on different methods in one step, each through its own exchange."""
     edit = (3, ["gradiveq", "bf16", "qsgd4", "topk", "fp32"])
     out = run(_train, 2, "auto", {"measure_steps": 2, "probe_every": 100}, 10, None, None, edit, timeout=240)
     plans = out[0][1]

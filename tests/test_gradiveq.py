@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import commcomp
 from benchmarks.data import CNN1D, accuracy, load_mnist1d, shard
 from commcomp.gradiveq import LayerCodec, Schedule, TrackedLayer, matrix_plan, orthonormalize, plan_slices
+from commcomp.gradiveq.codec import SlicePlan
 
 # ---------------------------------------------------------------- pure codec
 
@@ -39,8 +40,8 @@ def test_conv_layout_is_filter_interleaved_and_invertible(shape):
     slices, rest = plan.split(g)
     assert slices.shape == (plan.S, plan.K) and rest.numel() == g.numel() - plan.S * plan.K
     assert torch.equal(plan.join(slices, rest), g)
-    for p in (plan, matrix_plan(shape, 1)):  # with a rest, and without one (written in place)
-        assert p is not None
+    whole = SlicePlan(tuple(shape), f, g.numel() // f, True)  # slices of one run each: no rest
+    for p in (plan, whole):  # with a rest, and without one (written in place)
         slices, rest = p.split(g)
         out = torch.zeros_like(g)
         p.write(out, slices, rest)
@@ -114,14 +115,19 @@ def test_matrix_plan_slices_are_the_rows_of_the_layers_own_matrix():
     g = torch.randn(128, 64, 3, generator=torch.Generator().manual_seed(0))
     conv = matrix_plan(g.shape, 1024)  # K = F: the [D*k, F] transpose of the [F, D*k] view
     assert conv is not None and conv.conv and (conv.S, conv.K) == (64 * 3, 128)
-    slices, rest = conv.split(g)
-    assert rest.numel() == 0 and torch.equal(
-        slices, g.reshape(128, -1).T.reshape(64, 3, 128).permute(1, 0, 2).reshape(-1, 128)
-    )
-    # the same matrix up to transposing and reordering rows: the same singular values (in float64,
-    # where two SVDs of one matrix agree far inside the tolerance; float32 ones differ by ~1e-5)
-    svdvals = torch.linalg.svdvals
-    torch.testing.assert_close(svdvals(slices.double()), svdvals(g.reshape(128, -1).double()))
+    x = conv.matrix(g)
+    assert torch.equal(x, g.reshape(128, -1).T) and x.data_ptr() == g.data_ptr()  # a view, no copy
+    assert torch.equal(conv.gradient(x), g)
+    gen = torch.Generator().manual_seed(1)
+    for plan, shape in ((conv, g.shape), (matrix_plan((10, 960), 1024), (10, 960))):
+        left, right = torch.randn(plan.S, 4, generator=gen), torch.randn(plan.K, 4, generator=gen)
+        base = plan.matrix(torch.randn(shape, generator=gen))
+        torch.testing.assert_close(plan.outer(left, right), left @ right.T)
+        torch.testing.assert_close(plan.outer(left, right, base=base), base - left @ right.T)
+        strided = torch.empty(tuple(shape)[::-1]).permute(*reversed(range(len(shape))))
+        for out in (torch.empty(shape), strided, torch.empty(shape, dtype=torch.float64)):
+            plan.write_outer(out, left, right)  # in place, strided or another dtype alike
+            torch.testing.assert_close(plan.matrix(out.contiguous()).float(), left @ right.T)
     lin = matrix_plan((10, 960), 1024)  # a Linear keeps its rows, however long
     assert lin is not None and (lin.S, lin.K) == (10, 960)
     head = TrackedLayer(lin, 8, "head")  # (10 + 960) * d * 2 <= 9600 for d <= 4, half of 8: compressed
@@ -161,6 +167,35 @@ def test_tracked_step_is_linear_and_error_feedback_is_exact():
     assert layer.basis is not None and layer.basis.shape == (plan.K, 5)  # the starting basis
 
 
+def test_one_exchange_step_is_linear_and_error_feedback_is_exact():
+    """One exchange on N simulated ranks: the decode is X minus what lies outside both bases
+    (checked against the projections written out), the per-rank residuals add up to exactly what
+    the decode missed, and the next bases are orthonormal spans of the summed payloads."""
+    plan = matrix_plan((32, 24, 3), 1)
+    layer = TrackedLayer(plan, 5, "w")
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(plan.S, plan.K, generator=gen) for _ in range(4)]
+    payloads = [layer.sides(x) for x in xs]
+    u, p = layer.basis, layer.left
+    torch.testing.assert_close(u.T @ u, torch.eye(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(p.T @ p, torch.eye(5), atol=1e-5, rtol=0)
+    c, q = sum(c for c, _ in payloads), sum(q for _, q in payloads)
+    total = sum(xs)
+    torch.testing.assert_close(c, total @ u, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(q, total.T @ p, atol=1e-4, rtol=1e-4)
+    left, right = layer.factors(c, q)
+    decoded = left @ right.T
+    outside = (torch.eye(plan.S) - p @ p.T) @ total @ (torch.eye(plan.K) - u @ u.T)
+    torch.testing.assert_close(decoded, total - outside, atol=1e-4, rtol=1e-4)
+    shares = [layer.factors(cn, qn) for cn, qn in payloads]  # each rank's own share of the decode
+    residuals = [x - mine_left @ mine_right.T for x, (mine_left, mine_right) in zip(xs, shares)]
+    torch.testing.assert_close(decoded + sum(residuals), total, atol=1e-4, rtol=1e-4)
+    assert decoded.norm() <= total.norm() * (1 + 1e-6)  # a projection never grows the step
+    layer.keep(orthonormalize(q), orthonormalize(c))
+    torch.testing.assert_close(layer.left @ (layer.left.T @ c), c, atol=1e-4, rtol=1e-4)  # P' spans C
+    torch.testing.assert_close(layer.basis @ (layer.basis.T @ q), q, atol=1e-4, rtol=1e-4)  # U' spans Q
+
+
 def test_schedule_phases():
     s = Schedule(warmup=3, sample=2, compress=4)
     phases = [s.phase(t) for t in range(3 + 2 * 6)]
@@ -175,8 +210,9 @@ def test_schedule_phases():
 
 
 TRACKED = dict(warmup_steps=2)
+TWO_EXCHANGES = dict(warmup_steps=2, exchanges=2)
 FITTED = dict(basis="fitted", warmup_steps=2, sample_steps=4, compress_steps=5, fit_slices=64)
-MODES = {"tracked": TRACKED, "fitted": FITTED}
+MODES = {"tracked": TRACKED, "two-exchanges": TWO_EXCHANGES, "fitted": FITTED}
 
 
 def _phase(state, step: int) -> str:
@@ -213,6 +249,8 @@ def _train_worker(rank, world, options, steps, bucket_view, save=None, load=None
         layers = state.codecs if state.schedule is not None else state.layers
         dims = {k: c.d for k, c in layers.items() if c is not None}
         per_step.append((_phase(state, step), state.stats.last.bytes_sent, state.stats.last.dense_bytes, dims))
+        names = {id(p): name for name, p in net.named_parameters()}
+        buckets = [[names[id(p)] for p in b.parameters()] for b in ddp.reducer._get_zeros_like_grad_buckets()]
         # bitwise-identical parameters on every rank after every step
         p = _params(net)
         everyone = [torch.empty_like(p) for _ in range(world)]
@@ -223,8 +261,7 @@ def _train_worker(rank, world, options, steps, bucket_view, save=None, load=None
             torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, save)
         torch.save(state.state_dict(), f"{save}.rank{rank}")
         dist.barrier()
-    n_buckets = state.num_buckets
-    return _params(net), per_step, n_buckets, state.stats.as_dict()
+    return _params(net), per_step, buckets, state.stats.as_dict()
 
 
 def _expected_fitted_step(shapes, dims, world, n_buckets) -> int:
@@ -246,19 +283,18 @@ def _components(plan, rank=16) -> int:
     return max(fits) if fits and 2 * max(fits) >= rank else 0
 
 
-def _expected_tracked_step(shapes, world, n_buckets) -> int:
-    """Bytes of a tracked compressed step, from the slice shapes: the coefficients exchange (S*d per
-    compressed layer + leftovers + raw layers + N flags per bucket) and the basis-update exchange
-    (K*d per compressed layer + 4 checksum bytes per rank per bucket), all in bfloat16."""
-    values = 0
-    for shape in shapes.values():
-        plan = matrix_plan(shape, 1024)
-        d = _components(plan)
-        if d == 0:
-            values += math.prod(shape)
-        else:
-            values += (plan.S + plan.K) * d + plan.numel - plan.S * plan.K
-    return 2 * (values + (world + 4 * world) * n_buckets)
+def _expected_tracked_step(shapes, world, buckets, exchanges) -> int:
+    """Bytes of a tracked compressed step, from the slice shapes, in bfloat16: (S + K) d per
+    compressed layer + leftovers + raw layers, N flags per bucket, and checksums: one exchange, 1
+    slot per rank in each bucket with a compressed layer; two, 4 per rank in every bucket."""
+    values, checked = 0, 0
+    for bucket in buckets:
+        ds = [_components(matrix_plan(shapes[name], 1024)) for name in bucket]
+        checked += any(ds) if exchanges == 1 else 4
+        for name, d in zip(bucket, ds):
+            plan = matrix_plan(shapes[name], 1024)
+            values += math.prod(shapes[name]) if d == 0 else (plan.S + plan.K) * d  # S K is the whole layer
+    return 2 * (values + world * (len(buckets) + checked))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -266,7 +302,8 @@ def test_hook_three_buckets_identical_params_and_exact_byte_counts(mode):
     steps = 2 + 4 + 5 + 4 + 3  # fitted: two refits
     world = 3
     results = run(_train_worker, world, MODES[mode], steps, False, timeout=180)
-    params, per_step, n_buckets, _ = results[0]
+    params, per_step, buckets, _ = results[0]
+    n_buckets = len(buckets)
     assert n_buckets >= 3
     assert all(torch.equal(params, r[0]) for r in results)
     sched = Schedule(2, 4, 5)
@@ -275,8 +312,8 @@ def test_hook_three_buckets_identical_params_and_exact_byte_counts(mode):
     for step, (phase, sent, dense, dims) in enumerate(per_step):
         assert phase == (sched.phase(step) if mode == "fitted" else ("warmup" if step < 2 else "compress"))
         assert dense == 4 * n_values
-        if phase == "compress" and mode == "tracked":
-            assert sent == _expected_tracked_step(shapes, world, n_buckets)
+        if phase == "compress" and mode != "fitted":
+            assert sent == _expected_tracked_step(shapes, world, buckets, 2 if mode == "two-exchanges" else 1)
             assert sent * 4 <= dense
         elif phase == "compress" and not sched.refit(step):
             assert sent == _expected_fitted_step(shapes, dims, world, n_buckets)
@@ -311,17 +348,60 @@ def test_lambda_zero_matches_plain_allreduce():
     assert not torch.equal(plain, _params(Net()))  # training moved the weights
 
 
-def _tracked_reference_worker(rank, world, steps):
-    """The tracked basis, written out with plain all-reduces on unbucketed gradients, next to the hook
-    (fp32 wire, so both sum the same float32 values)."""
+def _orth(c: torch.Tensor) -> torch.Tensor:
+    q, r = torch.linalg.qr(c)
+    return q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+
+
+def _two_exchanges(name, x_n, d, state, residuals):
+    """The power step with plain all-reduces: C = sum X_n U, P = orth(C), B = sum X_n^T P."""
+    u = state.get(name)
+    if u is None:
+        u = torch.randn(x_n.shape[1], d, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
+    c = x_n @ u
+    dist.all_reduce(c)
+    p_hat = _orth(c)
+    b_n = x_n.T @ p_hat
+    b = b_n.clone()
+    dist.all_reduce(b)
+    residuals[name] = x_n - p_hat @ b_n.T
+    state[name] = b
+    return p_hat @ b.T
+
+
+def _one_exchange(name, x_n, d, state, residuals):
+    """One exchange with plain all-reduces: C = sum X_n U and Q = sum X_n^T P, decode
+    X - (I - P P^T) X (I - U U^T), next bases orth(Q), orth(C)."""
+    if name not in state:
+        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        u = torch.randn(x_n.shape[1], d, generator=gen)
+        state[name] = (_orth(u), _orth(torch.randn(x_n.shape[0], d, generator=gen)))
+    u, p = state[name]
+    c_n, q_n = x_n @ u, x_n.T @ p
+    c, q = c_n.clone(), q_n.clone()
+    dist.all_reduce(c)
+    dist.all_reduce(q)
+
+    def decode(c, q):
+        return p @ q.T + (c - p @ (p.T @ c)) @ u.T
+
+    residuals[name] = x_n - decode(c_n, q_n)
+    state[name] = (_orth(q), _orth(c))
+    return decode(c, q)
+
+
+def _tracked_reference_worker(rank, world, steps, exchanges):
+    """The tracked bases, written out with plain all-reduces on unbucketed gradients, next to the
+    hook (fp32 wire, so both sum the same float32 values)."""
     torch.manual_seed(0)
     ref = Net()
     torch.manual_seed(0)
     net = Net()
     ddp = DDP(net, bucket_cap_mb=0.004)
-    commcomp.register(ddp, "gradiveq", wire_dtype="fp32")
+    commcomp.register(ddp, "gradiveq", wire_dtype="fp32", exchanges=exchanges)
     opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (ref, ddp)]
-    bases: dict[str, torch.Tensor] = {}
+    layer_step = _one_exchange if exchanges == 1 else _two_exchanges
+    bases: dict[str, object] = {}
     residuals: dict[str, torch.Tensor] = {}
     for step in range(steps):
         x, y = _batch(rank, step)
@@ -337,29 +417,16 @@ def _tracked_reference_worker(rank, world, steps):
                 dist.all_reduce(g)
                 g /= world
                 continue
-            x_n, rest = plan.split(g / world)
-            x_n = x_n + residuals.get(name, 0)
-            u = bases.get(name)
-            if u is None:
-                u = torch.randn(plan.K, d, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
-            c = x_n @ u
-            dist.all_reduce(c)
-            dist.all_reduce(rest)
-            q, r = torch.linalg.qr(c)
-            p_hat = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
-            b_n = x_n.T @ p_hat
-            b = b_n.clone()
-            dist.all_reduce(b)
-            residuals[name] = x_n - p_hat @ b_n.T
-            bases[name] = b
-            g.copy_(plan.join(p_hat @ b.T, rest))
+            x_n = plan.matrix(g / world) + residuals.get(name, 0)
+            g.copy_(plan.gradient(layer_step(name, x_n, d, bases, residuals)))
         for opt in opts:
             opt.step()
     return _params(ref), _params(net)
 
 
-def test_tracked_basis_matches_a_plain_reference():
-    results = run(_tracked_reference_worker, 3, 12, timeout=180)
+@pytest.mark.parametrize("exchanges", [1, 2])
+def test_tracked_basis_matches_a_plain_reference(exchanges):
+    results = run(_tracked_reference_worker, 3, 12, exchanges, timeout=180)
     for ref, hooked in results:
         torch.testing.assert_close(hooked, ref, rtol=1e-4, atol=1e-5)
         assert not torch.equal(ref, _params(Net()))
@@ -419,11 +486,33 @@ def _nan_worker(rank, world, mode):
     return "no error"
 
 
-@pytest.mark.parametrize("mode", [{}, FITTED, {"warmup_steps": 0}])
+@pytest.mark.parametrize("mode", [{}, FITTED, {"warmup_steps": 0}, {"warmup_steps": 0, "exchanges": 2}])
 def test_nan_gradients_raise_on_every_rank(mode):
     messages = run(_nan_worker, 2, mode, timeout=120)
     for m in messages:
         assert "NaN or Inf" in m and "rank(s) [1]" in m
+
+
+def _diverged_worker(rank, world):
+    torch.manual_seed(0)
+    ddp = DDP(Net(), bucket_cap_mb=0.004)
+    state = commcomp.register(ddp, "gradiveq")
+    for step in range(2):
+        if step == 1 and rank == 1:  # as if this rank's linear algebra rounded differently
+            layer = next(t for t in state.layers.values() if t is not None)
+            layer.keep(orthonormalize(layer.basis + 1e-3), layer.left)
+        x, y = _batch(rank, step)
+        try:
+            nn.functional.cross_entropy(ddp(x), y).backward()
+        except Exception as e:
+            return str(e)
+    return "no error"
+
+
+def test_ranks_with_other_bases_raise_everywhere():
+    messages = run(_diverged_worker, 2, timeout=120)
+    assert "ranks [1] projected onto other bases than rank 0" in messages[0]
+    assert "ranks [0] projected onto other bases than rank 1" in messages[1]
 
 
 def test_options_differing_across_ranks_raise_everywhere():
@@ -444,6 +533,8 @@ def _bad_options_worker(rank, world):
         ("gradiveq", {"basis": "fitted", "rank": 4}),
         ("gradiveq", {"basis": "pca"}),
         ("gradiveq", {"wire_dtype": "int8"}),
+        ("gradiveq", {"exchanges": 3}),
+        ("gradiveq", {"basis": "fitted", "exchanges": 1}),
     ]
     for method, options in cases:
         try:
@@ -460,9 +551,11 @@ def test_bad_options_are_named():
     assert "energy_threshold must be in [0, 1)" in errors[2]
     assert "['energy_threshold'] apply to basis='fitted' only" in errors[3]
     assert "error_feedback needs basis='tracked'" in errors[4]
-    assert "rank and wire_dtype apply to basis='tracked' only" in errors[5]
+    assert "rank, exchanges and wire_dtype apply to basis='tracked' only" in errors[5]
     assert "basis must be 'tracked' or 'fitted'" in errors[6]
     assert "wire_dtype must be one of" in errors[7]
+    assert "exchanges must be 1 or 2, got 3" in errors[8]
+    assert "rank, exchanges and wire_dtype apply to basis='tracked' only" in errors[9]
 
 
 # ---------------------------------------------------------------- convergence on real data
@@ -517,7 +610,7 @@ def test_mnist1d_default_gradiveq_within_one_point_residual_bounded_no_collapse(
         f"MNIST-1D test accuracy: fp32 {fp32['accuracy']:.4f}, gradiveq {gvq['accuracy']:.4f}; "
         f"per-step ratio min {min(gvq['ratios']):.1f}x; owed / gradient norm max "
         f"{max(o for o, _ in gvq['residual']):.2f}; one rank's residual / gradient norm max "
-        f"{max(m for _, m in gvq['residual']):.2f}; accuracy every 100 steps {gvq['curve']}"
+        f"{max(m for _, m in gvq['residual']):.2f}; accuracy every 100 steps {gvq['curve']} (fp32 {fp32['curve']})"
     )
     assert fp32["accuracy"] > 0.85  # the reference really trained
     assert gvq["accuracy"] >= fp32["accuracy"] - 0.01
@@ -526,7 +619,9 @@ def test_mnist1d_default_gradiveq_within_one_point_residual_bounded_no_collapse(
     assert min(gvq["ratios"]) >= 3.0
     owed = [o for o, _ in gvq["residual"]]  # error feedback owes at most a few gradients, at every step
     assert max(owed) <= 4.0
-    best = 0.0
-    for acc in gvq["curve"]:  # no collapse: never far below the best accuracy reached so far
-        assert acc >= best - 0.05
-        best = max(best, acc)
+    best, best_fp32 = 0.0, 0.0
+    for acc, acc_fp32 in zip(gvq["curve"], fp32["curve"]):
+        # no collapse: never much further below its best so far than fp32 falls below its own (at a
+        # high learning rate both dip now and then; the flush collapse fell from 0.61 to 0.20)
+        best, best_fp32 = max(best, acc), max(best_fp32, acc_fp32)
+        assert best - acc <= best_fp32 - acc_fp32 + 0.05

@@ -59,6 +59,7 @@ def _ddp_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
     out = {}
     runs = (
         ("gradiveq", "gradiveq", "conv", hw.GRADIVEQ),
+        ("gradiveq_two", "gradiveq", "conv", hw.GRADIVEQ_TWO),
         ("gradiveq_fitted", "gradiveq", "conv", hw.GRADIVEQ_FITTED),
         ("qsgd", "qsgd", "mlp", hw.QSGD),
     )
@@ -83,13 +84,13 @@ def ddp() -> list[dict[str, torch.Tensor]]:
 
 
 def test_every_rank_holds_the_same_parameters_after_every_step(suite):
-    for name in ("gradiveq", "gradiveq_fitted", "qsgd", "topk_ef"):
+    for name in ("gradiveq", "gradiveq_two", "gradiveq_fitted", "qsgd", "topk_ef"):
         for rank, result in enumerate(suite):
             assert all(same for _, _, same in result[name]["log"]), f"{name}: ranks differ (rank {rank}'s view)"
         assert torch.equal(suite[0][name]["params"], suite[1][name]["params"])
 
 
-@pytest.mark.parametrize("method", ["gradiveq", "gradiveq_fitted", "qsgd", "pqasgd"])
+@pytest.mark.parametrize("method", ["gradiveq", "gradiveq_two", "gradiveq_fitted", "qsgd", "pqasgd"])
 def test_same_parameters_as_the_ddp_hook(suite, ddp, method):
     """Same seed, data and options: commcomp on Horovod == commcomp's DDP hook (PQASGD: on
     HorovodCollectives == on torch.distributed)."""
@@ -103,14 +104,15 @@ def test_same_parameters_as_the_ddp_hook(suite, ddp, method):
 
 
 def test_bytes_sent_are_the_tensors_handed_to_horovod(suite):
-    for name in ("gradiveq", "gradiveq_fitted", "qsgd", "topk_ef"):
+    for name in ("gradiveq", "gradiveq_two", "gradiveq_fitted", "qsgd", "topk_ef"):
         for result in suite:
             claimed = [sent for sent, _, _ in result[name]["log"]]
             expected = [exp for _, exp, _ in result[name]["log"]]
             assert claimed == expected, name
-    tracked = [sent for sent, _, _ in suite[1]["gradiveq"]["log"]]
-    # compressed steps after the two dense ones: on this small Net at rank 16 in float32, under half
-    assert max(tracked[2:]) * 2 < min(tracked[1:2])
+    for name in ("gradiveq", "gradiveq_two"):
+        tracked = [sent for sent, _, _ in suite[1][name]["log"]]
+        # compressed steps after the two dense ones: on this small Net at rank 16 in float32, under half
+        assert max(tracked[2:]) * 2 < min(tracked[1:2])
     gradiveq = [sent for sent, _, _ in suite[1]["gradiveq_fitted"]["log"]]
     schedule = [commcomp.gradiveq.Schedule(2, 3, 4).phase(t) for t in range(len(gradiveq))]
     dense = [b for b, phase in zip(gradiveq[1:], schedule[1:]) if phase != "compress"]

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from commcomp.exchange import nbytes
 from commcomp.gradiveq import GradiVeQState
-from commcomp.gradiveq.tracked import TrackedLayer, orthonormalize
+from commcomp.gradiveq.tracked import orthonormalize
 from commcomp.hooks.quantized import QuantizerState
 from commcomp.quantizers import SharedScaleQuantizer, StochasticQuantizer
 from commcomp.stats import timer, wire_factor
@@ -114,26 +114,34 @@ def trial_quantizer(state: QuantizerState, keys: list[str], grads: list[torch.Te
 
 
 def trial_gradiveq(state: GradiVeQState, keys: list[str], grads: list[torch.Tensor], like: torch.Tensor) -> Trial:
-    """GradiVeQ's tracked step on one bucket, from each layer's current basis: coefficients,
-    orthonormalisation, basis update and decode, as in `commcomp.gradiveq.tracked`."""
-    first = second = 0  # values in the coefficients exchange and in the basis-update exchange
+    """GradiVeQ's one-exchange step on one bucket, timed as `commcomp.gradiveq.single` runs it from
+    each layer's current bases: both sides, the decode, this rank's residual and the next bases
+    (nothing is kept). The error is that of bases caught up with this gradient (one power step from
+    the current ones, untimed): the bases track the gradients within a few steps, so the error of the
+    current ones (random before the first step) would judge GradiVeQ by its first step."""
+    values = 0  # values in the one exchange
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    with timer(like) as t:
-        for key, g in zip(keys, grads):
-            layer = state.tracked_layer(key, g.shape)
-            if layer is None:  # sent as it is, in the wire dtype
-                first += g.numel()
-                continue
-            slices, rest = layer.plan.split(g.detach())
-            x = slices.float()
-            p = orthonormalize(layer.coefficients(x))
-            b = TrackedLayer.basis_update(x, p)
-            pairs.append((x, p @ b.T))
-            first += p.numel() + rest.numel()
-            second += b.numel()
-    size = state.wire_dtype.itemsize
-    exchanges = (Exchange("allreduce", first * size),) + ((Exchange("allreduce", second * size),) if second else ())
-    return Trial(t.seconds, _relative_error(pairs), exchanges)
+    seconds = 0.0
+    for key, g in zip(keys, grads):
+        layer = state.tracked_layer(key, g.shape)
+        if layer is None:  # sent as it is, in the wire dtype
+            values += g.numel()
+            continue
+        with timer(like) as t:
+            x = layer.plan.matrix(g.detach()).float()
+            c, q = layer.sides(x)
+            left, right = layer.factors(c, q)  # the decode of the sum (here: of this rank's own)
+            layer.plan.outer(left, right)
+            left, right = layer.factors(c, q)  # and this rank's residual, as the real decode
+            layer.plan.outer(left, right, base=x)
+            orthonormalize(c), orthonormalize(q)
+        seconds += t.seconds
+        p = orthonormalize(x @ layer.start_bases(x.device)[0])
+        u = orthonormalize(x.T @ p)
+        kept = p @ (p.T @ x)
+        pairs.append((x, kept + (x - kept) @ u @ u.T))  # X minus what lies outside both bases
+        values += c.numel() + q.numel()
+    return Trial(seconds, _relative_error(pairs), (Exchange("allreduce", values * state.wire_dtype.itemsize),))
 
 
 def trial(

@@ -33,7 +33,6 @@ from commcomp.auto.measure import Network, Trial, agree, check_size, max_over_ra
 from commcomp.auto.plan import Choice, choose
 from commcomp.auto.verify import Verification, alternatives
 from commcomp.gradiveq import GradiVeQState
-from commcomp.gradiveq.pipeline import BasisUpdates
 from commcomp.hooks.base import HookState
 from commcomp.stats import timer
 
@@ -100,7 +99,6 @@ class AutoState(HookState):
         self.next_round = 0  # step at which the next measuring round starts
         self.planning_seconds = 0.0  # this rank's time in probes, trials and planning
         # --- internal state ---
-        self.updates = BasisUpdates()  # GradiVeQ buckets waiting for their basis update
         self._measuring = False  # this step belongs to a measuring round
         self._round_ok = True  # every bucket of this measuring step was decided (no NaN measured)
         self.full_probe = False  # the next round probes the network in full (its check failed)
@@ -126,7 +124,11 @@ class AutoState(HookState):
         return next((n for n in (self.fallback, "fp32") if n in self.methods), next(iter(self.methods)))
 
     def volatile(self) -> list[Any]:
-        return [obj for sub in self.methods.values() for obj in sub.volatile()]
+        """The random streams of the methods this step may send with (the plan's, the fallback for
+        parameters it does not know, the timed check's arms): the others do not draw (trials restore
+        what they draw)."""
+        used = {*self._by_param.values(), self._fallback(), *(self._verify.arms if self._verify else ())}
+        return [obj for name, sub in self.methods.items() if name in used for obj in sub.volatile()]
 
     # ----- measuring -----
     def probe_cap(self) -> int:

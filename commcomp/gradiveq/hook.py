@@ -2,12 +2,15 @@
 
 Two ways to get the basis each layer's slices are projected onto (`basis=`):
 
-- "tracked" (default): the basis follows the gradients. Every step after `warmup_steps` is
-  compressed with two summed exchanges per bucket: the coefficients X_n U, then the basis update
-  X_n^T P with P the orthonormalised summed coefficients; every rank decodes P P^T X and keeps the
-  update as the next basis (`commcomp.gradiveq.tracked`, `commcomp.gradiveq.pipeline`). Error
-  feedback is on: what a step drops is added to the next step's gradient, and since the basis turns
-  towards what the gradients (residual included) hold, the residual is delivered within a few steps.
+- "tracked" (default): the bases follow the gradients. Every step after `warmup_steps` is
+  compressed with one summed exchange per bucket (`exchanges=1`, the default): each layer's slice
+  matrix X_n seen from both sides, X_n U and X_n^T P, decoded as X minus what lies outside both
+  bases, whose sums give the next bases (`commcomp.gradiveq.tracked`, `commcomp.gradiveq.single`).
+  `exchanges=2` is PowerSGD's power step instead: the coefficients X_n U, then the basis update
+  X_n^T P with P the orthonormalised summed coefficients (`commcomp.gradiveq.pipeline`), one more
+  round trip per step. Error feedback is on: what a step drops is added to the next step's gradient,
+  and since the bases turn towards what the gradients (residual included) hold, the residual is
+  delivered within a few steps.
 - "fitted": the paper's schedule. Warm-up and sampling steps are all-reduced as they are and feed
   PCA statistics; rank `src_rank` fits each layer's basis, broadcasts it, and it stays fixed for
   `compress_steps` steps (`commcomp.gradiveq.fitted`). `GradiVeQState.paper()` is the paper's own
@@ -29,6 +32,7 @@ from commcomp.gradiveq.codec import LayerCodec, plan_slices
 from commcomp.gradiveq.fitted import FittedExchange, FittedOptions, refit
 from commcomp.gradiveq.pipeline import BasisUpdates, TrackedCoefficients
 from commcomp.gradiveq.schedule import Schedule
+from commcomp.gradiveq.single import SingleExchange
 from commcomp.gradiveq.tracked import TrackedLayer, matrix_plan
 from commcomp.hooks.base import HookState, exchange_hook, register_simple_method
 from commcomp.hooks.quantized import QuantizerState
@@ -50,6 +54,9 @@ class GradiVeQState(HookState):
             PowerSGD's rank 8 in float32). Each compressed layer sends (S + K) * d values per step
             instead of S * K; a smaller layer gets fewer components, so that it is still sent at least
             2x smaller, and one that would get fewer than rank/2 goes uncompressed.
+        exchanges: tracked basis only: 1 (default: one all-reduce per bucket and step) or 2 (the
+            power step: a P fitted to this step's gradients, at the cost of a second all-reduce that
+            waits for the first; see `commcomp.gradiveq.tracked`).
         wire_dtype: tracked basis only: "bf16" (default; float32's range, half its bytes), "fp32" or
             "fp16" (may overflow on large gradients). The maths runs in float32 either way.
         warmup_steps: steps all-reduced uncompressed first (tracked: 0, fitted: 50).
@@ -77,6 +84,7 @@ class GradiVeQState(HookState):
         *,
         basis: str = "tracked",
         rank: int | None = None,
+        exchanges: int | None = None,
         wire_dtype: str | None = None,
         warmup_steps: int | None = None,
         min_numel: int = 1024,
@@ -117,11 +125,13 @@ class GradiVeQState(HookState):
                 raise ValueError(f"GradiVeQ option(s) {sorted(given)} apply to basis='fitted' only, not 'tracked'")
             if rank is not None and rank < 1:
                 raise ValueError(f"rank must be >= 1, got {rank}")
+            if exchanges not in (None, 1, 2):
+                raise ValueError(f"exchanges must be 1 or 2, got {exchanges!r}")
             if wire_dtype is not None and wire_dtype not in WIRE_DTYPES:
                 raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
         elif basis == "fitted":
-            if rank is not None or wire_dtype is not None:
-                raise ValueError("GradiVeQ options rank and wire_dtype apply to basis='tracked' only")
+            if rank is not None or exchanges is not None or wire_dtype is not None:
+                raise ValueError("GradiVeQ options rank, exchanges and wire_dtype apply to basis='tracked' only")
             if error_feedback:
                 raise ValueError(
                     "GradiVeQ error_feedback needs basis='tracked': a fitted basis stays fixed between refits, so "
@@ -133,6 +143,7 @@ class GradiVeQState(HookState):
         # --- hyperparameters ---
         self.basis = basis
         self.rank_per_layer = rank or 16
+        self.exchanges = exchanges or 1
         self.wire_dtype = WIRE_DTYPES[wire_dtype or self.default_wire_dtype]
         self.warmup_steps = warmup_steps if warmup_steps is not None else (0 if tracked else 50)
         self.min_numel = min_numel
@@ -173,6 +184,7 @@ class GradiVeQState(HookState):
             **super().options(),
             "basis": self.basis,
             "rank": self.rank_per_layer,
+            "exchanges": self.exchanges,
             "wire_dtype": str(self.wire_dtype),
             "warmup_steps": self.warmup_steps,
             "min_numel": self.min_numel,
@@ -188,7 +200,7 @@ class GradiVeQState(HookState):
             if layer is not None and not layer.worth_compressing():
                 layer = None
             if layer is not None and key in self._loaded:
-                layer.basis = self._loaded.pop(key).clone()
+                layer.load_state_dict(self._loaded.pop(key))
             self.layers[key] = layer
         return self.layers[key]
 
@@ -211,8 +223,10 @@ class GradiVeQState(HookState):
     def exchange_codec(self, params: list[tuple[str, torch.Size]], like: torch.Tensor) -> ExchangeCodec:
         """This step's codec for `params`; on the first compressed step of a fitted cycle, refit the
         bases first (blocking collectives, issued here in the hook body)."""
-        if self.schedule is None:  # tracked basis: the coefficients exchange (Horovod), or a warm-up step
-            return TrackedCoefficients(self) if self.compressing() else FittedExchange(self, "warmup")
+        if self.schedule is None:  # tracked basis: a warm-up step, one exchange, or the first of two (Horovod)
+            if not self.compressing():
+                return FittedExchange(self, "warmup")
+            return SingleExchange(self) if self.exchanges == 1 else TrackedCoefficients(self)
         codecs = [self.codec(key, shape) for key, shape in params]
         phase = self.schedule.phase(self.step)
         if phase == "compress" and self.schedule.refit(self.step):
@@ -223,7 +237,7 @@ class GradiVeQState(HookState):
 
     # ----- checkpointing -----
     def state_dict(self) -> dict[str, Any]:
-        layers = {k: t.basis.cpu() for k, t in self.layers.items() if t is not None and t.basis is not None}
+        layers = {k: t.state_dict() for k, t in self.layers.items() if t is not None and t.basis is not None}
         codecs = {k: c.state_dict() for k, c in self.codecs.items() if c is not None}
         return {
             **super().state_dict(),
@@ -241,7 +255,7 @@ class GradiVeQState(HookState):
 
 def gradiveq_hook(state: GradiVeQState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook running GradiVeQ; use with `model.register_comm_hook(state, gradiveq_hook)`."""
-    if not state.compressing():
+    if not state.compressing() or state.exchanges == 1:
         return exchange_hook(state, bucket)
     state.begin_bucket(bucket)
     wire = TorchWire(state.process_group)

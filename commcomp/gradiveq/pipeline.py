@@ -10,7 +10,7 @@ first's sum (coefficients C = X U, see `commcomp.gradiveq.tracked`). Both are is
     callback of bucket b's basis update: decode, keep residuals and bases, end the bucket.
 
 Bucket b's coefficients travel while autograd computes bucket b+1's gradients; the wait for them
-happens in the next hook body. Uncompressed gradients (small layers, leftovers, biases) and the
+happens in the next hook body. Uncompressed gradients (small layers, biases) and the
 NaN/Inf flags ride with the coefficients; the basis updates carry one checksum slot per rank, so
 ranks whose orthonormalisation differed (another BLAS) stop with an error instead of drifting apart.
 """
@@ -55,7 +55,7 @@ class _Grad:
     grad: torch.Tensor
     layer: TrackedLayer | None  # None: sent as it is
     x: torch.Tensor | None = None  # this rank's compensated slices X_n [S, K], float32
-    summed: list[torch.Tensor] = field(default_factory=list)  # [values] or [coefficients, leftovers]
+    summed: list[torch.Tensor] = field(default_factory=list)  # [values] or [coefficients]
     p: torch.Tensor | None = None  # orthonormalised summed coefficients [S, d]
     b: torch.Tensor | None = None  # this rank's basis update B_n [K, d]
 
@@ -78,11 +78,10 @@ class TrackedCoefficients:
                 parts.append((g.detach() / n).reshape(-1).to(state.wire_dtype))
                 records.append(_Grad(key, g, None))
                 continue
-            slices, rest = layer.plan.split(g.detach())
-            x = slices.float() / n  # a new tensor: compensated in place
+            x = layer.plan.matrix(g.detach()).float() / n  # a new tensor (in g's memory order): compensated in place
             if state.memory is not None:
                 state.memory.compensate(key, x, out=x)
-            parts += [layer.coefficients(x).to(state.wire_dtype).reshape(-1), (rest / n).to(state.wire_dtype)]
+            parts.append(layer.coefficients(x).to(state.wire_dtype).reshape(-1))
             records.append(_Grad(key, g, layer, x))
         return Encoded(keys, grads, parts, records)
 
@@ -113,7 +112,7 @@ class TrackedGroup:
                 flags += out[-n:].float()
                 pieces = iter(unflatten(out[:-n], item.sent_parts))
                 for rec in item.encoded.context:
-                    rec.summed = [next(pieces)] if rec.layer is None else [next(pieces), next(pieces)]
+                    rec.summed = [next(pieces)]
             self.skipped = bool(bad_ranks(flags))
             if self.skipped:  # every rank sees the same flags: all send only the checksums below
                 state.skip_step(flags, self.index)  # raises on every rank with nonfinite="raise"
@@ -153,8 +152,9 @@ class TrackedGroup:
                     continue
                 assert rec.p is not None and rec.b is not None and rec.x is not None
                 b = next(updates).float()
-                x_hat = rec.p @ b.T  # step 3, P B^T; B becomes the next basis when the step ends cleanly
-                rec.layer.plan.write(rec.grad, x_hat, rec.summed[1])
+                rec.layer.plan.write_outer(
+                    rec.grad, rec.p, b
+                )  # step 3, P B^T; B is the next basis if the step ends cleanly
                 keep.append((rec, b))
         state.stats.decoded(dec.seconds)
 
@@ -163,7 +163,7 @@ class TrackedGroup:
                 assert rec.layer is not None and rec.p is not None and rec.b is not None and rec.x is not None
                 rec.layer.basis = b.clone()
                 if state.memory is not None:  # what this rank's share lost: X_n - P P^T X_n
-                    state.memory.set(rec.key, torch.addmm(rec.x, rec.p, rec.b.T, alpha=-1))
+                    state.memory.set(rec.key, rec.layer.plan.outer(rec.p, rec.b, base=rec.x))
 
         state.commit_at_step_end(commit)
 

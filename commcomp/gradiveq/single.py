@@ -1,0 +1,109 @@
+"""The tracked-basis GradiVeQ step in one summed exchange (the default): an `ExchangeCodec` on the
+engine's ordinary path (`commcomp.exchange`), so DDP buckets, Horovod steps and auto's groups all
+send it like any other codec.
+
+Each compressed layer sends C_n = X_n U and Q_n = X_n^T P (see `commcomp.gradiveq.tracked`);
+uncompressed gradients (small layers, biases) ride along as g/N. A group with compressed layers also
+carries one checksum slot per rank: a byte of the CRC-32 of the bases this rank projected onto (exact
+in every wire dtype), so ranks whose bases differ (another BLAS) stop with an error instead of
+drifting apart (a difference one byte misses is caught a step later: bases that differ once differ
+ever after). Decoding writes X_hat into the gradients and computes this rank's residual and the
+next bases; the step's end keeps them only if it was clean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from commcomp.exchange import Encoded
+from commcomp.gradiveq.pipeline import TrackedHost
+from commcomp.gradiveq.tracked import TrackedLayer, orthonormalize
+
+__all__ = ["SingleExchange"]
+
+
+@dataclass
+class _Share:
+    """One gradient of the group: this rank's compensated slices and payloads (compressed layers)."""
+
+    key: str
+    layer: TrackedLayer | None  # None: sent as it is
+    x: torch.Tensor | None = None  # X_n [S, K] float32, residual included
+    c: torch.Tensor | None = None  # C_n [S, d]
+    q: torch.Tensor | None = None  # Q_n [K, d]
+    residual: torch.Tensor | None = None  # set by decode
+    bases: tuple[torch.Tensor, torch.Tensor] | None = None  # the next (U, P), set by decode
+
+
+class SingleExchange:
+    """`ExchangeCodec` of the one-exchange tracked step for `state`'s layers and residuals."""
+
+    summed = True
+
+    def __init__(self, state: TrackedHost) -> None:
+        self.state = state
+
+    def encode(self, keys: list[str], grads: list[torch.Tensor]) -> Encoded:
+        state, n, wire = self.state, self.state.world_size, self.state.wire_dtype
+        parts: list[torch.Tensor] = []
+        shares: list[_Share] = []
+        checksum = 0
+        for key, g in zip(keys, grads):
+            layer = state.tracked_layer(key, g.shape)
+            if layer is None:
+                parts.append((g.detach() / n).reshape(-1).to(wire))
+                shares.append(_Share(key, None))
+                continue
+            x = layer.plan.matrix(g.detach()).float() / n  # a new tensor (in g's memory order): compensated in place
+            if state.memory is not None:
+                state.memory.compensate(key, x, out=x)
+            c, q = layer.sides(x)
+            parts += [c.to(wire).reshape(-1), q.to(wire).reshape(-1)]
+            shares.append(_Share(key, layer, x, c, q))
+            checksum = (checksum * 31 + layer.checksum) % 2**32
+        if any(share.layer is not None for share in shares):
+            checks = torch.zeros(n, dtype=wire, device=grads[0].device)
+            checks[state.rank] = checksum % 256
+            parts.append(checks)
+        return Encoded(keys, grads, parts, shares)
+
+    def decode(self, received: list[torch.Tensor], encoded: Encoded) -> list[torch.Tensor]:
+        state, n = self.state, self.state.world_size
+        shares: list[_Share] = encoded.context
+        if any(share.layer is not None for share in shares):
+            checks = received[-1].tolist()
+            odd = [r for r in range(n) if checks[r] != checks[state.rank]]
+            if odd:
+                raise RuntimeError(
+                    f"GradiVeQ: ranks {odd} projected onto other bases than rank {state.rank}; every rank "
+                    "must run the same torch build and linear-algebra library"
+                )
+        pieces = iter(received)
+        out: list[torch.Tensor] = []
+        for share, g in zip(shares, encoded.grads):
+            layer = share.layer
+            if layer is None:
+                out.append(next(pieces))
+                continue
+            assert share.x is not None and share.c is not None and share.q is not None
+            c = next(pieces).float().view(layer.plan.S, layer.d)
+            q = next(pieces).float().view(layer.plan.K, layer.d)
+            left, right = layer.factors(c, q)
+            layer.plan.write_outer(g, left, right)  # decoded in place: the engine's copy is a no-op
+            out.append(g)
+            if state.memory is not None:  # what this rank's share lost
+                mine_left, mine_right = layer.factors(share.c, share.q)
+                share.residual = layer.plan.outer(mine_left, mine_right, base=share.x)
+            share.bases = (orthonormalize(q), orthonormalize(c))  # U' and P', kept if the step ends cleanly
+        return out
+
+    def commit(self, encoded: Encoded) -> None:
+        """Keep the next bases P' = orth(C), U' = orth(Q) and the residuals (a clean step only)."""
+        for share in encoded.context:
+            if share.layer is None or share.bases is None:
+                continue
+            share.layer.keep(*share.bases)
+            if self.state.memory is not None and share.residual is not None:
+                self.state.memory.set(share.key, share.residual)
