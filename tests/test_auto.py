@@ -209,8 +209,8 @@ def test_every_rank_probes_the_same_doubling_sizes():
     assert all(list(f[0]) == sizes for f in found)
     assert sizes[0] == 4096 and all(b == min(2 * a, 100_000) for a, b in itertools.pairwise(sizes))
     assert sizes[-1] == 100_000
-    # every all-reduce is counted: the line-up, two runs of each size, one of the last
-    assert found[0][1] == [4] + [4 * max(2, s // 4) for s in sizes for _ in range(1 if s == 100_000 else 2)]
+    # every all-reduce is counted: the line-up and two runs of each size
+    assert found[0][1] == [4] + [4 * max(2, s // 4) for s in sizes for _ in range(2)]
 
 
 def test_a_replan_round_checks_the_network_with_one_size_and_probes_in_full_when_it_moved():

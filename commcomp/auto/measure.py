@@ -168,33 +168,28 @@ def probe(cap: int, group: dist.ProcessGroup | None, device: torch.device, enoug
 
     An untimed one-value all-reduce first lines the ranks up, so the first probe does not absorb
     the ranks' different arrival times (which would read as latency). Each size runs twice and
-    keeps the faster run (a busy CPU only ever adds time). The sizes double until one is
-    `transfer_bound` on the slowest rank: the transfer then clearly outweighs the latency, and the
-    next size, run once, is the last (on a 25 Mbit/s link: 128 KB). Each size's first run carries
-    this rank's time of the previous size in its first value, reduced with MAX, so every rank reads
-    the same times and stops after the same size.
+    keeps the faster run (a busy CPU only ever adds time); the second run carries this rank's time
+    of the first in its first value, reduced with MAX, so every rank reads the slowest rank's time
+    and stops after the same size. The sizes double until that time is `transfer_bound`: the
+    transfer then clearly outweighs the latency (on a 25 Mbit/s link: at 64 KB).
     """
+    agreed: list[float] = []  # the slowest rank's first run of each size so far
     found: dict[int, float] = {}
-    agreed: list[float] = []  # the slowest rank's time of each size so far
     sent, spent = [_line_up(group, device)], 0.0
-    size, previous = min(4 << 10, cap), 0.0
+    size = min(4 << 10, cap)
     while True:
         buf = torch.zeros(max(2, size // 4), device=device)
-        buf[0] = previous
-        runs = []
-        for run in range(2):
+        runs: list[float] = []
+        for _ in range(2):
+            buf[0] = runs[0] if runs else 0.0
             with timer(buf) as t:
                 dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
             runs.append(t.seconds)
             sent.append(nbytes(buf))
-            if run == 0 and found:
-                agreed.append(float(buf[0]))  # the previous size's, everywhere alike
-            done = size >= cap or transfer_bound(agreed, enough)
-            if done:
-                break
-        found[size] = previous = min(runs)
+        agreed.append(float(buf[0]))
+        found[size] = min(runs)
         spent += sum(runs)
-        if done:
+        if size >= cap or transfer_bound(agreed, enough):
             return Probes(found, sent, spent)
         size = min(2 * size, cap)
 
