@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Callable, Iterable
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -63,6 +63,7 @@ class Setup:
     after_step: Callable[[], None] = lambda: None  # called after optimizer.step()
     consensus: bool = False  # ranks hold different models: evaluate their average
     stack: ExitStack = field(default_factory=ExitStack)  # undone when the method is finished
+    stepping: Callable[[], AbstractContextManager[Any]] = nullcontext  # entered around each training step
     info: dict[str, Any] = field(default_factory=dict)
     final: Callable[[], dict[str, Any]] = dict  # after the last step, on every rank (may run collectives)
 
@@ -125,7 +126,7 @@ def _torch_hook(hook_modules: tuple[str, ...], make: Callable[[dict[str, Any]], 
     also wait for communication, cannot be told apart: decode is not reported."""
 
     def build(net: nn.Module, options: dict[str, Any], make_opt: MakeOptimizer) -> Setup:
-        from benchmarks.counting import count_collectives
+        from benchmarks.counting import CountingDist, count_collectives
 
         modules = [importlib.import_module(f"torch.distributed.algorithms.ddp_comm_hooks.{m}") for m in hook_modules]
         model, dense, steps, body = _ddp(net, **ddp_kwargs), grad_bytes(net), [0], [0.0]
@@ -136,7 +137,9 @@ def _torch_hook(hook_modules: tuple[str, ...], make: Callable[[dict[str, Any]], 
             return Counters(counter.bytes_sent, dense * steps[0], encode_seconds=body[0])
 
         s = Setup(model, make_opt(model.parameters()), counters, info={**info, "encode_seconds": "hook body only"})
-        counter = s.stack.enter_context(count_collectives(*modules))
+        counter = CountingDist()
+        # installed around each step only: the methods train side by side, each its own steps
+        s.stepping = partial(count_collectives, *modules, counter=counter)
 
         def step() -> None:
             steps[0] += 1

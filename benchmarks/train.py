@@ -1,12 +1,14 @@
-"""Training comparison worker: trains one workload with each method in turn and records the numbers.
+"""Training comparison worker: trains one workload with every method side by side and records the numbers.
 
 Run on every host (one process per host or per GPU), e.g. under torchrun::
 
     torchrun --nproc-per-node 4 benchmarks/train.py --workloads cnn --methods fp32,gradiveq --out r.json
 
-`benchmarks/run.py` does this on an emulated cluster and prints the table. Every method starts from
-the same initial weights, sees the same batches (per-rank generators seeded identically for every
-method) and follows the same learning-rate schedule. Per step it records the wall-clock step time
+`benchmarks/run.py` does this on an emulated cluster and prints the table. The methods train in
+lockstep: one step of each in turn, the order rotating every step, so a busy spell of the machine
+slows every method alike and the ratios between them hold on a shared, noisy machine. Every method
+starts from the same initial weights, sees the same batches (per-rank generators seeded identically
+for every method) and follows the same learning-rate schedule. Per step it records the wall-clock step time
 (forward, backward with its communication, optimizer step), the bytes this rank handed to
 collectives and the encode/decode seconds. Every `eval_every` steps it measures the test accuracy
 (of the ranks' average model for methods whose ranks hold different models), outside the timed
@@ -39,7 +41,7 @@ from benchmarks.methods import METHODS, Setup, setup, unavailable
 from benchmarks.workloads import WORKLOADS, Workload, get_workload
 from commcomp.stats import sync_device
 
-__all__ = ["add_method_options", "main", "method_list", "run_method", "run_workload"]
+__all__ = ["MethodRun", "add_method_options", "main", "method_list", "run_workload"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -87,114 +89,132 @@ def _compute_only_step(s: Setup, x: torch.Tensor, y: torch.Tensor, batch: int, g
     return statistics.median(times[1:])
 
 
-def run_method(
-    name: str, workload: Workload, data: tuple[torch.Tensor, ...], steps: int, options: dict[str, Any]
-) -> dict[str, Any]:
-    """Train `workload` for `steps` steps with method `name`; return this rank's record."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(options.get("device", "cpu"))
-    seed = int(options.get("seed", 0))
-    torch.manual_seed(seed)  # same initial weights for every method (and rank)
-    net = workload.model().to(device)
-    options = {**workload.options(steps), **{k: v for k, v in options.items() if v is not None}}
+class MethodRun:
+    """One method training `workload` for `steps` steps, a step at a time (`step`), and its record
+    (`result`). Every method starts from the same initial weights and sees the same batches."""
 
-    optimizers: list[torch.optim.Optimizer] = []  # the SGD inside whatever the method wraps around it
+    def __init__(
+        self, name: str, workload: Workload, data: tuple[torch.Tensor, ...], steps: int, options: dict[str, Any]
+    ) -> None:
+        self.name, self.workload, self.steps = name, workload, steps
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        device = torch.device(options.get("device", "cpu"))
+        seed = int(options.get("seed", 0))
+        torch.manual_seed(seed)  # same initial weights for every method (and rank)
+        net = workload.model().to(device)
+        self.options = {**workload.options(steps), **{k: v for k, v in options.items() if v is not None}}
+        self.optimizers: list[torch.optim.Optimizer] = []  # the SGD inside whatever the method wraps
 
-    def make_opt(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        opt = torch.optim.SGD(params, lr=workload.lr, momentum=workload.momentum)
-        optimizers.append(opt)
-        return opt
+        def make_opt(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+            opt = torch.optim.SGD(params, lr=workload.lr, momentum=workload.momentum)
+            self.optimizers.append(opt)
+            return opt
 
-    s = setup(name, net, options, make_opt)
-    opt = s.optimizer
-    try:
+        self.s = setup(name, net, self.options, make_opt)
         x, y, xt, yt = data
-        x, y = shard(x, y, rank, world)
-        x, y, xt, yt = x.to(device), y.to(device), xt.to(device), yt.to(device)
-        gen = torch.Generator().manual_seed(seed * 100_003 + rank)
-        times: list[float] = []
-        sent: list[int] = []
-        codec: list[float] = []  # encode + decode seconds per step
-        curve: list[list[float]] = []  # [step, cumulative training seconds, test accuracy]
-        trained = evaluating = 0.0  # seconds in training steps / in evaluations (not counted as training)
-        last = s.counters()
-        progress_every = max(1, steps // 4)
-        for step in range(steps):
-            idx = torch.randint(len(x), (workload.batch_size,), generator=gen).to(device)
-            xb, yb = x[idx], y[idx]
-            for o in optimizers:
-                for group in o.param_groups:
-                    group["lr"] = workload.lr_at(step, steps)
+        x, y = shard(x, y, self.rank, self.world)
+        self.x, self.y, self.xt, self.yt = x.to(device), y.to(device), xt.to(device), yt.to(device)
+        self.gen = torch.Generator().manual_seed(seed * 100_003 + self.rank)
+        self.times: list[float] = []
+        self.sent: list[int] = []
+        self.codec: list[float] = []  # encode + decode seconds per step
+        self.curve: list[list[float]] = []  # [step, cumulative training seconds, test accuracy]
+        self.trained = self.evaluating = 0.0  # seconds in training steps / in evaluations (not training)
+        self.last = self.s.counters()
+
+    def step(self, step: int) -> None:
+        """Training step `step` (timed), then the test accuracy if it is due (not timed)."""
+        s, workload = self.s, self.workload
+        idx = torch.randint(len(self.x), (workload.batch_size,), generator=self.gen).to(self.x.device)
+        xb, yb = self.x[idx], self.y[idx]
+        for o in self.optimizers:
+            for group in o.param_groups:
+                group["lr"] = workload.lr_at(step, self.steps)
+        with s.stepping():
             sync_device(xb)
             start = time.perf_counter()
-            opt.zero_grad()
+            s.optimizer.zero_grad()
             F.cross_entropy(s.model(xb), yb).backward()
-            opt.step()
+            s.optimizer.step()
             s.after_step()
             sync_device(xb)
             dt = time.perf_counter() - start
-            trained += dt
-            times.append(dt)
-            now = s.counters()
-            sent.append(now.bytes_sent - last.bytes_sent)
-            codec.append(now.encode_seconds + now.decode_seconds - last.encode_seconds - last.decode_seconds)
-            last = now
-            final = step + 1 == steps
-            if workload.evaluates(step + 1, steps):
-                start = time.perf_counter()
-                curve.append([step + 1, trained, _evaluate(s, xt, yt)])
-                evaluating += time.perf_counter() - start
-            if rank == 0 and ((step + 1) % progress_every == 0 or final):
-                acc = f", test acc {curve[-1][2]:.3f}" if curve else ""
-                print(f"  [{workload.name}] {name}: step {step + 1}/{steps}, {dt:.3f} s/step{acc}", flush=True)
-        accs = [acc for _, _, acc in curve]  # workloads without evaluation: step time only
+        self.trained += dt
+        self.times.append(dt)
+        now = s.counters()
+        self.sent.append(now.bytes_sent - self.last.bytes_sent)
+        self.codec.append(now.encode_seconds + now.decode_seconds - self.last.encode_seconds - self.last.decode_seconds)
+        self.last = now
+        if workload.evaluates(step + 1, self.steps):
+            start = time.perf_counter()
+            self.curve.append([step + 1, self.trained, _evaluate(s, self.xt, self.yt)])
+            self.evaluating += time.perf_counter() - start
+        if self.rank == 0 and ((step + 1) % max(1, self.steps // 4) == 0 or step + 1 == self.steps):
+            acc = f", test acc {self.curve[-1][2]:.3f}" if self.curve else ""
+            print(f"  [{workload.name}] {self.name}: step {step + 1}/{self.steps}, {dt:.3f} s/step{acc}", flush=True)
+
+    def result(self) -> dict[str, Any]:
+        """This rank's record, once every step ran (every rank calls it: it may run collectives)."""
+        s, workload, name = self.s, self.workload, self.name
+        accs = [acc for _, _, acc in self.curve]  # workloads without evaluation: step time only
         c = s.counters()
-        extra = s.final()  # e.g. auto's plan; every rank calls it (it may run a collective)
+        extra = s.final()  # e.g. auto's plan
         timed = name == "fp32" and workload.eval_every  # the floor of the time-to-target ratios
-        floor = _compute_only_step(s, x, y, workload.batch_size, gen) if timed else None
+        floor = _compute_only_step(s, self.x, self.y, workload.batch_size, self.gen) if timed else None
         return {
             "method": name,
             "label": METHODS[name].label,
             "workload": workload.name,
-            "world_size": world,
+            "world_size": self.world,
             "batch_size": workload.batch_size,
-            "steps": steps,
-            "step_seconds": times,
-            "bytes_per_step_series": sent,
-            "codec_seconds_series": codec,
+            "steps": self.steps,
+            "step_seconds": self.times,
+            "bytes_per_step_series": self.sent,
+            "codec_seconds_series": self.codec,
             "bytes_sent": c.bytes_sent,
             "dense_bytes": c.dense_bytes,
             "encode_seconds": c.encode_seconds,
             "decode_seconds": c.decode_seconds,
-            "train_seconds": trained,
-            "eval_seconds": evaluating,
+            "train_seconds": self.trained,
+            "eval_seconds": self.evaluating,
             "compute_only_step_s": floor,
-            "curve": curve,
+            "curve": self.curve,
             "final_accuracy": accs[-1] if accs else None,
             "best_accuracy": max(accs) if accs else None,
             "info": s.info,
-            "options": {k: v for k, v in options.items() if k.split("_")[0] in name},  # gradiveq, powersgd_start
+            "options": {k: v for k, v in self.options.items() if k.split("_")[0] in name},  # gradiveq, powersgd_start
             **extra,
         }
-    finally:
-        s.stack.close()
-        dist.barrier()
 
 
 def run_workload(workload: Workload, methods: list[str], steps: int, options: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every available method on `workload`; unavailable ones get a row saying why."""
+    """Every available method on `workload`, side by side: one step of each method in turn (in an
+    order that rotates every step), so that the machine's load at any moment falls on every method
+    alike and the ratios between methods hold however busy the machine gets. Unavailable methods
+    get a row saying why."""
     data = workload.data()
-    rows = []
-    for name in methods:
-        why = unavailable(name)
-        if why:
-            if dist.get_rank() == 0:
-                print(f"  [{workload.name}] {name}: skipped ({why})", flush=True)
-            label = METHODS[name].label if name in METHODS else name
-            rows.append({"method": name, "label": label, "workload": workload.name, "skipped": why})
-            continue
-        rows.append(run_method(name, workload, data, steps, options))
-    return rows
+    rows: dict[str, dict[str, Any]] = {}
+    runs: list[MethodRun] = []
+    try:
+        for name in methods:
+            why = unavailable(name)
+            if why:
+                if dist.get_rank() == 0:
+                    print(f"  [{workload.name}] {name}: skipped ({why})", flush=True)
+                label = METHODS[name].label if name in METHODS else name
+                rows[name] = {"method": name, "label": label, "workload": workload.name, "skipped": why}
+                continue
+            runs.append(MethodRun(name, workload, data, steps, options))
+        for step in range(steps):
+            turn = step % len(runs) if runs else 0
+            for run in runs[turn:] + runs[:turn]:
+                run.step(step)
+        rows.update({run.name: run.result() for run in runs})
+    finally:
+        for run in runs:
+            run.s.stack.close()
+        dist.barrier()
+    return [rows[name] for name in methods if name in rows]
 
 
 def add_method_options(p: argparse.ArgumentParser) -> None:
