@@ -6,7 +6,8 @@ Every integration runs the same sequence, written once here:
      1. encode: the codec turns the gradients into the tensors to send (`Encoded.parts`);
      2. flags: this rank's NaN/Inf flag rides along in the same buffer (`commcomp.consistency`);
      3. stats: the bytes of the buffer handed over are counted (and what fp32 would have been);
-     4. collective: the wire starts a summing all-reduce or an all-gather and returns at once.
+     4. collective: the wire starts a summing all-reduce or an all-gather and returns at once;
+        then the codec's work that needs no result (`Encoded.later`) runs while the network works.
   `finish` (in the DDP callback, or Horovod's `synchronize()`):
      5. wait for every collective of the group, then raise on every rank if any rank was flagged;
      6. decode into the gradients;
@@ -95,6 +96,9 @@ class Encoded:
     # summed codecs may lay the parts end to end into one buffer with a free slot per rank after
     # them: the engine writes the flags there and sends it as it is (no copy into a new buffer)
     flat: torch.Tensor | None = None
+    # work on this rank's own data that the decode does not wait for (an error-feedback residual):
+    # the engine runs it once the collective is on its way, while the network works
+    later: Callable[[], None] | None = None
 
 
 class ExchangeCodec(Protocol):
@@ -273,6 +277,10 @@ def send(
     kind = "allreduce" if codec.summed else "allgather"
     host.stats.sent(nbytes(flat), dense=dense_bytes, kind=kind, world_size=host.world_size)
     pending = wire.start(flat, codec.summed, name)
+    if encoded.later is not None:
+        with timer(like) as more:
+            encoded.later()
+        host.stats.encoded(more.seconds)
     return InFlight(codec, encoded, pending, [p.shape for p in encoded.parts])
 
 

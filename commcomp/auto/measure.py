@@ -132,7 +132,7 @@ def trial_gradiveq(state: GradiVeQState, keys: list[str], grads: list[torch.Tens
             c, q = layer.sides(x)
             left, right = layer.factors(c, q)  # the decode of the sum (here: of this rank's own)
             layer.plan.outer(left, right)
-            left, right = layer.factors(c, q)  # and this rank's residual, as the real decode
+            left, right = layer.factors(c, q)  # and this rank's residual, as the real step
             layer.plan.outer(left, right, base=x)
             orthonormalize(c), orthonormalize(q)
         seconds += t.seconds

@@ -7,12 +7,13 @@ uncompressed gradients (small layers, biases) ride along as g/N. A group with co
 carries one checksum slot per rank: a byte of the CRC-32 of the bases this rank projected onto (exact
 in every wire dtype), so ranks whose bases differ (another BLAS) stop with an error instead of
 drifting apart (a difference one byte misses is caught a step later: bases that differ once differ
-ever after). Decoding writes X_hat into the gradients and computes this rank's residual and the
-next bases; the step's end keeps them only if it was clean.
+ever after). This rank's residual is computed while the collective travels; decoding writes X_hat
+into the gradients and computes the next bases; the step's end keeps both only if it was clean.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,15 @@ from commcomp.gradiveq.tracked import TrackedLayer, orthonormalize
 __all__ = ["SingleExchange"]
 
 
+def _residuals(shares: list[_Share]) -> None:
+    """What each compressed layer's share lost: X_n minus its own share of the decode. It needs only
+    this rank's payloads, so it is computed while the collective travels."""
+    for share in shares:
+        if share.layer is not None and share.x is not None and share.c is not None and share.q is not None:
+            left, right = share.layer.factors(share.c, share.q)
+            share.residual = share.layer.plan.outer(left, right, base=share.x)
+
+
 @dataclass
 class _Share:
     """One gradient of the group: this rank's compensated slices and payloads (compressed layers)."""
@@ -33,7 +43,7 @@ class _Share:
     x: torch.Tensor | None = None  # X_n [S, K] float32, residual included
     c: torch.Tensor | None = None  # C_n [S, d]
     q: torch.Tensor | None = None  # Q_n [K, d]
-    residual: torch.Tensor | None = None  # set by decode
+    residual: torch.Tensor | None = None  # set while the collective travels (`Encoded.later`)
     bases: tuple[torch.Tensor, torch.Tensor] | None = None  # the next (U, P), set by decode
 
 
@@ -67,7 +77,8 @@ class SingleExchange:
             checks = torch.zeros(n, dtype=wire, device=grads[0].device)
             checks[state.rank] = checksum % 256
             parts.append(checks)
-        return Encoded(keys, grads, parts, shares)
+        later = None if state.memory is None else functools.partial(_residuals, shares)
+        return Encoded(keys, grads, parts, shares, later=later)
 
     def decode(self, received: list[torch.Tensor], encoded: Encoded) -> list[torch.Tensor]:
         state, n = self.state, self.state.world_size
@@ -93,9 +104,6 @@ class SingleExchange:
             left, right = layer.factors(c, q)
             layer.plan.write_outer(g, left, right)  # decoded in place: the engine's copy is a no-op
             out.append(g)
-            if state.memory is not None:  # what this rank's share lost
-                mine_left, mine_right = layer.factors(share.c, share.q)
-                share.residual = layer.plan.outer(mine_left, mine_right, base=share.x)
             share.bases = (orthonormalize(q), orthonormalize(c))  # U' and P', kept if the step ends cleanly
         return out
 
