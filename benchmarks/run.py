@@ -228,12 +228,12 @@ NOTES = [
     "Byte ratio: dense bytes / bytes handed to collectives over the whole run (warm-up and sampling included)."
     " Codec %: encode + decode share of the step time over the second half of the run ('-': not reported;"
     " PyTorch's hooks decode inside callbacks that also wait for the network).",
-    "Codec % above 10% on CPU: GradiVeQ's four products per compressed layer (X U, P^T X, P B^T and the"
-    " error-feedback residual) cost 8 x rank multiply-adds per weight per step, 128 at rank 16, against"
-    " 6 x 32 = 192 for the forward and backward passes of the mlp's 32 samples per rank, so on these cores"
-    " its codec is a large share of a small step (PowerSGD runs three of these products; its codec time is not"
-    " reported). On the cnn, whose convolutions do more work per weight, its share is smaller. The Horovod rows"
-    " also share the 2 cores with Horovod's background threads, which stretches every timed region.",
+    "Codec % above 10% on CPU: GradiVeQ's products per compressed layer (the two sides X U and X^T P, the"
+    " rank-2d decode and the error-feedback residual) cost 6 x rank multiply-adds per weight per step, 96 at"
+    " rank 16, as many as the forward and backward passes of the mlp's 32 samples per rank (3 x 32), so on"
+    " these cores its codec is a large share of a small step (PowerSGD runs three rank-d products; its codec"
+    " time is not reported). On the cnn, whose convolutions do more work per weight, its share is smaller. The"
+    " Horovod rows also share the 2 cores with Horovod's background threads, which stretches every timed region.",
 ]
 
 
