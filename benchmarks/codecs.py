@@ -33,7 +33,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -184,28 +183,6 @@ def _as_rank(base: type, rank: int, world: int, **methods: Any) -> type:
     """`base` (a hook state) seen as rank `rank` of `world`, with `methods` replaced."""
     attrs = {"rank": property(lambda self: rank), "world_size": property(lambda self: world), **methods}
     return type(f"Simulated{base.__name__}", (base,), attrs)
-
-
-@dataclass
-class _Ready:
-    """A collective whose result was prepared before timing (`Pending`)."""
-
-    result: torch.Tensor
-
-    def wait(self) -> torch.Tensor:
-        return self.result
-
-
-class _Capture:
-    """A `Wire` that keeps what it was handed and returns `result` at once."""
-
-    def __init__(self, result: torch.Tensor | None = None) -> None:
-        self.result, self.sent = result, torch.empty(0)
-
-    def start(self, flat: torch.Tensor, summed: bool, name: str) -> _Ready:
-        del summed, name
-        self.sent = flat
-        return _Ready(flat if self.result is None else self.result)
 
 
 def hook_rows(names: list[str], world: int, reps: int) -> list[dict[str, Any]]:

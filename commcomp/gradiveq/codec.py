@@ -62,16 +62,6 @@ class SlicePlan:
     def join(self, slices: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
         return self.from_vector(torch.cat([slices.reshape(-1), rest]))
 
-    def write(self, out: torch.Tensor, slices: torch.Tensor, rest: torch.Tensor) -> None:
-        """`out.copy_(join(slices, rest))`, without the joined copy when there is no rest."""
-        if rest.numel() or not out.is_contiguous():
-            out.copy_(self.join(slices.to(out.dtype), rest.to(out.dtype)))
-        elif self.conv:
-            f, d, *spatial = self.shape
-            out.permute(*range(2, len(self.shape)), 1, 0).copy_(slices.view(*spatial, d, f))
-        else:
-            out.view(self.S, self.K).copy_(slices)
-
 
 def plan_slices(
     shape: tuple[int, ...] | torch.Size, target: int = 256, max_len: int = 1024, min_numel: int = 1024

@@ -17,7 +17,6 @@ ranks whose orthonormalisation differed (another BLAS) stop with an error instea
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -27,11 +26,11 @@ from commcomp.consistency import bad_ranks
 from commcomp.error_feedback import ErrorFeedback
 from commcomp.exchange import Encoded, Host, InFlight, Pending, TorchWire, Wire, dense_nbytes, nbytes, send
 from commcomp.flat import flatten, unflatten
-from commcomp.gradiveq.tracked import TrackedLayer, orthonormalize
+from commcomp.gradiveq.tracked import TrackedLayer, crc32, orthonormalize
 from commcomp.overflow import poison
 from commcomp.stats import timer
 
-__all__ = ["BasisUpdates", "TrackedCoefficients", "TrackedGroup", "TrackedHost", "finish_tracked"]
+__all__ = ["BasisUpdates", "TrackedCoefficients", "TrackedGroup", "TrackedHost", "compensated_share", "finish_tracked"]
 
 P = TypeVar("P", bound=Pending)
 
@@ -60,6 +59,15 @@ class _Grad:
     b: torch.Tensor | None = None  # this rank's basis update B_n [K, d]
 
 
+def compensated_share(state: TrackedHost, key: str, layer: TrackedLayer, g: torch.Tensor) -> torch.Tensor:
+    """This rank's slices X_n [S, K] of gradient `g` (named `key`): g/N plus its error-feedback
+    residual, float32, a new tensor in g's memory order."""
+    x = layer.plan.matrix(g.detach()).float() / state.world_size
+    if state.memory is not None:
+        state.memory.compensate(key, x, out=x)
+    return x
+
+
 class TrackedCoefficients:
     """`ExchangeCodec` of the first exchange: X_n U for compressed layers, g_n/N for the others."""
 
@@ -78,9 +86,7 @@ class TrackedCoefficients:
                 parts.append((g.detach() / n).reshape(-1).to(state.wire_dtype))
                 records.append(_Grad(key, g, None))
                 continue
-            x = layer.plan.matrix(g.detach()).float() / n  # a new tensor (in g's memory order): compensated in place
-            if state.memory is not None:
-                state.memory.compensate(key, x, out=x)
+            x = compensated_share(state, key, layer, g)
             parts.append(layer.coefficients(x).to(state.wire_dtype).reshape(-1))
             records.append(_Grad(key, g, layer, x))
         return Encoded(keys, grads, parts, records)
@@ -152,9 +158,8 @@ class TrackedGroup:
                     continue
                 assert rec.p is not None and rec.b is not None and rec.x is not None
                 b = next(updates).float()
-                rec.layer.plan.write_outer(
-                    rec.grad, rec.p, b
-                )  # step 3, P B^T; B is the next basis if the step ends cleanly
+                # step 3, P B^T; B is the next basis if the step ends cleanly
+                rec.layer.plan.write_outer(rec.grad, rec.p, b)
                 keep.append((rec, b))
         state.stats.decoded(dec.seconds)
 
@@ -174,9 +179,7 @@ _CHECK_BYTES = 4  # a CRC-32, one byte per slot: exact in every wire dtype
 def _checksum(ps: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """The CRC-32 of the orthonormalised coefficients' bytes, as 4 byte values (equal bits give
     equal checksums); one copy to the host per group."""
-    values = flatten(ps).detach().cpu() if ps else torch.empty(0)
-    crc = zlib.crc32(values.numpy().tobytes())
-    return torch.tensor(list(crc.to_bytes(4, "little")), dtype=torch.float32, device=device)
+    return torch.tensor(list(crc32(ps).to_bytes(4, "little")), dtype=torch.float32, device=device)
 
 
 def finish_tracked(state: TrackedHost, items: list[InFlight[Any]], wire: Wire[Any], name: str) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from commcomp.exchange import Encoded
-from commcomp.gradiveq.pipeline import TrackedHost
+from commcomp.gradiveq.pipeline import TrackedHost, compensated_share
 from commcomp.gradiveq.tracked import TrackedLayer, orthonormalize
 
 __all__ = ["SingleExchange"]
@@ -66,9 +66,7 @@ class SingleExchange:
                 parts.append((g.detach() / n).reshape(-1).to(wire))
                 shares.append(_Share(key, None))
                 continue
-            x = layer.plan.matrix(g.detach()).float() / n  # a new tensor (in g's memory order): compensated in place
-            if state.memory is not None:
-                state.memory.compensate(key, x, out=x)
+            x = compensated_share(state, key, layer, g)
             c, q = layer.sides(x)
             parts += [c.to(wire).reshape(-1), q.to(wire).reshape(-1)]
             shares.append(_Share(key, layer, x, c, q))

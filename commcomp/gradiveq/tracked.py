@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MatrixPlan", "TrackedLayer", "matrix_plan", "orthonormalize"]
+__all__ = ["MatrixPlan", "TrackedLayer", "crc32", "matrix_plan", "orthonormalize"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,12 @@ def matrix_plan(shape: tuple[int, ...] | torch.Size, min_numel: int) -> MatrixPl
     conv = len(shape) >= 3
     k = shape[0] if conv else shape[1]
     return MatrixPlan(shape, k, numel // k, conv)
+
+
+def crc32(tensors: list[torch.Tensor]) -> int:
+    """The CRC-32 of the tensors' bytes laid end to end (equal bits, equal checksums), read on the host."""
+    values = torch.cat([t.detach().reshape(-1) for t in tensors]).cpu() if tensors else torch.empty(0)
+    return zlib.crc32(values.numpy().tobytes())
 
 
 def orthonormalize(c: torch.Tensor) -> torch.Tensor:
@@ -182,14 +188,13 @@ class TrackedLayer:
     def keep(self, u: torch.Tensor, p: torch.Tensor) -> None:
         """Make orthonormal `u` [K, d] and `p` [S, d] the one-exchange bases (and note their checksum)."""
         self.basis, self.left = u, p
-        data = torch.cat([self.basis.reshape(-1), self.left.reshape(-1)]).cpu()
-        self.checksum = zlib.crc32(data.numpy().tobytes())
+        self.checksum = crc32([u, p])
 
     def sides(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 1 of one exchange: (C_n = X_n U [S, d], Q_n = X_n^T P [K, d]) for this rank's slices
         `x` [S, K] (float32), in the fast order of `coefficients`."""
         u, p = self.start_bases(x.device)
-        return (u.T @ x.T).T, (p.T @ x).T
+        return (u.T @ x.T).T, self.basis_update(x, p)
 
     def factors(self, c: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(L [S, 2d], R [K, 2d]) with L R^T = P Q^T + (C - P P^T C) U^T: the decode of summed (C, Q),
