@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commcomp
 from commcomp.auto import CANDIDATES, DEFAULT_CANDIDATES, AutoState
-from commcomp.auto.measure import Exchange, Network, Trial
+from commcomp.auto.measure import GROWTH, Exchange, Network, Trial
 from commcomp.auto.plan import SWITCH_MARGIN, choose
 from commcomp.auto.verify import MARGIN
 
@@ -202,12 +202,12 @@ def _probe(rank, world, cap, enough):
     return found.seconds, found.sent
 
 
-def test_every_rank_probes_the_same_doubling_sizes():
+def test_every_rank_probes_the_same_growing_sizes():
     """(Stopping early, on a shaped link, is checked by tests/test_auto_cluster.py's re-plan.)"""
     found = run(_probe, 3, 100_000, 1e9, timeout=60)
     sizes = list(found[0][0])
     assert all(list(f[0]) == sizes for f in found)
-    assert sizes[0] == 4096 and all(b == min(2 * a, 100_000) for a, b in itertools.pairwise(sizes))
+    assert sizes[0] == 4096 and all(b == min(GROWTH * a, 100_000) for a, b in itertools.pairwise(sizes))
     assert sizes[-1] == 100_000
     # every all-reduce is counted: the line-up and two runs of each size
     assert found[0][1] == [4] + [4 * max(2, s // 4) for s in sizes for _ in range(2)]
@@ -222,7 +222,7 @@ def test_a_replan_round_checks_the_network_with_one_size_and_probes_in_full_when
     expected = net.seconds(Exchange("allreduce", 65536), 4)
     assert net.holds(65536, expected * 0.9 * DRIFT, 4) and net.holds(65536, expected / (0.9 * DRIFT), 4)
     assert not net.holds(65536, expected * 1.1 * DRIFT, 4) and not net.holds(65536, expected / (1.1 * DRIFT), 4)
-    # where the doubling stopped: 20 ms and 4x the fastest smaller size's time (a slow 8 KB is not
+    # where the growing stopped: 20 ms and 4x the fastest smaller size's time (a slow 8 KB is not
     # it; a slow first size does not raise the bar)
     probes = {4096: 0.006, 8192: 0.021, 16384: 0.012, 32768: 0.025, 65536: 0.030, 131072: 0.060}
     assert check_size([{"probes": probes}]) == 32768
@@ -284,6 +284,29 @@ def test_a_timed_check_is_decided_alike_on_every_rank():
     assert kept == ({"qsgd4"} if fastest == "plan" else {fastest})
     sent = out[0][5]  # bytes handed to collectives per step (plan, bf16, fp32, twice): QSGD < bf16 < fp32
     assert sent[1] < sent[2] < sent[3] and sent[4:7] == sent[1:4]
+
+
+def _train_qsgd_settled(rank, world, *args):
+    """`_train_qsgd_planned` with timed checks that always keep the plan, on a network that always
+    holds its line (the localhost's all-reduce times scatter by more than 2x)."""
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr("commcomp.auto.verify.MARGIN", 1.0)
+    monkeypatch.setattr(Network, "holds", lambda *args: True)
+    return _train_qsgd_planned(rank, world, *args)
+
+
+def test_a_round_that_kept_the_plan_on_a_held_network_is_not_timed_again():
+    """After the first round's timed check, a re-plan round whose one-size check held and whose plan
+    is the one in force sends every step by the plan (no timed check)."""
+    options = {"candidates": ["qsgd4", "bf16", "fp32"], "max_error": 1.0, "probe_every": 8}
+    steps = 20
+    out = run(_train_qsgd_settled, 2, "auto", options, steps, None, None, None, 2, timeout=180)
+    rounds = out[0][2]["rounds"]
+    assert [r["step"] for r in rounds] == [0, 9, 18]  # the first timed check ends at step 7
+    assert all({*r["methods"]} == {"qsgd4"} for r in rounds)
+    assert "timed" in rounds[0] and rounds[1]["probed"] == "checked" and "timed" not in rounds[1]
+    sent = out[0][5]  # every step after the re-plan round by QSGD: the same bytes (a check's arms differ)
+    assert len(set(sent[10:18])) == 1 and sent[10] < sent[2] < sent[3]
 
 
 def test_verification_is_only_for_close_predictions():

@@ -7,7 +7,7 @@ with their exact bytes, and its relative error on the bucket's actual gradients 
 error feedback). Trials leave the candidates' state as they found it (random streams restored,
 residuals and bases untouched).
 
-The network is probed with plain all-reduces of doubling sizes (`probe`); `Network.fit` turns the
+The network is probed with plain all-reduces of sizes growing 4x at a time (`probe`); `Network.fit` turns the
 timings into a latency per collective and seconds per wire byte (`commcomp.stats.wire_factor`
 converts the bytes handed to a collective into what it carries at this world size). A re-plan round
 first re-times one size (`recheck`) and probes in full only when it is off the line (`Network.holds`).
@@ -32,6 +32,7 @@ from commcomp.stats import timer, wire_factor
 __all__ = [
     "DRIFT",
     "ENOUGH",
+    "GROWTH",
     "Exchange",
     "Network",
     "Probes",
@@ -48,6 +49,7 @@ __all__ = [
 ]
 
 ENOUGH = 0.02  # seconds: a probe that took this long (and 4x a smaller size) is dominated by the transfer
+GROWTH = 4  # each probe size is this many times the one before
 DRIFT = 2.0  # a re-plan round probes the network in full when a check is off the fitted line by more
 
 
@@ -163,14 +165,16 @@ class Probes:
 
 
 def probe(cap: int, group: dist.ProcessGroup | None, device: torch.device, enough: float = ENOUGH) -> Probes:
-    """All-reduces of 4 KB, 8 KB, 16 KB, ... up to `cap` bytes, timed on this rank. Issued from a
-    hook body; every rank probes the same sizes.
+    """All-reduces of 4 KB, 16 KB, 64 KB, ... (`GROWTH`x each) up to `cap` bytes, timed on this rank.
+    Issued from a hook body; every rank probes the same sizes. A line has two unknowns: five sizes
+    spread over 4 KB-4 MB fit it as well as nine doubling ones, with half the all-reduces (on a
+    fast link each costs about its latency, and the probe was most of the planning time).
 
     An untimed one-value all-reduce first lines the ranks up, so the first probe does not absorb
     the ranks' different arrival times (which would read as latency). Each size runs twice and
     keeps the faster run (a busy CPU only ever adds time); the second run carries this rank's time
     of the first in its first value, reduced with MAX, so every rank reads the slowest rank's time
-    and stops after the same size. The sizes double until that time is `transfer_bound`: the
+    and stops after the same size. The sizes grow until that time is `transfer_bound`: the
     transfer then clearly outweighs the latency (on a 25 Mbit/s link: at 64 KB).
     """
     agreed: list[float] = []  # the slowest rank's first run of each size so far
@@ -191,11 +195,11 @@ def probe(cap: int, group: dist.ProcessGroup | None, device: torch.device, enoug
         spent += sum(runs)
         if size >= cap or transfer_bound(agreed, enough):
             return Probes(found, sent, spent)
-        size = min(2 * size, cap)
+        size = min(GROWTH * size, cap)
 
 
 def transfer_bound(times: list[float], enough: float = ENOUGH) -> bool:
-    """True if the last of `times` (a probe's times of doubling sizes) took `enough` seconds and 4x
+    """True if the last of `times` (a probe's times of growing sizes) took `enough` seconds and 4x
     the fastest smaller size's: the transfer, not the latency, makes it. The fastest, not the
     first: a first size slowed by a busy CPU would raise the bar and send the probe on to sizes that
     only cost time."""
@@ -217,7 +221,7 @@ def recheck(size: int, group: dist.ProcessGroup | None, device: torch.device) ->
 
 
 def check_size(rounds: list[dict[str, Any]]) -> int:
-    """The size a re-plan round re-times: where the last round's probe stopped doubling (the first
+    """The size a re-plan round re-times: where the last round's probe stopped growing (the first
     size that was `transfer_bound`), or its largest. A small size slowed by a busy CPU is not the
     transfer."""
     last = {int(size): seconds for size, seconds in rounds[-1]["probes"].items()}

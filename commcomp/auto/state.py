@@ -4,7 +4,7 @@ hook: `commcomp.auto.hook`).
 The schedule, counted in finished steps:
 
 - a measuring round of `measure_steps` steps, first at step 0, then every `probe_every` steps: at
-  the first bucket of its first step, all-reduces of doubling sizes probe the network (a later
+  the first bucket of its first step, all-reduces of growing sizes probe the network (a later
   round re-times one size, and probes in full at its next step only if that is off the line); on every
   bucket of each of its steps, every candidate runs once on the bucket's real gradients without
   communicating (`commcomp.auto.measure`);
@@ -16,6 +16,7 @@ The schedule, counted in finished steps:
   a round that ends with a different plan counts as a re-plan (`replans`);
 - a plan predicted less than 2x faster than sending every bucket in bf16, or in fp32, is timed
   against them on real steps (`commcomp.auto.verify`); an alternative more than 5% faster replaces it.
+  A re-plan round that found the network on its line and kept the plan is not timed again.
 
 Every collective (probes, the measurement all-reduce, the candidates' own) is issued from the hook
 body in bucket order. A bucket that leaves GradiVeQ at a re-plan drops its error-feedback residual
@@ -246,7 +247,10 @@ class AutoState(HookState):
             self.replans += 1
         self._round_steps, self._trials = 0, {}
         self.next_round = self._step_now + 1 + self.probe_every
-        arms = alternatives(list(self.choices.values()))
+        # a round whose check found the network on its line and which kept the plan has nothing
+        # new to time: the plan already stood against the alternatives (or replaced them)
+        settled = self._checking and before == self._by_param
+        arms = [] if settled else alternatives(list(self.choices.values()))
         if arms:
             self._verify = Verification(arms, self.verify_steps, self._step_now + 1)
 
