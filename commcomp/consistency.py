@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import torch
 
 __all__ = [
+    "Flag",
     "Gathers",
     "RootChecks",
     "bad_ranks",
@@ -36,12 +37,14 @@ __all__ = [
     "flag_slots",
     "gather_ints",
     "has_nonfinite",
+    "nonfinite_flag",
     "options_digest",
     "options_text",
     "sum_in_order",
     "verify_options",
     "verify_options_with_root",
     "world_size_error",
+    "write_flags",
 ]
 
 
@@ -135,26 +138,50 @@ def verify_options_with_root(owner: str, options: dict[str, Any], comm: RootChec
 # ----------------------------------------------------------------------------- NaN / Inf flags
 
 
-def has_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
-    """True if any of `tensors` holds a NaN or an infinity.
+def nonfinite_flag(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """A 0-dim bool tensor, True if any of `tensors` holds a NaN or an infinity; None if none of
+    them is a non-empty floating tensor (integers are finite).
 
-    The smallest and largest value of each tensor (one pass over it) and one value read back: a NaN
-    makes both NaN, an infinity is one of them, and widened to float64 no finite value of any
-    floating type overflows. Exact, about half the cost of a float64 sum and a tenth of an
-    element-wise `isfinite`. Integers are finite.
+    The smallest and largest value of each tensor (one pass over it): a NaN makes both NaN, an
+    infinity is one of them. Exact, about half the cost of a float64 sum and a tenth of an
+    element-wise `isfinite`. The flag stays on the first tensor's device: nothing is read back to
+    the host, so a GPU's queue does not stall for it (`flag_slots` writes it into a buffer as it is).
     """
     ends = [torch.stack(torch.aminmax(t.detach())) for t in tensors if t.is_floating_point() and t.numel()]
-    # one device and dtype for the total (a model may be spread over several devices and dtypes)
-    return bool(ends) and not bool(torch.isfinite(torch.cat([e.to(ends[0].device, torch.float64) for e in ends])).all())
+    if not ends:
+        return None
+    first = ends[0]
+    if any(e.dtype != first.dtype or e.device != first.device for e in ends):
+        # one device and dtype for the total (a model may be spread over several devices and
+        # dtypes); widened to float64, no finite value of any floating type overflows
+        ends = [e.to(first.device, torch.float64) for e in ends]
+    return torch.isfinite(torch.cat(ends) if len(ends) > 1 else first).all().logical_not()
 
 
-def flag_slots(bad: bool, rank: int, world_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def has_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
+    """True if any of `tensors` holds a NaN or an infinity (`nonfinite_flag`, read on the host)."""
+    flag = nonfinite_flag(tensors)
+    return flag is not None and bool(flag)
+
+
+Flag = bool | torch.Tensor | None  # a rank's NaN/Inf flag: on the host, or as `nonfinite_flag` gives it
+
+
+def write_flags(slots: torch.Tensor, bad: Flag, rank: int) -> torch.Tensor:
+    """Fill `slots` (one per rank) with 0, and 1 in this rank's slot if `bad` (a tensor flag is
+    copied as it is, without reading it on the host); returns `slots`."""
+    slots.zero_()
+    if isinstance(bad, torch.Tensor):
+        slots[rank] = bad
+    elif bad:
+        slots[rank] = 1
+    return slots
+
+
+def flag_slots(bad: Flag, rank: int, world_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """One slot per rank, 1 in this rank's slot if `bad`: appended to a summed buffer, so after the
     sum every rank knows which ranks were bad."""
-    flags = torch.zeros(world_size, dtype=dtype, device=device)
-    if bad:
-        flags[rank] = 1
-    return flags
+    return write_flags(torch.empty(world_size, dtype=dtype, device=device), bad, rank)
 
 
 def bad_ranks(flags: torch.Tensor) -> list[int]:

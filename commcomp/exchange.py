@@ -45,7 +45,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import torch
 import torch.distributed as dist
 
-from commcomp.consistency import bad_ranks, flag_slots
+from commcomp.consistency import Flag, flag_slots, write_flags
 from commcomp.flat import flatten, unflatten
 from commcomp.overflow import poison
 from commcomp.stats import CommStats, timer
@@ -99,6 +99,10 @@ class Encoded:
     # work on this rank's own data that the decode does not wait for (an error-feedback residual):
     # the engine runs it once the collective is on its way, while the network works
     later: Callable[[], None] | None = None
+    # what the NaN/Inf check reads instead of the gradients, when the codec's output holds a NaN or
+    # an infinity wherever they do (and also where the wire dtype overflowed): the dense exchange's
+    # g/N, just written and at most half the bytes of fp32 gradients
+    checked: list[torch.Tensor] | None = None
 
 
 class ExchangeCodec(Protocol):
@@ -140,7 +144,7 @@ class DenseExchange:
         parts = list(flat[: sum(sizes)].split(sizes))
         for g, part in zip(grads, parts):
             torch.div(g.reshape(-1), self.world_size, out=part)  # g/N, rounded once to the wire dtype
-        return Encoded(keys, grads, parts, flat=flat)
+        return Encoded(keys, grads, parts, flat=flat, checked=[flat[: sum(sizes)]])
 
     def decode(self, received: list[torch.Tensor], encoded: Encoded) -> list[torch.Tensor]:
         return received  # the engine's copy into the gradients casts back
@@ -171,8 +175,9 @@ class Host(Protocol):
 
     stats: CommStats
 
-    def nonfinite(self, tensors: list[torch.Tensor]) -> bool:
-        """This rank's flag: True if checking is on and any tensor holds NaN/Inf."""
+    def nonfinite(self, tensors: list[torch.Tensor]) -> Flag:
+        """This rank's flag: true if checking is on and any tensor holds NaN/Inf (a 0-dim bool tensor
+        is written into the buffer as it is, without a read on the host)."""
         ...
 
     def skip_step(self, flags: torch.Tensor, bucket_index: int) -> None:
@@ -259,20 +264,19 @@ def send(
     """
     with timer(like) as enc:
         encoded = codec.encode(keys, grads)
-        bad = host.nonfinite(grads)
+        bad = host.nonfinite(grads if encoded.checked is None else encoded.checked)
         if codec.summed:
             dtypes = {p.dtype for p in encoded.parts}
             if len(dtypes) > 1:
                 raise TypeError(f"summed parts must share one dtype, got {sorted(map(str, dtypes))}")
             wire_dtype = dtypes.pop() if dtypes else like.dtype
-            flags = flag_slots(bad, host.rank, host.world_size, wire_dtype, like.device)
-        else:
-            flags = torch.tensor([int(bad)], dtype=torch.uint8, device=like.device)
-        if encoded.flat is not None:
+        if encoded.flat is not None:  # summed, with the slots already in place
             flat = encoded.flat
-            flat[-flags.numel() :].copy_(flags)
+            write_flags(flat[-host.world_size :], bad, host.rank)
+        elif codec.summed:
+            flat = flatten([*encoded.parts, flag_slots(bad, host.rank, host.world_size, wire_dtype, like.device)])
         else:
-            flat = flatten([*encoded.parts, flags])
+            flat = flatten([*encoded.parts, flag_slots(bad, 0, 1, torch.uint8, like.device)])
     host.stats.encoded(enc.seconds)
     kind = "allreduce" if codec.summed else "allgather"
     host.stats.sent(nbytes(flat), dense=dense_bytes, kind=kind, world_size=host.world_size)
@@ -300,8 +304,8 @@ def finish(host: Host, items: list[InFlight[Any]], index: int = 0) -> None:
         received = [item.pending.wait() for item in items]  # every collective done before any raise
         with timer(items[0].encoded.grads[0]) as dec:
             split = [_split(item, r, host.world_size) for item, r in zip(items, received)]
-            flags = torch.stack([f.to(torch.float32) for _, f in split]).sum(0)
-            if bad_ranks(flags):
+            flags = split[0][1] if len(split) == 1 else torch.stack([f.to(torch.float32) for _, f in split]).sum(0)
+            if bool(flags.any()):
                 for item in items:
                     poison(item.encoded.grads)
                 host.skip_step(flags, index)

@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from commcomp.consistency import bad_ranks, check_saved_options, flag_slots, has_nonfinite, options_digest
+from commcomp.consistency import (
+    bad_ranks,
+    check_saved_options,
+    flag_slots,
+    has_nonfinite,
+    nonfinite_flag,
+    options_digest,
+    write_flags,
+)
 from commcomp.flat import flatten, unflatten
 
 
@@ -48,6 +56,13 @@ def test_flags_mark_the_bad_ranks_after_a_sum() -> None:
     summed = summed.sum(0)
     assert bad_ranks(summed) == [1, 3]
     assert bad_ranks(torch.zeros(world)) == []
+    # the flag as a tensor, written as it is into slots of any dtype (what the exchange engine does)
+    for dtype in (torch.bfloat16, torch.int32, torch.uint8):
+        slots = [
+            write_flags(torch.full((world,), 7, dtype=dtype), nonfinite_flag(t), r) for r, t in enumerate(per_rank)
+        ]
+        assert bad_ranks(torch.stack(slots).sum(0)) == [1, 3]
+    assert bad_ranks(write_flags(torch.ones(world), None, 2)) == []
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -73,3 +88,8 @@ def test_nonfinite_check_matches_an_element_wise_check(dtype: torch.dtype) -> No
     for tensors in cases:
         expected = not all(bool(torch.isfinite(t).all()) for t in tensors)
         assert has_nonfinite(tensors) == expected, tensors
+        flag = nonfinite_flag(tensors)  # the same, as a tensor (None: nothing floating to check)
+        floating = [t for t in tensors if t.is_floating_point() and t.numel()]
+        assert (flag is None) == (not floating), tensors
+        if flag is not None:
+            assert flag.dtype == torch.bool and flag.shape == () and bool(flag) == expected, tensors

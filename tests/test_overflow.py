@@ -95,12 +95,20 @@ def _raises(rank: int) -> dict[str, str]:
         commcomp.PQASGD(net, opt, period=2, nonfinite="raise")
         return net
 
+    def fp16(net: nn.Module, opt: torch.optim.Optimizer) -> nn.Module:
+        model = DDP(net)
+        commcomp.register(model, "fp16", nonfinite="raise")
+        return model
+
     out = {}
-    for label, make in {"qsgd": ddp, "choco-ddp": choco_ddp, "choco": choco, "pqasgd": pqasgd}.items():
+    makers = {"qsgd": ddp, "choco-ddp": choco_ddp, "choco": choco, "pqasgd": pqasgd, "fp16-overflow": fp16}
+    for label, make in makers.items():
         net = build_model()
         model = make(net, torch.optim.SGD(net.parameters(), lr=LR))
         x, y = batch(rank, 0)
-        loss = F.mse_loss(model(x), y) * (float("inf") if rank == 1 else 1.0)
+        # fp16-overflow: finite gradients whose g/N does not fit fp16 (max 65504): what rank 1 sends is inf
+        bad = 1e12 if label == "fp16-overflow" else float("inf")
+        loss = F.mse_loss(model(x), y) * (bad if rank == 1 else 1.0)
         try:
             loss.backward()
             out[label] = ""

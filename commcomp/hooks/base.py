@@ -185,13 +185,15 @@ class HookState:
         self._skip_step = True
         if self.nonfinite_policy == "raise":
             raise NonFiniteGradientError(
-                f"{type(self).__name__}: NaN or Inf in the gradients of rank(s) {bad} "
+                f"{type(self).__name__}: NaN or Inf in the gradients of rank(s) {bad} (or in what they "
+                "sent: a value out of the wire dtype's range) "
                 f"(bucket {bucket_index}, step {self.step}); no update was applied from them"
             )
 
-    def nonfinite(self, tensors: list[torch.Tensor]) -> bool:
-        """True if checking is on and any of `tensors` holds NaN/Inf (this rank's flag)."""
-        return self.check_finite and consistency.has_nonfinite(tensors)
+    def nonfinite(self, tensors: list[torch.Tensor]) -> consistency.Flag:
+        """This rank's flag: true if checking is on and any of `tensors` holds NaN/Inf (a 0-dim bool
+        tensor on their device, not read on the host; None when there is nothing to check)."""
+        return consistency.nonfinite_flag(tensors) if self.check_finite else None
 
     # ----- the exchange -----
     def exchange_codec(self, params: list[tuple[str, torch.Size]], like: torch.Tensor) -> ExchangeCodec:
