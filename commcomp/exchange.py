@@ -277,14 +277,14 @@ def send(
             flat = flatten([*encoded.parts, flag_slots(bad, host.rank, host.world_size, wire_dtype, like.device)])
         else:
             flat = flatten([*encoded.parts, flag_slots(bad, 0, 1, torch.uint8, like.device)])
-    host.stats.encoded(enc.seconds)
+    host.stats.encoded(enc)
     kind = "allreduce" if codec.summed else "allgather"
     host.stats.sent(nbytes(flat), dense=dense_bytes, kind=kind, world_size=host.world_size)
     pending = wire.start(flat, codec.summed, name)
     if encoded.later is not None:
         with timer(like) as more:
             encoded.later()
-        host.stats.encoded(more.seconds)
+        host.stats.encoded(more)
     return InFlight(codec, encoded, pending, [p.shape for p in encoded.parts])
 
 
@@ -313,7 +313,7 @@ def finish(host: Host, items: list[InFlight[Any]], index: int = 0) -> None:
             for item, (payload, _) in zip(items, split):
                 for grad, value in zip(item.encoded.grads, item.codec.decode(payload, item.encoded)):
                     grad.copy_(value.view_as(grad))
-        host.stats.decoded(dec.seconds)
+        host.stats.decoded(dec)
         for item in items:
             host.commit_at_step_end(functools.partial(item.codec.commit, item.encoded))
     finally:

@@ -52,20 +52,42 @@ def sync_device(tensor: torch.Tensor) -> None:
 
 
 class timer:
-    """Wall-clock seconds of a block, synchronising the device of `tensor` on both ends."""
+    """Seconds of a block of work on the device of `tensor`.
+
+    On a CPU, wall-clock seconds. On a GPU, the time the device's current stream took from the
+    block's start to its end (two CUDA events): the block itself never waits for the device, and
+    `seconds` waits only for the end event, when it is first read. `CommStats.encoded` and `decoded`
+    take the timer itself and read it when the step ends, so a hook's codec is timed without a
+    device sync in the middle of the backward pass.
+    """
 
     def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-        self.seconds = 0.0
+        self.device = tensor.device
+        self._seconds = 0.0
+        self._events: tuple[Any, Any] | None = None
 
     def __enter__(self) -> timer:
-        sync_device(self.tensor)
-        self._start = time.perf_counter()
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(torch.cuda.current_stream(self.device))
+            self._events = (start, end)
+        else:
+            self._start = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        sync_device(self.tensor)
-        self.seconds = time.perf_counter() - self._start
+        if self._events is not None:
+            self._events[1].record(torch.cuda.current_stream(self.device))
+        else:
+            self._seconds = time.perf_counter() - self._start
+
+    @property
+    def seconds(self) -> float:
+        if self._events is not None:
+            start, end = self._events
+            end.synchronize()
+            self._seconds, self._events = start.elapsed_time(end) / 1e3, None
+        return self._seconds
 
 
 @dataclass
@@ -134,6 +156,7 @@ class CommStats:
     total: StepStats = field(default_factory=StepStats)
     last: StepStats = field(default_factory=StepStats)
     current: StepStats = field(default_factory=StepStats)
+    _timers: list[tuple[str, timer]] = field(default_factory=list, repr=False)  # read at `end_step`
 
     def sent(
         self,
@@ -163,11 +186,18 @@ class CommStats:
         """The step in progress was skipped (an overflow): its bytes count, its update did not happen."""
         self.current.skipped_steps += 1
 
-    def encoded(self, seconds: float) -> None:
-        self.current.encode_seconds += seconds
+    def encoded(self, seconds: float | timer) -> None:
+        """Add codec seconds (a `timer` is read when the step ends)."""
+        self._add("encode_seconds", seconds)
 
-    def decoded(self, seconds: float) -> None:
-        self.current.decode_seconds += seconds
+    def decoded(self, seconds: float | timer) -> None:
+        self._add("decode_seconds", seconds)
+
+    def _add(self, name: str, seconds: float | timer) -> None:
+        if isinstance(seconds, timer):
+            self._timers.append((name, seconds))
+        else:
+            setattr(self.current, name, getattr(self.current, name) + seconds)
 
     def waited(self, seconds: float) -> None:
         """`seconds` of an encode were spent blocked in a collective (see `StepStats`): counted as
@@ -176,6 +206,9 @@ class CommStats:
         self.current.encode_seconds -= seconds
 
     def end_step(self) -> None:
+        for name, t in self._timers:
+            setattr(self.current, name, getattr(self.current, name) + t.seconds)
+        self._timers = []
         self.current.steps = 1
         self.last = self.current
         self.total.add(self.current)
@@ -211,4 +244,4 @@ class CommStats:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.total = StepStats(**state["total"])
         self.last = StepStats(**state["last"])
-        self.current = StepStats()
+        self.current, self._timers = StepStats(), []
