@@ -328,11 +328,12 @@ def test_verification_is_only_for_close_predictions():
     v = Verification(["bf16", "fp32"], 2, start=1)
     methods = []
     for step in range(1, 8):
-        done = v.tick(step)
+        done = v.begin(step)
+        v.end()
         methods.append(v.method("gradiveq", step))
     # one step each in turn (2 // 2), twice: steps 1-6, then the decision at step 7
     assert methods[:6] == ["gradiveq", "bf16", "fp32"] * 2 and done
-    assert len(v.medians()) == 3
+    assert len(v.medians()) == 3 and sorted(v.seconds) == list(range(1, 7))  # the decision's step is not timed
     assert v.fastest([2.0, 1.0, 3.0]) == "bf16" and v.fastest([1.0, 1.0, 1.0]) == "plan"
     assert v.fastest([1.0, 0.97, 2.0]) == "plan" and v.fastest([1.0, 2.0, 0.9]) == "fp32"  # the margin: 5%
     assert v.fastest([math.nan, math.nan, 3.0]) == "fp32" and v.fastest([math.nan] * 3) == "plan"

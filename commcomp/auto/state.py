@@ -157,8 +157,11 @@ class AutoState(HookState):
         """At the step's first bucket: is this a measuring step? If it starts a round, probe the network."""
         self._order, self._decided, self._round_ok = [], {}, True
         self._step_now = self.step
-        if self._verify is not None and self._verify.tick(self.step):
-            self._end_verification(buf)
+        if self._verify is not None:
+            if self._verify.begin(self.step):
+                self._end_verification(buf)
+            else:
+                self.commit_at_step_end(self._verify.end)  # the step's time, if it ends cleanly
         self._measuring = self.step >= self.next_round
         if self._measuring and self._round_steps == 0:  # the network once per round
             size = None if self.network is None or self.full_probe or not self.rounds else check_size(self.rounds)

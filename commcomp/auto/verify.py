@@ -8,9 +8,11 @@ the slowest rank. So a plan is timed against each of `UNIFORM` (the 16-bit excha
 compression at all) that the candidates include and that it is predicted less than `CLEAR_GAIN`x
 faster than: the plan and each alternative take turns in blocks of `steps // 2` steps, twice over
 (so a drift of the machine's load, or the first steps' warm-up, falls on every arm alike, not on
-whichever came first); each step is timed from one first bucket to the next, the median of each arm
-is taken (an evaluation or a checkpoint in between is an outlier, not a trend), and one all-reduce
-takes the slowest rank's. The fastest alternative replaces the plan only if its median is more than
+whichever came first); each step is timed from its first bucket until its last group is decoded
+(the part of a step the method changes: not the forward pass or the optimizer, nor whatever the job
+does between steps, an evaluation, a checkpoint, another model's step), the median of each arm is
+taken (a step slowed by something else is an outlier, not a trend), and one all-reduce takes the
+slowest rank's. The fastest alternative replaces the plan only if its median is more than
 `MARGIN` below the plan's: per-step times on a busy machine scatter by tens of percent, and on a
 near tie the prediction that chose the plan breaks it. Every rank switches at the same step counts
 and decides from the same numbers.
@@ -49,8 +51,7 @@ def alternatives(choices: list[Choice]) -> list[str]:
 class Verification:
     """From step `start`: the plan and each of `arms` in turn, `steps // 2` steps at a time, twice.
 
-    The arms are counted in steps, not in timings, so a resumed job (whose first step has no
-    timing: the clock of the step before it stopped with the old process) switches at the same step.
+    The arms are counted in steps, not in timings, so a resumed job switches at the same step.
     """
 
     def __init__(self, arms: list[str], steps: int, start: int, seconds: dict[int, float] | None = None) -> None:
@@ -58,15 +59,21 @@ class Verification:
         self.steps = steps
         self.start = start
         self.seconds: dict[int, float] = dict(seconds or {})  # step -> its duration
-        self._last: tuple[int, float] | None = None  # the step in progress and when it began
+        self._began: tuple[int, float] | None = None  # the step in progress and when its first bucket came
 
-    def tick(self, step: int) -> bool:
-        """At the first bucket of `step`: time the step that ended; True once every arm is done."""
-        now = time.perf_counter()
-        if self._last is not None:
-            self.seconds[self._last[0]] = now - self._last[1]
-        self._last = (step, now)
-        return step - self.start >= 2 * self._block * (1 + len(self.arms))
+    def begin(self, step: int) -> bool:
+        """At the first bucket of `step`: start its clock; True once every arm is done (the
+        decision is due, and this step is not timed)."""
+        done = step - self.start >= 2 * self._block * (1 + len(self.arms))
+        self._began = None if done else (step, time.perf_counter())
+        return done
+
+    def end(self) -> None:
+        """When the step ends cleanly (its last group decoded): its time since its first bucket."""
+        if self._began is not None:
+            step, began = self._began
+            self.seconds[step] = time.perf_counter() - began
+            self._began = None
 
     @property
     def _block(self) -> int:
