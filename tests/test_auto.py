@@ -152,6 +152,7 @@ def _bad_options(rank, world, options):
     [
         ({"candidates": ["fp32", "zip"]}, "candidates"),
         ({"candidates": []}, "candidates"),
+        ({"candidates": "bf16"}, "list of names, got the string 'bf16'"),
         ({"max_error": -1}, "max_error"),
         ({"measure_steps": 0}, "measure_steps"),
         ({"rank": 4}, "unknown option"),

@@ -74,6 +74,10 @@ class AutoState(HookState):
         nonfinite: str = "propagate",
     ) -> None:
         super().__init__(process_group, check_finite, nonfinite)
+        if isinstance(candidates, str):
+            raise ValueError(
+                f"candidates must be a list of names, got the string {candidates!r} (one: [{candidates!r}])"
+            )
         names = list(DEFAULT_CANDIDATES if candidates is None else candidates)
         unknown = [n for n in names if n not in CANDIDATES]
         if unknown or not names or len(set(names)) != len(names):
