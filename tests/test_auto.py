@@ -237,13 +237,38 @@ def test_a_replan_round_checks_the_network_with_one_size_and_probes_in_full_when
     (*_, report, _, _, _) = run(_train, 2, "auto", options, 10, timeout=180)[0]
     rounds = report["rounds"]
     assert rounds[0]["probed"] == "in full" and len(rounds) >= 3
+    every = options["probe_every"]
+    assert rounds[0]["interval"] == every
     for before, now in itertools.pairwise(rounds):
-        due = before["step"] + 1 + options["probe_every"]
+        due = before["step"] + 1 + before["interval"]
         if now["probed"] == "checked":  # one size, where the last probe stopped, at the round's step
             assert len(now["probes"]) == 1 and set(now["probes"]) <= set(before["probes"])
             assert now["step"] == due
+            # kept the plan: the next round waits twice as long (at most BACKOFF x); else as first
+            assert now["interval"] in (every, min(2 * before["interval"], AutoState.BACKOFF * every))
         else:  # the check at the round's step failed: in full at the next one
-            assert now["step"] == due + 1
+            assert now["step"] == due + 1 and now["interval"] == every
+
+
+def _train_held(rank, world, *args):
+    """`_train` on a network that always holds its line (the localhost's times scatter by over 2x)."""
+    pytest.MonkeyPatch().setattr(Network, "holds", lambda *args: True)
+    return _train(rank, world, *args)
+
+
+def test_rounds_space_out_while_nothing_changes_and_a_resumed_job_keeps_the_spacing(tmp_path):
+    """One candidate and a network that holds: every re-plan round keeps the plan, so each doubles
+    the steps to the next one, up to BACKOFF x probe_every; the spacing is in the checkpoint."""
+    options = {"candidates": ["bf16"], "measure_steps": 1, "probe_every": 2}
+    ckpt = str(tmp_path / "ckpt")
+    straight = run(_train_held, 2, "auto", options, 40, (ckpt, 10), timeout=180)[0][2]
+    cap = AutoState.BACKOFF * options["probe_every"]
+    assert [(r["step"], r["interval"]) for r in straight["rounds"]] == [(0, 2), (3, 4), (8, 8), (17, cap), (34, cap)]
+    assert all(r["probed"] == "checked" for r in straight["rounds"][1:]) and straight["replans"] == 0
+    resumed = run(_train_held, 2, "auto", options, 30, None, ckpt, timeout=180)[0][2]  # steps 10-39
+    keys = ("step", "interval", "methods", "probed")  # the times measured after the resume are its own
+    assert [[r[k] for k in keys] for r in resumed["rounds"]] == [[r[k] for k in keys] for r in straight["rounds"]]
+    assert resumed["next_round"] == straight["next_round"] and resumed["interval"] == straight["interval"]
 
 
 def test_the_same_methods_on_rebuilt_buckets_are_no_replan():
@@ -303,11 +328,12 @@ def test_a_round_that_kept_the_plan_on_a_held_network_is_not_timed_again():
     steps = 20
     out = run(_train_qsgd_settled, 2, "auto", options, steps, None, None, None, 2, timeout=180)
     rounds = out[0][2]["rounds"]
-    assert [r["step"] for r in rounds] == [0, 9, 18]  # the first timed check ends at step 7
+    assert [r["step"] for r in rounds] == [0, 9]  # the first timed check ends at step 7
+    assert [r["interval"] for r in rounds] == [8, 16]  # nothing changed: the next round waits twice as long
     assert all({*r["methods"]} == {"qsgd4"} for r in rounds)
     assert "timed" in rounds[0] and rounds[1]["probed"] == "checked" and "timed" not in rounds[1]
     sent = out[0][5]  # every step after the re-plan round by QSGD: the same bytes (a check's arms differ)
-    assert len(set(sent[10:18])) == 1 and sent[10] < sent[2] < sent[3]
+    assert len(set(sent[10:])) == 1 and sent[10] < sent[2] < sent[3]
 
 
 def test_verification_is_only_for_close_predictions():

@@ -3,7 +3,8 @@ hook: `commcomp.auto.hook`).
 
 The schedule, counted in finished steps:
 
-- a measuring round of `measure_steps` steps, first at step 0, then every `probe_every` steps: at
+- a measuring round of `measure_steps` steps, first at step 0, then `probe_every` steps after the
+  last one ended (twice as many after a round that found nothing changed, up to `BACKOFF`x): at
   the first bucket of its first step, all-reduces of growing sizes probe the network (a later
   round re-times one size, and probes in full at its next step only if that is off the line); on every
   bucket of each of its steps, every candidate runs once on the bucket's real gradients without
@@ -54,13 +55,16 @@ class AutoState(HookState):
             that bucket. fp32 is always allowed.
         measure_steps: steps per measuring round (codec timings keep the round's fastest, errors its
             worst; in the first round every trial runs twice, the first call being a cold one).
-        probe_every: steps between the end of a round and the next one (re-planning on drift).
+        probe_every: steps between the end of a round and the next one (re-planning on drift); each
+            round whose check found the network on its line and that kept the plan doubles the
+            spacing, up to `BACKOFF` x probe_every; any other round sets it back to probe_every.
         check_finite, nonfinite: as for every hook (`commcomp.overflow`).
     """
 
     fallback = "bf16"  # what a bucket without a choice travels by (a NaN measured at step 0)
     keep_rounds = 20  # measuring rounds kept in `rounds`
     verify_steps = 8  # steps per arm of a timed check (`commcomp.auto.verify`)
+    BACKOFF = 8  # at most this many times probe_every between rounds while nothing changes
 
     def __init__(
         self,
@@ -102,6 +106,7 @@ class AutoState(HookState):
         self.replans = 0
         self.rounds: list[dict[str, Any]] = []  # the latest measuring rounds: step, network, methods per bucket
         self.next_round = 0  # step at which the next measuring round starts
+        self.interval = probe_every  # steps from the end of a round to the next one (`BACKOFF`)
         self.planning_seconds = 0.0  # this rank's time in probes, trials and planning
         # --- internal state ---
         self._measuring = False  # this step belongs to a measuring round
@@ -239,6 +244,11 @@ class AutoState(HookState):
         assert net is not None
         before = self._planned
         self._set(dict(self._decided))
+        # a round whose check found the network on its line and which kept the plan has nothing new
+        # to time (the plan already stood against the alternatives, or replaced them), and the next
+        # round can wait twice as long
+        settled = self._checking and before == self._by_param
+        self.interval = min(2 * self.interval, self.BACKOFF * self.probe_every) if settled else self.probe_every
         self.rounds.append(
             {
                 "step": self._step_now,
@@ -247,16 +257,14 @@ class AutoState(HookState):
                 "methods": [c.method for c in self.choices.values()],
                 "probes": self._round_probes,
                 "probed": "checked" if self._checking else "in full",
+                "interval": self.interval,
             }
         )
         del self.rounds[: -self.keep_rounds]
         if before and before != self._by_param:  # per parameter: DDP's rebuilt buckets are no change
             self.replans += 1
         self._round_steps, self._trials = 0, {}
-        self.next_round = self._step_now + 1 + self.probe_every
-        # a round whose check found the network on its line and which kept the plan has nothing
-        # new to time: the plan already stood against the alternatives (or replaced them)
-        settled = self._checking and before == self._by_param
+        self.next_round = self._step_now + 1 + self.interval
         arms = [] if settled else alternatives(list(self.choices.values()))
         if arms:
             self._verify = Verification(arms, self.verify_steps, self._step_now + 1)
@@ -298,6 +306,7 @@ class AutoState(HookState):
             "network": None if net is None else {"latency_s": net.latency, "mbit": net.mbit},
             "overhead_seconds": self.planning_seconds,
             "next_round": self.next_round,
+            "interval": self.interval,
             "rounds": list(self.rounds),
             "buckets": [
                 {"bucket": i, "params": list(keys), **c.as_dict()} for i, (keys, c) in enumerate(self.choices.items())
@@ -323,6 +332,7 @@ class AutoState(HookState):
             "replans": self.replans,
             "rounds": list(self.rounds),
             "next_round": self.next_round,
+            "interval": self.interval,
             "full_probe": self.full_probe,
             "planning_seconds": self.planning_seconds,
             "verify": None if self._verify is None else self._verify.state_dict(),
@@ -338,6 +348,7 @@ class AutoState(HookState):
         self.replans = int(state["replans"])
         self.rounds = list(state["rounds"])
         self.next_round = int(state["next_round"])
+        self.interval = int(state.get("interval", self.probe_every))  # older checkpoints: none saved
         self.full_probe = bool(state["full_probe"])
         self.planning_seconds = float(state["planning_seconds"])
         self._round_steps, self._probes, self._trials = 0, {}, {}  # a round in progress starts over
