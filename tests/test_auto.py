@@ -303,6 +303,7 @@ def test_a_timed_check_is_decided_alike_on_every_rank():
     assert all(r["rounds"] == reports[0]["rounds"] and r["buckets"] == reports[0]["buckets"] for r in reports)
     timed = reports[0]["rounds"][0]["timed"]
     assert list(timed) == ["plan_s", "bf16_s", "fp32_s", "kept"]
+    assert all(math.isfinite(timed[k]) and timed[k] > 0 for k in ("plan_s", "bf16_s", "fp32_s"))  # every arm timed
     best = min(("bf16", "fp32"), key=lambda name: timed[f"{name}_s"])
     fastest = best if timed[f"{best}_s"] < timed["plan_s"] * (1 - MARGIN) else "plan"
     assert timed["kept"] == fastest

@@ -166,11 +166,8 @@ class AutoState(HookState):
         """At the step's first bucket: is this a measuring step? If it starts a round, probe the network."""
         self._order, self._decided, self._round_ok = [], {}, True
         self._step_now = self.step
-        if self._verify is not None:
-            if self._verify.begin(self.step):
-                self._end_verification(buf)
-            else:
-                self.commit_at_step_end(self._verify.end)  # the step's time, if it ends cleanly
+        if self._verify is not None and self._verify.begin(self.step):
+            self._end_verification(buf)
         self._measuring = self.step >= self.next_round
         if self._measuring and self._round_steps == 0:  # the network once per round
             size = None if self.network is None or self.full_probe or not self.rounds else check_size(self.rounds)
@@ -268,6 +265,14 @@ class AutoState(HookState):
         arms = [] if settled else alternatives(list(self.choices.values()))
         if arms:
             self._verify = Verification(arms, self.verify_steps, self._step_now + 1)
+
+    def end_bucket(self) -> None:
+        """After the step's last group: a timed check takes the step's time, its commits included (a
+        clean step only: a skipped one is not counted, and not timed)."""
+        step = self.step
+        super().end_bucket()
+        if self.step != step and self._verify is not None:
+            self._verify.end()
 
     def _end_verification(self, buf: torch.Tensor) -> None:
         """Every arm of a timed check is done: keep the plan, or the alternative that beat it

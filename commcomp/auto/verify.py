@@ -9,12 +9,13 @@ compression at all) that the candidates include and that it is predicted less th
 faster than: the plan and each alternative take turns in blocks of `steps // 2` steps, twice over
 (so a drift of the machine's load, or the first steps' warm-up, falls on every arm alike, not on
 whichever came first); each step is timed from its first bucket until its last group is decoded
-(the part of a step the method changes: not the forward pass or the optimizer, nor whatever the job
-does between steps, an evaluation, a checkpoint, another model's step), the median of each arm is
-taken (a step slowed by something else is an outlier, not a trend), and one all-reduce takes the
-slowest rank's. The fastest alternative replaces the plan only if its median is more than
-`MARGIN` below the plan's: per-step times on a busy machine scatter by tens of percent, and on a
-near tie the prediction that chose the plan breaks it. Every rank switches at the same step counts
+and what the step learned is kept (the part of a step the method changes, its commits included:
+not the forward pass or the optimizer, nor whatever the job does between steps, an evaluation, a
+checkpoint, another model's step), the median of each arm is taken (a step slowed by something
+else is an outlier, not a trend), and one all-reduce takes the slowest rank's. The fastest
+alternative replaces the plan only if its median is more than `MARGIN` below the plan's: per-step
+times on a busy machine scatter by tens of percent, and on a near tie the prediction that chose the
+plan breaks it. Every rank switches at the same step counts
 and decides from the same numbers.
 """
 
@@ -69,7 +70,8 @@ class Verification:
         return done
 
     def end(self) -> None:
-        """When the step ends cleanly (its last group decoded): its time since its first bucket."""
+        """When the step ends cleanly (its last group decoded, its commits done): its time since its
+        first bucket."""
         if self._began is not None:
             step, began = self._began
             self.seconds[step] = time.perf_counter() - began

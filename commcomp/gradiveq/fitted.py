@@ -83,7 +83,7 @@ def refit(state: FittedHost, codecs: list[LayerCodec], like: torch.Tensor) -> No
         comm = state.collectives()
         refit_bases(codecs, comm, state.fitted.src_rank, state.fitted, like.device)
     state.stats.sent(comm.bytes_sent, kind="broadcast", world_size=comm.world_size)  # mostly the bases
-    state.stats.encoded(fit_time.seconds)
+    state.stats.encoded(fit_time)
 
 
 class FittedExchange:
@@ -138,4 +138,4 @@ class FittedExchange:
                 codec = self.state.codecs.get(key)
                 if codec is not None:
                     codec.observe(g)
-        self.state.stats.encoded(obs.seconds)
+        self.state.stats.encoded(obs)

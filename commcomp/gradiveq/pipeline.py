@@ -131,7 +131,7 @@ class TrackedGroup:
             checks = torch.zeros(n, _CHECK_BYTES, dtype=state.wire_dtype, device=self.like.device)
             checks[state.rank] = _checksum([rec.p for rec in self.grads if rec.p is not None], self.like.device)
             flat = flatten([*updates, checks])
-        state.stats.encoded(enc.seconds)
+        state.stats.encoded(enc)
         state.stats.sent(nbytes(flat), kind="allreduce", world_size=n)
         return wire.start(flat, True, name)
 
@@ -161,7 +161,7 @@ class TrackedGroup:
                 # step 3, P B^T; B is the next basis if the step ends cleanly
                 rec.layer.plan.write_outer(rec.grad, rec.p, b)
                 keep.append((rec, b))
-        state.stats.decoded(dec.seconds)
+        state.stats.decoded(dec)
 
         def commit() -> None:  # at the step's end, unless another bucket of the step overflowed
             for rec, b in keep:
