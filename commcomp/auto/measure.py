@@ -7,7 +7,7 @@ with their exact bytes, and its relative error on the bucket's actual gradients 
 error feedback). Trials leave the candidates' state as they found it (random streams restored,
 residuals and bases untouched).
 
-The network is probed with plain all-reduces of sizes growing 4x at a time (`probe`); `Network.fit` turns the
+The network is probed with plain all-reduces of doubling sizes (`probe`); `Network.fit` turns the
 timings into a latency per collective and seconds per wire byte (`commcomp.stats.wire_factor`
 converts the bytes handed to a collective into what it carries at this world size). A re-plan round
 first re-times one size (`recheck`) and probes in full only when it is off the line (`Network.holds`).
@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 ENOUGH = 0.02  # seconds: a probe that took this long (and 4x a smaller size) is dominated by the transfer
-GROWTH = 4  # each probe size is this many times the one before
+GROWTH = 2  # each probe size is this many times the one before
 DRIFT = 2.0  # a re-plan round probes the network in full when a check is off the fitted line by more
 
 
@@ -165,10 +165,11 @@ class Probes:
 
 
 def probe(cap: int, group: dist.ProcessGroup | None, device: torch.device, enough: float = ENOUGH) -> Probes:
-    """All-reduces of 4 KB, 16 KB, 64 KB, ... (`GROWTH`x each) up to `cap` bytes, timed on this rank.
-    Issued from a hook body; every rank probes the same sizes. A line has two unknowns: five sizes
-    spread over 4 KB-4 MB fit it as well as nine doubling ones, with half the all-reduces (on a
-    fast link each costs about its latency, and the probe was most of the planning time).
+    """All-reduces of 4 KB, 8 KB, 16 KB, ... (`GROWTH`x each) up to `cap` bytes, timed on this rank.
+    Issued from a hook body; every rank probes the same sizes. Growing 4x at a time halves the
+    all-reduces on a fast link but overshoots on a slow one: at 25 Mbit/s a 64 KB probe came in
+    under the bar (a shaped link's burst), the next size was 256 KB (0.13 s, twice, and three times
+    at every re-plan round) and planning took 5.8% of the run instead of ~2%.
 
     An untimed one-value all-reduce first lines the ranks up, so the first probe does not absorb
     the ranks' different arrival times (which would read as latency). Each size runs twice and
