@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from commcomp.consistency import bad_ranks, flag_slots, has_nonfinite
+from commcomp.consistency import bad_ranks, flag_slots, has_nonfinite, nonfinite_flag
 from commcomp.stats import CommStats
 
 __all__ = [
@@ -87,7 +87,7 @@ class GradientWatch:
         self._handle = torch.autograd.graph.register_multi_grad_hook(self.params, self._after_backward)
 
     def _after_backward(self, grads: Sequence[torch.Tensor | None]) -> None:
-        mine = has_nonfinite([g for g in grads if g is not None])
+        mine = nonfinite_flag([g for g in grads if g is not None])  # written into the slots, not read
         device = self.params[0].device
         flags = flag_slots(mine, self.comm.rank, self.comm.world_size, torch.float32, device)
         self.stats.sent(flags.numel() * flags.element_size(), kind="allreduce", world_size=self.comm.world_size)

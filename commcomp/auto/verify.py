@@ -15,8 +15,7 @@ checkpoint, another model's step), the median of each arm is taken (a step slowe
 else is an outlier, not a trend), and one all-reduce takes the slowest rank's. The fastest
 alternative replaces the plan only if its median is more than `MARGIN` below the plan's: per-step
 times on a busy machine scatter by tens of percent, and on a near tie the prediction that chose the
-plan breaks it. Every rank switches at the same step counts
-and decides from the same numbers.
+plan breaks it. Every rank switches at the same step counts and decides from the same numbers.
 """
 
 from __future__ import annotations

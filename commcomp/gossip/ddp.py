@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from commcomp.consistency import bad_ranks, flag_slots, has_nonfinite
+from commcomp.consistency import bad_ranks, flag_slots, nonfinite_flag
 from commcomp.gossip.algorithms import CHOCO, DCD, DPSGD, ECD
 from commcomp.gossip.base import GossipAlgorithm
 from commcomp.hooks.base import HookState, register_method
@@ -67,7 +67,7 @@ def local_gradient_hook(state: GossipState, bucket: dist.GradBucket) -> torch.fu
     the optimizer step, and with it the gossip, on every rank) or raises on every rank ("raise").
     """
     buf = bucket.buffer()
-    flags = flag_slots(has_nonfinite([buf]), state.rank, state.world_size, torch.float32, buf.device)
+    flags = flag_slots(nonfinite_flag([buf]), state.rank, state.world_size, torch.float32, buf.device)
     state.stats.sent(flags.numel() * flags.element_size(), kind="allreduce", world_size=state.world_size)
     policy = state.algorithm.nonfinite_policy
 
