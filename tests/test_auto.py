@@ -21,9 +21,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commcomp
 from commcomp.auto import CANDIDATES, DEFAULT_CANDIDATES, AutoState
-from commcomp.auto.measure import GROWTH, Exchange, Network, Trial
+from commcomp.auto.measure import ENOUGH, GROWTH, MAX_GROWTH, Exchange, Network, Trial, next_size
 from commcomp.auto.plan import SWITCH_MARGIN, choose
-from commcomp.auto.verify import MARGIN
+from commcomp.auto.verify import CLEAR_GAP, MARGIN
 
 # the method each single candidate stands for, as `register` takes it
 ALONE = {
@@ -208,10 +208,26 @@ def test_every_rank_probes_the_same_growing_sizes():
     found = run(_probe, 3, 100_000, 1e9, timeout=60)
     sizes = list(found[0][0])
     assert all(list(f[0]) == sizes for f in found)
-    assert sizes[0] == 4096 and all(b == min(GROWTH * a, 100_000) for a, b in itertools.pairwise(sizes))
+    # nothing near the bar (1e9 s): every size 4x the one before
+    assert sizes[0] == 4096 and all(b == min(MAX_GROWTH * a, 100_000) for a, b in itertools.pairwise(sizes))
     assert sizes[-1] == 100_000
     # every all-reduce is counted: the line-up and two runs of each size
     assert found[0][1] == [4] + [4 * max(2, s // 4) for s in sizes for _ in range(2)]
+
+
+def test_probe_sizes_grow_fast_only_where_the_next_stays_under_the_bar():
+    assert next_size(4096, ENOUGH / 8) == MAX_GROWTH * 4096  # latency-bound: 4x
+    assert next_size(4096, ENOUGH / 3) == 12288 and next_size(4096, ENOUGH) == GROWTH * 4096
+    assert next_size(65536, 10 * ENOUGH) == GROWTH * 65536 and next_size(4096, 0.0) == MAX_GROWTH * 4096
+    for mbit in (1, 25, 100, 1000, 10_000):  # on any line, the next probe takes at most the bar or 2x the last
+        net = Network(2e-3, 8 / (mbit * 1e6))
+        size = 4096
+        while size < 4 << 20:
+            seconds = net.seconds(Exchange("allreduce", size), 4)
+            after = next_size(size, seconds)
+            assert after % 4096 == 0 and GROWTH * size <= after <= MAX_GROWTH * size
+            assert net.seconds(Exchange("allreduce", after), 4) <= max(ENOUGH, GROWTH * seconds) + 1e-12
+            size = after
 
 
 def test_a_replan_round_checks_the_network_with_one_size_and_probes_in_full_when_it_moved():
@@ -293,24 +309,40 @@ def _train_qsgd_planned(rank, world, *args):
     return _train(rank, world, *args)
 
 
-def test_a_timed_check_is_decided_alike_on_every_rank():
-    """A plan of QSGD is timed against bf16 and fp32 everywhere (2 steps each, one at a time, in
-    turn); by the slowest rank's medians the fastest alternative is kept if it beats the plan by the
-    margin, by every rank alike, and the steps went by each in turn."""
+def _train_qsgd_timed(rank, world, gap, *args):
+    """`_train_qsgd_planned` with `gap` as `CLEAR_GAP` (inf: never decided after the first turn;
+    1.0: always)."""
+    pytest.MonkeyPatch().setattr("commcomp.auto.verify.CLEAR_GAP", gap)
+    return _train_qsgd_planned(rank, world, *args)
+
+
+@pytest.mark.parametrize("gap", [math.inf, 1.0])
+def test_a_timed_check_is_decided_alike_on_every_rank(gap):
+    """A plan of QSGD is timed against bf16 and fp32 everywhere (1 step each, one at a time, in
+    turn, twice); by the slowest rank's medians the fastest alternative is kept if it beats the plan
+    by the margin, by every rank alike, and the steps went by each in turn. After the first turn one
+    small all-reduce looks at the medians so far: a clear gap (here: any, or none) decides there."""
     options = {"candidates": ["qsgd4", "bf16", "fp32"], "max_error": 1.0, "probe_every": 100}
-    out = run(_train_qsgd_planned, 2, "auto", options, 12, None, None, None, 3, timeout=180)
+    out = run(_train_qsgd_timed, 2, gap, "auto", options, 12, None, None, None, 2, timeout=180)
     reports = [o[2] for o in out]
     assert all(r["rounds"] == reports[0]["rounds"] and r["buckets"] == reports[0]["buckets"] for r in reports)
     timed = reports[0]["rounds"][0]["timed"]
-    assert list(timed) == ["plan_s", "bf16_s", "fp32_s", "kept"]
+    assert list(timed) == ["plan_s", "bf16_s", "fp32_s", "kept", "turns"]
     assert all(math.isfinite(timed[k]) and timed[k] > 0 for k in ("plan_s", "bf16_s", "fp32_s"))  # every arm timed
     best = min(("bf16", "fp32"), key=lambda name: timed[f"{name}_s"])
     fastest = best if timed[f"{best}_s"] < timed["plan_s"] * (1 - MARGIN) else "plan"
     assert timed["kept"] == fastest
     kept = {b["method"] for b in reports[0]["buckets"]}
     assert kept == ({"qsgd4"} if fastest == "plan" else {fastest})
-    sent = out[0][5]  # bytes handed to collectives per step (plan, bf16, fp32, twice): QSGD < bf16 < fp32
-    assert sent[1] < sent[2] < sent[3] and sent[4:7] == sent[1:4]
+    sent = out[0][5]  # bytes handed to collectives per step: QSGD < bf16 < fp32 in steps 1-3
+    assert sent[1] < sent[2] < sent[3]
+    look = 8 * 3  # the look after the first turn: the three medians, float64
+    by_kept = {"plan": sent[1], "bf16": sent[2], "fp32": sent[3]}[timed["kept"]]
+    if gap == math.inf:  # no look decides: the second turn, then the decision at step 7
+        assert timed["turns"] == 2 and sent[4] == sent[1] + look and sent[5:7] == sent[2:4]
+        assert sent[7] == by_kept + look and set(sent[8:]) == {by_kept}
+    else:  # decided at the look: from step 4 on, every step by the kept method
+        assert timed["turns"] == 1 and sent[4] == by_kept + look and set(sent[5:]) == {by_kept}
 
 
 def _train_qsgd_settled(rank, world, *args):
@@ -354,17 +386,29 @@ def test_verification_is_only_for_close_predictions():
     assert alternatives([pick("gradiveq", 0.3, 1.0)]) == []  # 3.3x: trusted
     assert alternatives([pick("bf16", 1.0, 1.0, 1.5)]) == ["fp32"]  # bf16 is the plan itself
     v = Verification(["bf16", "fp32"], 2, start=1)
-    methods = []
+    methods, due = [], []
     for step in range(1, 8):
-        done = v.begin(step)
-        v.end()
+        due.append(v.due(step))
+        if due[-1] != "final":
+            v.begin(step)
+            v.end()
         methods.append(v.method("gradiveq", step))
-    # one step each in turn (2 // 2), twice: steps 1-6, then the decision at step 7
-    assert methods[:6] == ["gradiveq", "bf16", "fp32"] * 2 and done
-    assert len(v.medians()) == 3 and sorted(v.seconds) == list(range(1, 7))  # the decision's step is not timed
+    # one step each in turn (2 // 2), twice: steps 1-6, a look after the first turn (step 4, timed
+    # itself), then the decision at step 7 (not timed)
+    assert methods[:6] == ["gradiveq", "bf16", "fp32"] * 2
+    assert due == [None, None, None, "early", None, None, "final"]
+    assert len(v.medians()) == 3 and sorted(v.seconds) == list(range(1, 7))
     assert v.fastest([2.0, 1.0, 3.0]) == "bf16" and v.fastest([1.0, 1.0, 1.0]) == "plan"
     assert v.fastest([1.0, 0.97, 2.0]) == "plan" and v.fastest([1.0, 2.0, 0.9]) == "fp32"  # the margin: 5%
     assert v.fastest([math.nan, math.nan, 3.0]) == "fp32" and v.fastest([math.nan] * 3) == "plan"
+    # after the first turn only a clear gap (CLEAR_GAP x, either way) decides; the last turn always
+    assert v.decide([1.0, 1.2, 1.3], final=False) is None
+    assert v.decide([math.nan, 1.0, 1.0], final=False) is None
+    kept, record, why = v.decide([1.0, 1.6 * CLEAR_GAP / 1.5, 2.0], final=False)
+    assert kept == "plan" and record["turns"] == 1 and "1 turn" in why
+    kept, record, _ = v.decide([2.0, 1.0, 2.0 / CLEAR_GAP + 0.01], final=False)
+    assert kept == "bf16" and record["turns"] == 1
+    assert v.decide([1.0, 1.2, 1.3])[0] == "plan" and v.decide([1.0, 1.2, 1.3])[1]["turns"] == 2
     resumed = Verification(**v.state_dict())
     assert resumed.medians() == v.medians() and resumed.method("gradiveq", 3) == "fp32"
     assert Verification(["bf16"], 8, start=0).method("qsgd4", 4) == "bf16"  # blocks of 4: plan 0-3, bf16 4-7

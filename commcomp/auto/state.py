@@ -166,8 +166,12 @@ class AutoState(HookState):
         """At the step's first bucket: is this a measuring step? If it starts a round, probe the network."""
         self._order, self._decided, self._round_ok = [], {}, True
         self._step_now = self.step
-        if self._verify is not None and self._verify.begin(self.step):
-            self._end_verification(buf)
+        if self._verify is not None:
+            due = self._verify.due(self.step)
+            if due is not None:
+                self._end_verification(buf, final=due == "final")
+            if self._verify is not None:
+                self._verify.begin(self.step)
         self._measuring = self.step >= self.next_round
         if self._measuring and self._round_steps == 0:  # the network once per round
             size = None if self.network is None or self.full_probe or not self.rounds else check_size(self.rounds)
@@ -274,13 +278,16 @@ class AutoState(HookState):
         if self.step != step and self._verify is not None:
             self._verify.end()
 
-    def _end_verification(self, buf: torch.Tensor) -> None:
-        """Every arm of a timed check is done: keep the plan, or the alternative that beat it
-        (`Verification.decide`)."""
+    def _end_verification(self, buf: torch.Tensor, final: bool) -> None:
+        """A timed check's decision is due (`Verification.due`): keep the plan, or the alternative
+        that beat it (`Verification.decide`); an early one that is not clear-cut goes on."""
         assert self._verify is not None
         medians, sent = max_over_ranks(self._verify.medians(), self.process_group, buf.device)
         self.stats.sent(sent, kind="allreduce", world_size=self.world_size)
-        kept, self.rounds[-1]["timed"], why = self._verify.decide(medians)
+        decided = self._verify.decide(medians, final)
+        if decided is None:
+            return
+        kept, self.rounds[-1]["timed"], why = decided
         self._verify = None
         if kept != "plan":
             before = dict(self._by_param)

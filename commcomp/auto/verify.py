@@ -15,7 +15,10 @@ checkpoint, another model's step), the median of each arm is taken (a step slowe
 else is an outlier, not a trend), and one all-reduce takes the slowest rank's. The fastest
 alternative replaces the plan only if its median is more than `MARGIN` below the plan's: per-step
 times on a busy machine scatter by tens of percent, and on a near tie the prediction that chose the
-plan breaks it. Every rank switches at the same step counts and decides from the same numbers.
+plan breaks it. After the first turn of every arm the medians so far are compared once: if the plan
+and the fastest alternative are `CLEAR_GAP`x apart (either way), that decides at once, and the
+second turn, spent sending by what is clearly the slower method, is not run. Every rank switches at
+the same step counts and decides from the same numbers.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from typing import Any
 
 from commcomp.auto.plan import Choice
 
-__all__ = ["CLEAR_GAIN", "MARGIN", "UNIFORM", "Verification", "alternatives"]
+__all__ = ["CLEAR_GAIN", "CLEAR_GAP", "MARGIN", "UNIFORM", "Verification", "alternatives"]
 
 CLEAR_GAIN = 2.0  # a plan predicted this many times faster than an alternative is trusted as it is
 MARGIN = 0.05  # an alternative replaces the plan only if its median step is this much shorter
+CLEAR_GAP = 1.5  # after one turn of every arm, the plan and the fastest alternative this far apart decide
 UNIFORM = ("bf16", "fp32")  # what a plan may be timed against, in this order
 
 
@@ -61,12 +65,16 @@ class Verification:
         self.seconds: dict[int, float] = dict(seconds or {})  # step -> its duration
         self._began: tuple[int, float] | None = None  # the step in progress and when its first bucket came
 
-    def begin(self, step: int) -> bool:
-        """At the first bucket of `step`: start its clock; True once every arm is done (the
-        decision is due, and this step is not timed)."""
-        done = step - self.start >= 2 * self._block * (1 + len(self.arms))
-        self._began = None if done else (step, time.perf_counter())
-        return done
+    def due(self, step: int) -> str | None:
+        """At the first bucket of `step`, before `begin`: "final" once every arm ran both turns (the
+        decision; the check is over and this step is not timed), "early" once every arm ran its first
+        turn (a clear gap decides: `decide`), else None."""
+        elapsed, turn = step - self.start, self._block * (1 + len(self.arms))
+        return "final" if elapsed >= 2 * turn else "early" if elapsed == turn else None
+
+    def begin(self, step: int) -> None:
+        """At the first bucket of `step` (after a decision that was due, if any): start its clock."""
+        self._began = (step, time.perf_counter())
 
     def end(self) -> None:
         """When the step ends cleanly (its last group decoded, its commits done): its time since its
@@ -106,13 +114,27 @@ class Verification:
         best, name = min(rest)
         return name if not math.isfinite(plan) or best < plan * (1 - MARGIN) else "plan"
 
-    def decide(self, medians: list[float]) -> tuple[str, dict[str, Any], str]:
-        """Once every arm is done, from the slowest rank's `medians()` (the same on every rank): the
-        kept arm ("plan" or a method), the record of the check, and why."""
+    @staticmethod
+    def clear(medians: list[float]) -> bool:
+        """Whether the plan and the fastest alternative (by `medians()`) are `CLEAR_GAP`x apart."""
+        rest = [m for m in medians[1:] if math.isfinite(m)]
+        if not rest or not math.isfinite(medians[0]):
+            return False
+        plan, best = medians[0], min(rest)
+        return max(plan, best) >= CLEAR_GAP * min(plan, best)
+
+    def decide(self, medians: list[float], final: bool = True) -> tuple[str, dict[str, Any], str] | None:
+        """From the slowest rank's `medians()` (the same on every rank), when a decision is `due`:
+        the kept arm ("plan" or a method), the record of the check, and why; None when it was due
+        "early" (`final` False) and the gap is not `clear`."""
+        if not final and not self.clear(medians):
+            return None
         timed = dict(zip(["plan", *self.arms], medians))
         kept = self.fastest(list(timed.values()))
+        turns = 2 if final else 1
         why = "timed on real steps: " + ", ".join(f"{name} {1e3 * s:.1f} ms" for name, s in timed.items())
-        return kept, {**{f"{name}_s": s for name, s in timed.items()}, "kept": kept}, why + " per step"
+        record = {**{f"{name}_s": s for name, s in timed.items()}, "kept": kept, "turns": turns}
+        return kept, record, why + f" per step ({turns} turn{'s' if turns > 1 else ''})"
 
     def state_dict(self) -> dict[str, Any]:
         return {"arms": list(self.arms), "steps": self.steps, "start": self.start, "seconds": dict(self.seconds)}
