@@ -7,7 +7,7 @@ with their exact bytes, and its relative error on the bucket's actual gradients 
 error feedback). Trials leave the candidates' state as they found it (random streams restored,
 residuals and bases untouched).
 
-The network is probed with plain all-reduces of growing sizes (`probe`); `Network.fit` turns the
+The network is probed with plain all-reduces of doubling sizes (`probe`); `Network.fit` turns the
 timings into a latency per collective and seconds per wire byte (`commcomp.stats.wire_factor`
 converts the bytes handed to a collective into what it carries at this world size). A re-plan round
 first re-times one size (`recheck`) and probes in full only when it is off the line (`Network.holds`).
@@ -33,7 +33,6 @@ __all__ = [
     "DRIFT",
     "ENOUGH",
     "GROWTH",
-    "MAX_GROWTH",
     "Exchange",
     "Network",
     "Probes",
@@ -41,7 +40,6 @@ __all__ = [
     "agree",
     "check_size",
     "max_over_ranks",
-    "next_size",
     "probe",
     "recheck",
     "transfer_bound",
@@ -51,8 +49,7 @@ __all__ = [
 ]
 
 ENOUGH = 0.02  # seconds: a probe that took this long (and 4x a smaller size) is dominated by the transfer
-GROWTH = 2  # each probe size is at least this many times the one before
-MAX_GROWTH = 4  # and at most this many, where even that cannot take it past `ENOUGH` (`next_size`)
+GROWTH = 2  # each probe size is this many times the one before
 DRIFT = 2.0  # a re-plan round probes the network in full when a check is off the fitted line by more
 
 
@@ -168,11 +165,11 @@ class Probes:
 
 
 def probe(cap: int, group: dist.ProcessGroup | None, device: torch.device, enough: float = ENOUGH) -> Probes:
-    """All-reduces of 4 KB and growing sizes (`next_size`: 2x, or up to 4x where that cannot pass
-    the bar) up to `cap` bytes, timed on this rank. Issued from a hook body; every rank probes the
-    same sizes. Growing 4x whatever the time overshoots on a slow link: at 25 Mbit/s a 64 KB probe
-    came in under the bar (a shaped link's burst), the next size was 256 KB (0.13 s, twice, and
-    three times at every re-plan round) and planning took 5.8% of the run instead of ~2%.
+    """All-reduces of 4 KB, 8 KB, 16 KB, ... (`GROWTH`x each) up to `cap` bytes, timed on this rank.
+    Issued from a hook body; every rank probes the same sizes. Growing 4x at a time halves the
+    all-reduces on a fast link but overshoots on a slow one: at 25 Mbit/s a 64 KB probe came in
+    under the bar (a shaped link's burst), the next size was 256 KB (0.13 s, twice, and three times
+    at every re-plan round) and planning took 5.8% of the run instead of ~2%.
 
     An untimed one-value all-reduce first lines the ranks up, so the first probe does not absorb
     the ranks' different arrival times (which would read as latency). Each size runs twice and
@@ -199,17 +196,7 @@ def probe(cap: int, group: dist.ProcessGroup | None, device: torch.device, enoug
         spent += sum(runs)
         if size >= cap or transfer_bound(agreed, enough):
             return Probes(found, sent, spent)
-        size = min(next_size(size, agreed[-1], enough), cap)
-
-
-def next_size(size: int, seconds: float, enough: float = ENOUGH) -> int:
-    """The probe size after `size` (bytes), whose slowest run took `seconds`: `enough` / `seconds`
-    times as large, between `GROWTH` and `MAX_GROWTH` x (a multiple of 4 KB). A collective's time
-    (latency + bytes / bandwidth) grows at most in proportion to its bytes, so a size grown more than
-    2x still takes under `enough`: on a fast link the latency-bound sizes are passed by 4x, and a
-    slow link's probe never overshoots the bar by more than doubling would."""
-    factor = MAX_GROWTH if seconds <= 0 else max(GROWTH, min(MAX_GROWTH, enough / seconds))
-    return max(GROWTH * size, int(size * factor) // 4096 * 4096)
+        size = min(GROWTH * size, cap)
 
 
 def transfer_bound(times: list[float], enough: float = ENOUGH) -> bool:
