@@ -9,7 +9,8 @@ Every integration runs the same sequence, written once here:
      4. collective: the wire starts a summing all-reduce or an all-gather and returns at once;
         then the codec's work that needs no result (`Encoded.later`) runs while the network works.
   `finish` (in the DDP callback, or Horovod's `synchronize()`):
-     5. wait for every collective of the group, then raise on every rank if any rank was flagged;
+     5. wait for every collective of the group, then raise on every rank if any rank was flagged
+        (or, for a dense sum, if the sum holds NaN/Inf: `Encoded.sum_shows`);
      6. decode into the gradients;
      7. commit: the codec keeps what it learns only from a clean step (error-feedback residuals,
         PCA statistics), at the end of the step, once every group of the step decoded cleanly;
@@ -45,7 +46,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import torch
 import torch.distributed as dist
 
-from commcomp.consistency import Flag, flag_slots, write_flags
+from commcomp.consistency import Flag, flag_slots, has_nonfinite, write_flags
 from commcomp.flat import flatten, unflatten
 from commcomp.overflow import poison
 from commcomp.stats import CommStats, timer
@@ -103,6 +104,12 @@ class Encoded:
     # an infinity wherever they do (and also where the wire dtype overflowed): the dense exchange's
     # g/N, just written and at most half the bytes of fp32 gradients
     checked: list[torch.Tensor] | None = None
+    # the received sum holds a NaN or an infinity wherever any rank's parts did, and wherever the
+    # sum overflowed the wire dtype (an element-wise sum of floats: the dense exchange). The check
+    # then reads the sum, after the collective, and every rank reads the same one: under
+    # "propagate" no rank checks its parts before sending (nothing delays the collective's start);
+    # under "raise" they still do, for the flags that name the ranks
+    sum_shows: bool = False
 
 
 class ExchangeCodec(Protocol):
@@ -144,7 +151,7 @@ class DenseExchange:
         parts = list(flat[: sum(sizes)].split(sizes))
         for g, part in zip(grads, parts):
             torch.div(g.reshape(-1), self.world_size, out=part)  # g/N, rounded once to the wire dtype
-        return Encoded(keys, grads, parts, flat=flat, checked=[flat[: sum(sizes)]])
+        return Encoded(keys, grads, parts, flat=flat, checked=[flat[: sum(sizes)]], sum_shows=True)
 
     def decode(self, received: list[torch.Tensor], encoded: Encoded) -> list[torch.Tensor]:
         return received  # the engine's copy into the gradients casts back
@@ -174,6 +181,8 @@ class Host(Protocol):
     def world_size(self) -> int: ...
 
     stats: CommStats
+    check_finite: bool
+    nonfinite_policy: str  # "propagate" or "raise" (`commcomp.overflow`)
 
     def nonfinite(self, tensors: list[torch.Tensor]) -> Flag:
         """This rank's flag: true if checking is on and any tensor holds NaN/Inf (a 0-dim bool tensor
@@ -181,8 +190,8 @@ class Host(Protocol):
         ...
 
     def skip_step(self, flags: torch.Tensor, bucket_index: int) -> None:
-        """Some rank was flagged (every rank received the same flags): the step leaves the state
-        untouched (or every rank raises, by policy)."""
+        """Some rank was flagged, or a dense sum held NaN/Inf (every rank received the same flags
+        and sums): the step leaves the state untouched (or every rank raises, by policy)."""
         ...
 
     def commit_at_step_end(self, commit: Callable[[], None]) -> None:
@@ -244,6 +253,7 @@ class InFlight(Generic[P]):
     encoded: Encoded
     pending: P
     sent_parts: list[torch.Size]  # shapes of the parts, to cut the summed buffer back into them
+    check_sum: bool = False  # the received sum is checked for NaN/Inf (`Encoded.sum_shows`)
 
 
 def send(
@@ -264,7 +274,11 @@ def send(
     """
     with timer(like) as enc:
         encoded = codec.encode(keys, grads)
-        bad = host.nonfinite(grads if encoded.checked is None else encoded.checked)
+        check_sum = encoded.sum_shows and host.check_finite
+        if check_sum and host.nonfinite_policy != "raise":
+            bad: Flag = None
+        else:
+            bad = host.nonfinite(grads if encoded.checked is None else encoded.checked)
         if codec.summed:
             dtypes = {p.dtype for p in encoded.parts}
             if len(dtypes) > 1:
@@ -285,7 +299,7 @@ def send(
         with timer(like) as more:
             encoded.later()
         host.stats.encoded(more)
-    return InFlight(codec, encoded, pending, [p.shape for p in encoded.parts])
+    return InFlight(codec, encoded, pending, [p.shape for p in encoded.parts], check_sum)
 
 
 def _split(item: InFlight[Any], received: Received, world_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -305,7 +319,9 @@ def finish(host: Host, items: list[InFlight[Any]], index: int = 0) -> None:
         with timer(items[0].encoded.grads[0]) as dec:
             split = [_split(item, r, host.world_size) for item, r in zip(items, received)]
             flags = split[0][1] if len(split) == 1 else torch.stack([f.to(torch.float32) for _, f in split]).sum(0)
-            if bool(flags.any()):
+            if bool(flags.any()) or any(
+                item.check_sum and has_nonfinite(payload) for item, (payload, _) in zip(items, split)
+            ):
                 for item in items:
                     poison(item.encoded.grads)
                 host.skip_step(flags, index)

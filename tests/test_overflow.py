@@ -117,9 +117,26 @@ def _raises(rank: int) -> dict[str, str]:
     return out
 
 
+def _sum_overflow(rank: int, policy: str) -> dict[str, Any]:
+    """The fp16 hook on gradients whose g/N fits fp16 on every rank (40000) but whose sum does not
+    (40000 N > 65504): the received sum is infinite."""
+    del rank
+    net = nn.Linear(4, 1, bias=False)
+    model = DDP(net)
+    state = commcomp.register(model, "fp16", nonfinite=policy)
+    loss = model(torch.ones(1, 4)).sum() * (40000.0 * WORLD)  # each weight's gradient: 40000 N
+    try:
+        loss.backward()
+    except (NonFiniteGradientError, RuntimeError) as err:  # DDP wraps errors of hook callbacks
+        return {"error": str(err)}
+    assert net.weight.grad is not None
+    return {"grad": net.weight.grad.clone(), "skipped": state.stats.total.skipped_steps, "step": state.step}
+
+
 def everything(rank: int, world: int) -> dict[str, Any]:
     del world
     out: dict[str, Any] = {"raises": _raises(rank)}
+    out["sum_overflow"] = {policy: _sum_overflow(rank, policy) for policy in ("propagate", "raise")}
     for overflow in (True, False):
         runs: dict[str, Any] = {}
         for label, method, options in DDP_METHODS:
@@ -185,3 +202,13 @@ def test_raise_policy_raises_on_every_rank(results: list[dict[str, Any]]) -> Non
     for r in results:
         for label, message in r["raises"].items():
             assert "NaN or Inf in the gradients of rank(s) [1]" in message, (label, message)
+
+
+def test_a_dense_sum_that_overflows_the_wire_dtype_is_an_overflow_step(results: list[dict[str, Any]]) -> None:
+    """Every rank sent finite fp16 values, their sum is not: the dense exchange checks the received
+    sum, so the step is an overflow step on every rank (NaN gradients, skipped, not counted), or
+    raises on every rank saying the sum overflowed."""
+    for r in results:
+        got = r["sum_overflow"]["propagate"]
+        assert torch.isnan(got["grad"]).all() and got["skipped"] == 1 and got["step"] == 0, got
+        assert "the sum overflowed the wire dtype" in r["sum_overflow"]["raise"]["error"]

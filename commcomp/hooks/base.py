@@ -179,15 +179,20 @@ class HookState:
             self._commits.append(commit)
 
     def skip_step(self, flags: torch.Tensor, bucket_index: int) -> None:
-        """Some rank flagged NaN/Inf (every rank sees the same `flags`): the step will leave the state
-        untouched; with nonfinite="raise", raise `NonFiniteGradientError` on every rank."""
+        """Some rank flagged NaN/Inf, or a dense sum held them (every rank sees the same `flags` and
+        sums): the step will leave the state untouched; with nonfinite="raise", raise
+        `NonFiniteGradientError` on every rank."""
         bad = consistency.bad_ranks(flags)
         self._skip_step = True
         if self.nonfinite_policy == "raise":
+            where = (
+                f"in the gradients of rank(s) {bad} (or in what they sent: a value out of the wire dtype's range)"
+                if bad
+                else "in the sum of the ranks' gradients, all finite: the sum overflowed the wire dtype"
+            )
             raise NonFiniteGradientError(
-                f"{type(self).__name__}: NaN or Inf in the gradients of rank(s) {bad} (or in what they "
-                "sent: a value out of the wire dtype's range) "
-                f"(bucket {bucket_index}, step {self.step}); no update was applied from them"
+                f"{type(self).__name__}: NaN or Inf {where} (bucket {bucket_index}, step {self.step}); "
+                "no update was applied from them"
             )
 
     def nonfinite(self, tensors: list[torch.Tensor]) -> consistency.Flag:
