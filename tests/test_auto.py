@@ -353,6 +353,33 @@ def test_a_round_that_kept_the_plan_on_a_held_network_is_not_timed_again():
     assert len(set(sent[10:])) == 1 and sent[10] < sent[2] < sent[3]
 
 
+def _train_qsgd_overruled(rank, world, *args):
+    """`_train_qsgd_planned` with timed checks that always pick bf16, on a network that always
+    holds its line."""
+    from commcomp.auto.verify import Verification
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(Verification, "fastest", lambda self, medians: "bf16")
+    monkeypatch.setattr(Network, "holds", lambda *args: True)
+    return _train_qsgd_planned(rank, world, *args)
+
+
+def test_a_verdict_stands_while_the_network_holds_and_the_prediction_is_the_same():
+    """The first round's plan (QSGD, predicted free) is overruled by its timed check (bf16); the
+    re-plan round finds the network on its line and predicts QSGD again: the verdict stands (bf16),
+    nothing is timed again, the plan did not change, and the next round waits twice as long."""
+    options = {"candidates": ["qsgd4", "bf16", "fp32"], "max_error": 1.0, "probe_every": 8}
+    out = run(_train_qsgd_overruled, 2, "auto", options, 20, None, None, None, 2, timeout=180)
+    report, sent = out[0][2], out[0][5]
+    assert all(o[2]["rounds"] == report["rounds"] for o in out)
+    rounds = report["rounds"]
+    assert [r["step"] for r in rounds] == [0, 9] and rounds[0]["timed"]["kept"] == "bf16"
+    assert rounds[1]["probed"] == "checked" and "timed" not in rounds[1] and rounds[1]["interval"] == 16
+    assert {*rounds[1]["methods"]} == {"bf16"} and report["replans"] == 0
+    assert all("timed on real steps" in b["why"] for b in report["buckets"])
+    assert len(set(sent[10:])) == 1 and sent[10] == sent[8]  # bf16 throughout, the round's step aside
+
+
 def test_verification_is_only_for_close_predictions():
     from commcomp.auto.plan import Choice
     from commcomp.auto.verify import Verification, alternatives
@@ -367,6 +394,7 @@ def test_verification_is_only_for_close_predictions():
 
     assert alternatives([pick("gradiveq", 0.6, 1.0)]) == ["bf16"]  # predicted 1.7x faster than bf16: check it
     assert alternatives([pick("gradiveq", 0.6, 1.0, 1.1)]) == ["bf16", "fp32"]
+    assert alternatives([pick("gradiveq", 0.6, 1.1, 1.0)]) == ["fp32", "bf16"]  # the fastest predicted first
     assert alternatives([pick("gradiveq", 0.3, 1.0)]) == []  # 3.3x: trusted
     assert alternatives([pick("bf16", 1.0, 1.0, 1.5)]) == ["fp32"]  # bf16 is the plan itself
     v = Verification(["bf16", "fp32"], 2, start=1)
@@ -385,6 +413,8 @@ def test_verification_is_only_for_close_predictions():
     assert v.fastest([2.0, 1.0, 3.0]) == "bf16" and v.fastest([1.0, 1.0, 1.0]) == "plan"
     assert v.fastest([1.0, 0.97, 2.0]) == "plan" and v.fastest([1.0, 2.0, 0.9]) == "fp32"  # the margin: 5%
     assert v.fastest([math.nan, math.nan, 3.0]) == "fp32" and v.fastest([math.nan] * 3) == "plan"
+    # between arms within the margin of each other the predicted order decides (bf16 listed first)
+    assert v.fastest([2.0, 1.04, 1.0]) == "bf16" and v.fastest([2.0, 1.1, 1.0]) == "fp32"
     # after the first turn only a clear gap (CLEAR_GAP x, either way) decides; the last turn always
     assert v.decide([1.0, 1.2, 1.3], final=False) is None
     assert v.decide([math.nan, 1.0, 1.0], final=False) is None

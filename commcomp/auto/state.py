@@ -17,7 +17,9 @@ The schedule, counted in finished steps:
   a round that ends with a different plan counts as a re-plan (`replans`);
 - a plan predicted less than 2x faster than sending every bucket in bf16, or in fp32, is timed
   against them on real steps (`commcomp.auto.verify`); an alternative more than 5% faster replaces it.
-  A re-plan round that found the network on its line and kept the plan is not timed again.
+  A re-plan round that found the network on its line and kept the plan is not timed again, and
+  while the network holds, a bucket predicted the same as the plan a timed check overruled gets the
+  check's method again (the verdict stands) instead of being timed anew.
 
 Every collective (probes, the measurement all-reduce, the candidates' own) is issued from the hook
 body in bucket order. A bucket that leaves GradiVeQ at a re-plan drops its error-feedback residual
@@ -115,6 +117,9 @@ class AutoState(HookState):
         self._checking = False  # this round re-times one size instead of probing in full
         self._decided: dict[tuple[str, ...], Choice] = {}  # this measuring step's choices, per bucket
         self._verify: Verification | None = None  # a plan being timed against the alternatives
+        # what the last timed check overruled, per parameter: (predicted method, kept method, why);
+        # while the network holds, the same prediction gets the same verdict (`decide`)
+        self._overruled: dict[str, tuple[str, str, str]] = {}
         self._step_now = 0  # the step in progress (`step` may move on while the last bucket is planned)
         self._round_steps = 0  # steps of the current round measured so far
         self._probes: dict[int, float] = {}  # this round's probe seconds per size (bytes), until agreed
@@ -214,6 +219,10 @@ class AutoState(HookState):
                 current = {self._planned.get(key) for key in keys}  # per parameter: DDP may have rebuilt its buckets
                 method = current.pop() if len(current) == 1 else None
                 choice = choose(trials, self.network, self.world_size, self.max_error, method)
+                verdict = {self._overruled.get(key) for key in keys}
+                if self._checking and len(verdict) == 1 and (found := verdict.pop()) and found[0] == choice.method:
+                    # the prediction a timed check overruled, on a network that held: its verdict stands
+                    choice = choice.switched(found[1], found[2])
                 self._decided[keys] = choice
                 before = {key: self._by_param[key] for key in keys if key in self._by_param}
                 self._by_param.update(dict.fromkeys(keys, choice.method))
@@ -266,6 +275,8 @@ class AutoState(HookState):
             self.replans += 1
         self._round_steps, self._trials = 0, {}
         self.next_round = self._step_now + 1 + self.interval
+        if not self._checking:  # a new line: the verdicts on the old one do not carry over
+            self._overruled = {}
         arms = [] if settled else alternatives(list(self.choices.values()))
         if arms:
             self._verify = Verification(arms, self.verify_steps, self._step_now + 1)
@@ -289,7 +300,9 @@ class AutoState(HookState):
             return
         kept, self.rounds[-1]["timed"], why = decided
         self._verify = None
+        self._overruled = {}
         if kept != "plan":
+            self._overruled = {key: (c.method, kept, why) for keys, c in self.choices.items() for key in keys}
             before = dict(self._by_param)
             self._set({keys: c.switched(kept, why) for keys, c in self.choices.items()})
             self._drop_residuals(before)
@@ -348,6 +361,7 @@ class AutoState(HookState):
             "full_probe": self.full_probe,
             "planning_seconds": self.planning_seconds,
             "verify": None if self._verify is None else self._verify.state_dict(),
+            "overruled": {key: list(verdict) for key, verdict in self._overruled.items()},
             "methods": {name: sub.state_dict() for name, sub in self.methods.items()},
         }
 
@@ -365,3 +379,5 @@ class AutoState(HookState):
         self.planning_seconds = float(state["planning_seconds"])
         self._round_steps, self._probes, self._trials = 0, {}, {}  # a round in progress starts over
         self._verify = None if state["verify"] is None else Verification(**state["verify"])
+        overruled = state.get("overruled", {})  # older checkpoints: none saved
+        self._overruled = {key: (str(a), str(b), str(c)) for key, (a, b, c) in overruled.items()}

@@ -15,10 +15,11 @@ checkpoint, another model's step), the median of each arm is taken (a step slowe
 else is an outlier, not a trend), and one all-reduce takes the slowest rank's. The fastest
 alternative replaces the plan only if its median is more than `MARGIN` below the plan's: per-step
 times on a busy machine scatter by tens of percent, and on a near tie the prediction that chose the
-plan breaks it. After the first turn of every arm the medians so far are compared once: if the plan
-and the fastest alternative are `CLEAR_GAP`x apart (either way), that decides at once, and the
-second turn, spent sending by what is clearly the slower method, is not run. Every rank switches at
-the same step counts and decides from the same numbers.
+plan breaks it (as it does between two alternatives that close). After the first turn of every
+arm the medians so far are compared once: if the plan and the fastest alternative are
+`CLEAR_GAP`x apart (either way), that decides at once, and the second turn, spent sending by what
+is clearly the slower method, is not run. Every rank switches at the same step counts and decides
+from the same numbers.
 """
 
 from __future__ import annotations
@@ -40,16 +41,20 @@ UNIFORM = ("bf16", "fp32")  # what a plan may be timed against, in this order
 
 def alternatives(choices: list[Choice]) -> list[str]:
     """The methods of `UNIFORM` to time the plan against: candidates of every bucket, not already
-    the plan of every bucket, and predicted less than `CLEAR_GAIN`x slower than the plan."""
+    the plan of every bucket, and predicted less than `CLEAR_GAIN`x slower than the plan; the
+    fastest predicted first."""
     planned = sum(c.predicted_seconds for c in choices)
-    return [
-        name
+    predicted = {
+        name: sum(c.candidates[name]["seconds"] for c in choices)
         for name in UNIFORM
-        if choices
-        and all(name in c.candidates for c in choices)
-        and not all(c.method == name for c in choices)
-        and planned * CLEAR_GAIN > sum(c.candidates[name]["seconds"] for c in choices)
+        if choices and all(name in c.candidates for c in choices)
+    }
+    chosen = [
+        name
+        for name, seconds in predicted.items()
+        if not all(c.method == name for c in choices) and planned * CLEAR_GAIN > seconds
     ]
+    return sorted(chosen, key=predicted.__getitem__)
 
 
 class Verification:
@@ -105,14 +110,16 @@ class Verification:
         return [statistics.median(t) if t else math.nan for t in timed]
 
     def fastest(self, medians: list[float]) -> str:
-        """From `medians` (as from `medians()`, agreed over the ranks): the fastest alternative if
-        its median is more than `MARGIN` below the plan's (or the plan has none), else "plan"; arms
-        without a timing are left out."""
-        plan, rest = medians[0], [(m, name) for m, name in zip(medians[1:], self.arms) if math.isfinite(m)]
-        if not rest:
+        """From `medians` (as from `medians()`, agreed over the ranks): of the plan and the arms,
+        in the order predicted (the plan, then `arms` fastest first), the first whose median is
+        within `MARGIN` of the fastest median: an arm replaces the plan only if it is more than
+        `MARGIN` faster, and between arms as close as that (bf16 and fp32 on a fast link) the
+        prediction decides, not the noise. Arms without a timing are left out ("plan" if none has one)."""
+        timed = [(m, name) for m, name in zip(medians, ["plan", *self.arms]) if math.isfinite(m)]
+        if not timed:
             return "plan"
-        best, name = min(rest)
-        return name if not math.isfinite(plan) or best < plan * (1 - MARGIN) else "plan"
+        best = min(m for m, _ in timed)
+        return next(name for m, name in timed if m * (1 - MARGIN) <= best)
 
     @staticmethod
     def clear(medians: list[float]) -> bool:
