@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -138,15 +139,11 @@ def verify_options_with_root(owner: str, options: dict[str, Any], comm: RootChec
 # ----------------------------------------------------------------------------- NaN / Inf flags
 
 
-def nonfinite_flag(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """A 0-dim bool tensor, True if any of `tensors` holds a NaN or an infinity; None if none of
-    them is a non-empty floating tensor (integers are finite).
-
-    The smallest and largest value of each tensor (one pass over it): a NaN makes both NaN, an
-    infinity is one of them. Exact, about half the cost of a float64 sum and a tenth of an
-    element-wise `isfinite`. The flag stays on the first tensor's device: nothing is read back to
-    the host, so a GPU's queue does not stall for it (`flag_slots` writes it into a buffer as it is).
-    """
+def _extremes(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The smallest and largest value of each non-empty floating tensor of `tensors`, in one tensor
+    on the first one's device (None if there is none; integers are finite). One pass over each: a
+    NaN makes both NaN, an infinity is one of them. Exact, about half the cost of a float64 sum and
+    a tenth of an element-wise `isfinite`."""
     ends = [torch.stack(torch.aminmax(t.detach())) for t in tensors if t.is_floating_point() and t.numel()]
     if not ends:
         return None
@@ -155,13 +152,23 @@ def nonfinite_flag(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
         # one device and dtype for the total (a model may be spread over several devices and
         # dtypes); widened to float64, no finite value of any floating type overflows
         ends = [e.to(first.device, torch.float64) for e in ends]
-    return torch.isfinite(torch.cat(ends) if len(ends) > 1 else first).all().logical_not()
+    return torch.cat(ends) if len(ends) > 1 else first
+
+
+def nonfinite_flag(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """A 0-dim bool tensor, True if any of `tensors` holds a NaN or an infinity; None if none of
+    them is a non-empty floating tensor (`_extremes`). The flag stays on the first tensor's device:
+    nothing is read back to the host, so a GPU's queue does not stall for it (`flag_slots` writes it
+    into a buffer as it is)."""
+    ends = _extremes(tensors)
+    return None if ends is None else torch.isfinite(ends).all().logical_not()
 
 
 def has_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
-    """True if any of `tensors` holds a NaN or an infinity (`nonfinite_flag`, read on the host)."""
-    flag = nonfinite_flag(tensors)
-    return flag is not None and bool(flag)
+    """True if any of `tensors` holds a NaN or an infinity: their extremes (`_extremes`), read on
+    the host at once."""
+    ends = _extremes(tensors)
+    return ends is not None and not all(map(math.isfinite, ends.tolist()))
 
 
 Flag = bool | torch.Tensor | None  # a rank's NaN/Inf flag: on the host, or as `nonfinite_flag` gives it

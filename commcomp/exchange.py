@@ -254,6 +254,7 @@ class InFlight(Generic[P]):
     pending: P
     sent_parts: list[torch.Size]  # shapes of the parts, to cut the summed buffer back into them
     check_sum: bool = False  # the received sum is checked for NaN/Inf (`Encoded.sum_shows`)
+    flagged: bool = True  # the ranks wrote their NaN/Inf flags (else the slots are zeros: not read)
 
 
 def send(
@@ -299,7 +300,7 @@ def send(
         with timer(like) as more:
             encoded.later()
         host.stats.encoded(more)
-    return InFlight(codec, encoded, pending, [p.shape for p in encoded.parts], check_sum)
+    return InFlight(codec, encoded, pending, [p.shape for p in encoded.parts], check_sum, bad is not None)
 
 
 def _split(item: InFlight[Any], received: Received, world_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -319,9 +320,9 @@ def finish(host: Host, items: list[InFlight[Any]], index: int = 0) -> None:
         with timer(items[0].encoded.grads[0]) as dec:
             split = [_split(item, r, host.world_size) for item, r in zip(items, received)]
             flags = split[0][1] if len(split) == 1 else torch.stack([f.to(torch.float32) for _, f in split]).sum(0)
-            if bool(flags.any()) or any(
-                item.check_sum and has_nonfinite(payload) for item, (payload, _) in zip(items, split)
-            ):
+            # whether a rank wrote a flag depends only on the options and the codec: alike on every rank
+            flagged = any(item.flagged for item in items) and bool(flags.any())
+            if flagged or any(item.check_sum and has_nonfinite(payload) for item, (payload, _) in zip(items, split)):
                 for item in items:
                     poison(item.encoded.grads)
                 host.skip_step(flags, index)
