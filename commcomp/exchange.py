@@ -148,10 +148,11 @@ class DenseExchange:
             return Encoded(keys, grads, [g.reshape(-1) / self.world_size for g in grads])
         sizes = [g.numel() for g in grads]
         flat = torch.empty(sum(sizes) + self.world_size, dtype=dtypes.pop(), device=grads[0].device)
-        parts = list(flat[: sum(sizes)].split(sizes))
+        values = flat[: sum(sizes)]
+        parts = list(values.split(sizes))
         for g, part in zip(grads, parts):
             torch.div(g.reshape(-1), self.world_size, out=part)  # g/N, rounded once to the wire dtype
-        return Encoded(keys, grads, parts, flat=flat, checked=[flat[: sum(sizes)]], sum_shows=True)
+        return Encoded(keys, grads, parts, flat=flat, checked=[values], sum_shows=True)
 
     def decode(self, received: list[torch.Tensor], encoded: Encoded) -> list[torch.Tensor]:
         return received  # the engine's copy into the gradients casts back
