@@ -10,7 +10,8 @@ Every integration runs the same sequence, written once here:
         then the codec's work that needs no result (`Encoded.later`) runs while the network works.
   `finish` (in the DDP callback, or Horovod's `synchronize()`):
      5. wait for every collective of the group, then raise on every rank if any rank was flagged
-        (or, for a dense sum, if the sum holds NaN/Inf: `Encoded.sum_shows`);
+        (or, for a dense sum, if the sum holds NaN/Inf: `Encoded.sum_shows`; under "propagate"
+        that check is read when the step ends, `Host.check_at_step_end`);
      6. decode into the gradients;
      7. commit: the codec keeps what it learns only from a clean step (error-feedback residuals,
         PCA statistics), at the end of the step, once every group of the step decoded cleanly;
@@ -46,7 +47,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import torch
 import torch.distributed as dist
 
-from commcomp.consistency import Flag, flag_slots, has_nonfinite, write_flags
+from commcomp.consistency import Flag, flag_slots, has_nonfinite, nonfinite_flag, write_flags
 from commcomp.flat import flatten, unflatten
 from commcomp.overflow import poison
 from commcomp.stats import CommStats, timer
@@ -199,6 +200,10 @@ class Host(Protocol):
         """Run `commit` when the step ends cleanly."""
         ...
 
+    def check_at_step_end(self, bad: torch.Tensor) -> None:
+        """Skip the step if `bad` (a 0-dim bool tensor, left on its device until the step ends) is true."""
+        ...
+
     def end_bucket(self) -> None:
         """One group of the step has finished (the step ends after its last group)."""
         ...
@@ -315,7 +320,14 @@ def finish(host: Host, items: list[InFlight[Any]], index: int = 0) -> None:
     """Steps 5-8 for `items` (one DDP bucket, or every tensor of a Horovod step; not empty): wait for
     all; if any rank was flagged, fill the gradients with NaN on every rank (or raise on every rank)
     and mark the step skipped; else decode into the gradients and queue the commits for the step's
-    end. The group ends (`end_bucket`) even when it raises, so the bookkeeping stays in step."""
+    end. The group ends (`end_bucket`) even when it raises, so the bookkeeping stays in step.
+
+    A dense sum under "propagate" is decoded as it came (a NaN or an infinity in it lands in the
+    gradients as it is, on every rank alike) and its check is left on the device for the step's end
+    (`check_at_step_end`): nothing here reads a value on the host. On CUDA this callback runs
+    inline in the hook body as soon as the collective is queued (NCCL's futures complete at once),
+    so a host read here would wait for this bucket's all-reduce before the backward pass could go on
+    to the next bucket; the step's one read, at its end, waits for nothing that was not done."""
     try:
         received = [item.pending.wait() for item in items]  # every collective done before any raise
         with timer(items[0].encoded.grads[0]) as dec:
@@ -323,7 +335,8 @@ def finish(host: Host, items: list[InFlight[Any]], index: int = 0) -> None:
             flags = split[0][1] if len(split) == 1 else torch.stack([f.to(torch.float32) for _, f in split]).sum(0)
             # whether a rank wrote a flag depends only on the options and the codec: alike on every rank
             flagged = any(item.flagged for item in items) and bool(flags.any())
-            if flagged or any(item.check_sum and has_nonfinite(payload) for item, (payload, _) in zip(items, split)):
+            # a sum is read here only under "raise" (where the ranks also flagged what they sent)
+            if flagged or any(i.flagged and i.check_sum and has_nonfinite(p) for i, (p, _) in zip(items, split)):
                 for item in items:
                     poison(item.encoded.grads)
                 host.skip_step(flags, index)
@@ -331,6 +344,8 @@ def finish(host: Host, items: list[InFlight[Any]], index: int = 0) -> None:
             for item, (payload, _) in zip(items, split):
                 for grad, value in zip(item.encoded.grads, item.codec.decode(payload, item.encoded)):
                     grad.copy_(value.view_as(grad))
+                if item.check_sum and not item.flagged and (bad := nonfinite_flag(payload)) is not None:
+                    host.check_at_step_end(bad)  # "propagate": the sum's NaN/Inf are in the gradients
         host.stats.decoded(dec)
         for item in items:
             host.commit_at_step_end(functools.partial(item.codec.commit, item.encoded))

@@ -206,9 +206,107 @@ def test_raise_policy_raises_on_every_rank(results: list[dict[str, Any]]) -> Non
 
 def test_a_dense_sum_that_overflows_the_wire_dtype_is_an_overflow_step(results: list[dict[str, Any]]) -> None:
     """Every rank sent finite fp16 values, their sum is not: the dense exchange checks the received
-    sum, so the step is an overflow step on every rank (NaN gradients, skipped, not counted), or
-    raises on every rank saying the sum overflowed."""
+    sum, so the step is an overflow step on every rank (the infinite sum in the gradients, skipped,
+    not counted), or raises on every rank saying the sum overflowed."""
     for r in results:
         got = r["sum_overflow"]["propagate"]
-        assert torch.isnan(got["grad"]).all() and got["skipped"] == 1 and got["step"] == 0, got
+        assert torch.isinf(got["grad"]).all() and got["skipped"] == 1 and got["step"] == 0, got
         assert "the sum overflowed the wire dtype" in r["sum_overflow"]["raise"]["error"]
+
+
+def _host_reads(rank: int, world: int, method: str, policy: str) -> list[tuple[int, bool]]:
+    """Three steps of `method` on the several-bucket model, a NaN on rank 1 at the second: every
+    value read on the host (`tolist`, `item`, `bool`, `float`, `int`) inside the engine's decoding
+    callback (`commcomp.exchange.finish`), as (the state's step, whether every group of the step
+    had decoded: the step's end, in the last group's callback)."""
+    import threading
+
+    from bucketed_net import Net
+    from bucketed_net import batch as small_batch
+
+    import commcomp.hooks.base as hooks_base
+
+    inside = threading.local()
+    reads: list[tuple[int, bool]] = []
+    state_box: list[Any] = []
+
+    def finish(host: Any, items: Any, index: int = 0) -> None:
+        inside.on = True
+        try:
+            real_finish(host, items, index)
+        finally:
+            inside.on = False
+
+    def watched(name: str) -> Any:
+        real = getattr(torch.Tensor, name)
+
+        def read(self: torch.Tensor, *args: Any) -> Any:
+            if getattr(inside, "on", False):
+                state = state_box[0]
+                reads.append((state.step, state._pending == 0))  # no group left: the step's end
+            return real(self, *args)
+
+        return read
+
+    real_finish = hooks_base.finish
+    names = ["tolist", "item", "__bool__", "__float__", "__int__"]
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    hooks_base.finish = finish
+    for name in names:
+        setattr(torch.Tensor, name, watched(name))
+    try:
+        torch.manual_seed(0)
+        model = DDP(Net(), bucket_cap_mb=0.004)
+        state_box.append(commcomp.register(model, method, nonfinite=policy))
+        for step in range(3):
+            x, y = small_batch(rank, step)
+            if step == 1 and rank == 1:
+                x = x * float("nan")
+            try:
+                F.cross_entropy(model(x), y).backward()
+            except (NonFiniteGradientError, RuntimeError):
+                break
+    finally:
+        hooks_base.finish = real_finish
+        for name, real in saved.items():
+            setattr(torch.Tensor, name, real)
+    return reads
+
+
+@pytest.mark.parametrize("method", ["bf16", "identity"])
+def test_a_dense_exchange_reads_on_the_host_only_at_the_steps_end(method: str) -> None:
+    """On CUDA, DDP runs a hook's callback inline as soon as NCCL queued the collective: a host read
+    there waits for that bucket's all-reduce and stalls the backward pass. Under "propagate" the
+    dense exchange reads one value per step, at the step's end (in the last group's callback, when
+    every collective is done); under "raise" every group reads the flags (the instrument sees them).
+    Steps: 0, 1 (the NaN step, skipped: the step count stays), 1."""
+    for reads in run(_host_reads, WORLD, method, "propagate", timeout=120):
+        assert reads == [(0, True), (1, True), (1, True)], reads
+    for reads in run(_host_reads, WORLD, method, "raise", timeout=120):
+        assert any(not at_end for _, at_end in reads), reads
+
+
+def _skipped_with_nan(rank: int, world: int, method: str) -> dict[str, Any]:
+    """The same three steps without the instrument: steps counted, overflow steps, and whether the
+    gradients of the NaN step were non-finite (the sum's NaN in them)."""
+    from bucketed_net import Net
+    from bucketed_net import batch as small_batch
+
+    torch.manual_seed(0)
+    net = Net()
+    model = DDP(net, bucket_cap_mb=0.004)
+    state = commcomp.register(model, method)
+    nonfinite = []
+    for step in range(3):
+        x, y = small_batch(rank, step)
+        if step == 1 and rank == 1:
+            x = x * float("nan")
+        net.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        nonfinite.append(any(not bool(torch.isfinite(p.grad).all()) for p in net.parameters()))
+    return {"step": state.step, "skipped": state.stats.total.skipped_steps, "nonfinite": nonfinite}
+
+
+def test_a_dense_sum_checked_at_the_steps_end_skips_that_step_on_every_rank() -> None:
+    for got in run(_skipped_with_nan, WORLD, "bf16", timeout=120):
+        assert got == {"step": 2, "skipped": 1, "nonfinite": [False, True, False]}, got

@@ -68,6 +68,7 @@ class HookState:
         self._last_seen = False
         self._lock = threading.Lock()
         self._skip_step = False  # a group of this step was flagged
+        self._late_checks: list[torch.Tensor] = []  # this step's dense sums' NaN/Inf flags, read at its end
         self._commits: list[Callable[[], None]] = []  # what this step learned, applied when it ends cleanly
         self._restore: list[tuple[Any, dict[str, Any]]] = []  # volatile objects' states at the step's start
         # --- statistics ---
@@ -130,6 +131,7 @@ class HookState:
         if index == 0:
             self._last_seen = False
             self._skip_step = False
+            self._late_checks = []
             self._commits = []
             self._restore = [(obj, obj.state_dict()) for obj in self.volatile()]
         with self._lock:
@@ -151,6 +153,11 @@ class HookState:
             done = self._pending == 0 and self._last_seen
             if done:
                 self._last_seen = False
+                if self._late_checks:  # one host read for the step's dense sums, once every group is in
+                    self._skip_step |= bool(
+                        torch.stack([b.to(self._late_checks[0].device) for b in self._late_checks]).any()
+                    )
+                    self._late_checks = []
                 if self._skip_step:  # the step never happened, as far as the state is concerned
                     for obj, saved in self._restore:
                         obj.load_state_dict(saved)
@@ -177,6 +184,13 @@ class HookState:
         """Run `commit` (keep residuals, statistics) when the step ends, unless an overflow skips it."""
         with self._lock:
             self._commits.append(commit)
+
+    def check_at_step_end(self, bad: torch.Tensor) -> None:
+        """Skip the step if `bad` (a 0-dim bool tensor: a dense sum held NaN/Inf, the same on every
+        rank) is true; read on the host once the step's last group is in (`end_bucket`), with the
+        step's other such flags."""
+        with self._lock:
+            self._late_checks.append(bad)
 
     def skip_step(self, flags: torch.Tensor, bucket_index: int) -> None:
         """Some rank flagged NaN/Inf, or a dense sum held them (every rank sees the same `flags` and
