@@ -106,7 +106,8 @@ class Encoded:
     # g/N, just written and at most half the bytes of fp32 gradients
     checked: list[torch.Tensor] | None = None
     # the received sum holds a NaN or an infinity wherever any rank's parts did, and wherever the
-    # sum overflowed the wire dtype (an element-wise sum of floats: the dense exchange). The check
+    # sum overflowed the wire dtype, and the parts hold one wherever the gradients did (the dense
+    # exchange; GradiVeQ's one exchange, whose products carry them through). The check
     # then reads the sum, after the collective, and every rank reads the same one: under
     # "propagate" no rank checks its parts before sending (nothing delays the collective's start);
     # under "raise" they still do, for the flags that name the ranks
@@ -200,8 +201,9 @@ class Host(Protocol):
         """Run `commit` when the step ends cleanly."""
         ...
 
-    def check_at_step_end(self, bad: torch.Tensor) -> None:
-        """Skip the step if `bad` (a 0-dim bool tensor, left on its device until the step ends) is true."""
+    def check_at_step_end(self, bad: torch.Tensor, error: Callable[[], Exception] | None = None) -> None:
+        """Skip the step if `bad` (a 0-dim bool tensor, left on its device until the step ends) is
+        true, and then raise `error()` if given."""
         ...
 
     def end_bucket(self) -> None:

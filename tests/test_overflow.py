@@ -257,7 +257,8 @@ def _host_reads(rank: int, world: int, method: str, policy: str) -> list[tuple[i
     try:
         torch.manual_seed(0)
         model = DDP(Net(), bucket_cap_mb=0.004)
-        state_box.append(commcomp.register(model, method, nonfinite=policy))
+        options = {"min_numel": 1024} if method == "gradiveq" else {}  # conv2 and fc1 compressed
+        state_box.append(commcomp.register(model, method, nonfinite=policy, **options))
         for step in range(3):
             x, y = small_batch(rank, step)
             if step == 1 and rank == 1:
@@ -270,16 +271,19 @@ def _host_reads(rank: int, world: int, method: str, policy: str) -> list[tuple[i
         hooks_base.finish = real_finish
         for name, real in saved.items():
             setattr(torch.Tensor, name, real)
+    if method == "gradiveq":  # its bases' checksums were sent and checked
+        assert sum(layer is not None for layer in state_box[0].layers.values()) == 2
     return reads
 
 
-@pytest.mark.parametrize("method", ["bf16", "identity"])
-def test_a_dense_exchange_reads_on_the_host_only_at_the_steps_end(method: str) -> None:
+@pytest.mark.parametrize("method", ["bf16", "identity", "gradiveq"])
+def test_summed_exchanges_read_on_the_host_only_at_the_steps_end(method: str) -> None:
     """On CUDA, DDP runs a hook's callback inline as soon as NCCL queued the collective: a host read
     there waits for that bucket's all-reduce and stalls the backward pass. Under "propagate" the
-    dense exchange reads one value per step, at the step's end (in the last group's callback, when
-    every collective is done); under "raise" every group reads the flags (the instrument sees them).
-    Steps: 0, 1 (the NaN step, skipped: the step count stays), 1."""
+    dense exchange and GradiVeQ's one exchange (its NaN check and its bases' checksums) read one
+    value per step, at the step's end (in the last group's callback, when every collective is done);
+    under "raise" every group reads the flags (the instrument sees them). Steps: 0, 1 (the NaN step,
+    skipped: the step count stays), 1."""
     for reads in run(_host_reads, WORLD, method, "propagate", timeout=120):
         assert reads == [(0, True), (1, True), (1, True)], reads
     for reads in run(_host_reads, WORLD, method, "raise", timeout=120):

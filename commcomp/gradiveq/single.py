@@ -34,6 +34,15 @@ def _residuals(shares: list[_Share]) -> None:
             share.residual = share.layer.plan.outer(left, right, base=share.x)
 
 
+def _other_bases(odd: torch.Tensor, rank: int) -> Exception:
+    """The error when the ranks set in `odd` sent another checksum of their bases than `rank`."""
+    ranks = [int(r) for r in torch.nonzero(odd).flatten().tolist()]
+    return RuntimeError(
+        f"GradiVeQ: ranks {ranks} projected onto other bases than rank {rank}; every rank "
+        "must run the same torch build and linear-algebra library"
+    )
+
+
 @dataclass
 class _Share:
     """One gradient of the group: this rank's compensated slices and payloads (compressed layers)."""
@@ -76,19 +85,18 @@ class SingleExchange:
             checks[state.rank] = checksum % 256
             parts.append(checks)
         later = None if state.memory is None else functools.partial(_residuals, shares)
-        return Encoded(keys, grads, parts, shares, later=later)
+        # C_n = X_n U and Q_n = X_n^T P hold a NaN or an infinity in every row a NaN or infinity of
+        # X_n reaches (NaN x 0 is NaN, inf x 0 too), and a sum holds them wherever a summand did:
+        # the received sum shows a non-finite gradient of any rank, as the dense exchange's does
+        return Encoded(keys, grads, parts, shares, later=later, sum_shows=True)
 
     def decode(self, received: list[torch.Tensor], encoded: Encoded) -> list[torch.Tensor]:
-        state, n = self.state, self.state.world_size
+        state = self.state
         shares: list[_Share] = encoded.context
-        if any(share.layer is not None for share in shares):
-            checks = received[-1].tolist()
-            odd = [r for r in range(n) if checks[r] != checks[state.rank]]
-            if odd:
-                raise RuntimeError(
-                    f"GradiVeQ: ranks {odd} projected onto other bases than rank {state.rank}; every rank "
-                    "must run the same torch build and linear-algebra library"
-                )
+        if any(share.layer is not None for share in shares):  # read when the step ends
+            checks = received[-1]
+            odd = checks != checks[state.rank]
+            state.check_at_step_end(odd.any(), functools.partial(_other_bases, odd, state.rank))
         pieces = iter(received)
         out: list[torch.Tensor] = []
         for share, g in zip(shares, encoded.grads):

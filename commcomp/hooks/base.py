@@ -68,7 +68,8 @@ class HookState:
         self._last_seen = False
         self._lock = threading.Lock()
         self._skip_step = False  # a group of this step was flagged
-        self._late_checks: list[torch.Tensor] = []  # this step's dense sums' NaN/Inf flags, read at its end
+        # this step's checks left on the device (a dense sum's NaN/Inf, GradiVeQ's bases), read at its end
+        self._late_checks: list[tuple[torch.Tensor, Callable[[], Exception] | None]] = []
         self._commits: list[Callable[[], None]] = []  # what this step learned, applied when it ends cleanly
         self._restore: list[tuple[Any, dict[str, Any]]] = []  # volatile objects' states at the step's start
         # --- statistics ---
@@ -153,11 +154,7 @@ class HookState:
             done = self._pending == 0 and self._last_seen
             if done:
                 self._last_seen = False
-                if self._late_checks:  # one host read for the step's dense sums, once every group is in
-                    self._skip_step |= bool(
-                        torch.stack([b.to(self._late_checks[0].device) for b in self._late_checks]).any()
-                    )
-                    self._late_checks = []
+                error = self._read_late_checks()
                 if self._skip_step:  # the step never happened, as far as the state is concerned
                     for obj, saved in self._restore:
                         obj.load_state_dict(saved)
@@ -168,6 +165,8 @@ class HookState:
                     self.step += 1
                 self._commits, self._restore = [], []
                 self.stats.end_step()
+                if error is not None:
+                    raise error
 
     def volatile(self) -> list[Any]:
         """Objects whose state the sending half of a step changes before anyone knows whether the step
@@ -185,12 +184,25 @@ class HookState:
         with self._lock:
             self._commits.append(commit)
 
-    def check_at_step_end(self, bad: torch.Tensor) -> None:
-        """Skip the step if `bad` (a 0-dim bool tensor: a dense sum held NaN/Inf, the same on every
-        rank) is true; read on the host once the step's last group is in (`end_bucket`), with the
-        step's other such flags."""
+    def check_at_step_end(self, bad: torch.Tensor, error: Callable[[], Exception] | None = None) -> None:
+        """Skip the step if `bad` (a 0-dim bool tensor, the same on every rank: a dense sum held
+        NaN/Inf, GradiVeQ's ranks projected onto other bases) is true, and then raise `error()` if
+        given; read on the host once the step's last group is in (`end_bucket`), with the step's
+        other such checks, so no decoding callback waits for the device."""
         with self._lock:
-            self._late_checks.append(bad)
+            self._late_checks.append((bad, error))
+
+    def _read_late_checks(self) -> Exception | None:
+        """At the step's end: read the step's late checks (one host read); any set skips the step;
+        the first error of those set, to raise once the step is closed."""
+        checks, self._late_checks = self._late_checks, []
+        if not checks:
+            return None
+        device = checks[0][0].device
+        hits = torch.stack([bad.to(device) for bad, _ in checks]).tolist()
+        found = [error for (_, error), hit in zip(checks, hits) if hit]
+        self._skip_step |= bool(found)
+        return next((error() for error in found if error is not None), None)
 
     def skip_step(self, flags: torch.Tensor, bucket_index: int) -> None:
         """Some rank flagged NaN/Inf, or a dense sum held them (every rank sees the same `flags` and
