@@ -10,8 +10,8 @@ Every integration runs the same sequence, written once here:
         then the codec's work that needs no result (`Encoded.later`) runs while the network works.
   `finish` (in the DDP callback, or Horovod's `synchronize()`):
      5. wait for every collective of the group, then raise on every rank if any rank was flagged
-        (or, for a dense sum, if the sum holds NaN/Inf: `Encoded.sum_shows`; under "propagate"
-        that check is read when the step ends, `Host.check_at_step_end`);
+        (or, for a sum that shows them, if it holds NaN/Inf: `Encoded.sum_shows`; under
+        "propagate" that check is read when the step ends, `Host.check_at_step_end`);
      6. decode into the gradients;
      7. commit: the codec keeps what it learns only from a clean step (error-feedback residuals,
         PCA statistics), at the end of the step, once every group of the step decoded cleanly;
@@ -324,8 +324,9 @@ def finish(host: Host, items: list[InFlight[Any]], index: int = 0) -> None:
     and mark the step skipped; else decode into the gradients and queue the commits for the step's
     end. The group ends (`end_bucket`) even when it raises, so the bookkeeping stays in step.
 
-    A dense sum under "propagate" is decoded as it came (a NaN or an infinity in it lands in the
-    gradients as it is, on every rank alike) and its check is left on the device for the step's end
+    A sum that shows NaN/Inf (`Encoded.sum_shows`: the dense exchange, GradiVeQ's one exchange) is,
+    under "propagate", decoded as it came (a NaN or an infinity in it reaches the gradients, on
+    every rank alike) and its check is left on the device for the step's end
     (`check_at_step_end`): nothing here reads a value on the host. On CUDA this callback runs
     inline in the hook body as soon as the collective is queued (NCCL's futures complete at once),
     so a host read here would wait for this bucket's all-reduce before the backward pass could go on

@@ -52,7 +52,8 @@ def sync_device(tensor: torch.Tensor) -> None:
 
 
 class timer:
-    """Seconds of a block of work on the device of `tensor`.
+    """Seconds of a block of work on the device of `tensor` (`with timer(t) as clock:`, or
+    `clock = timer(t).start()` ... `clock.stop()` where the block spans calls).
 
     On a CPU, wall-clock seconds. On a GPU, the time the device's current stream took from the
     block's start to its end (two CUDA events): the block itself never waits for the device, and
@@ -66,7 +67,7 @@ class timer:
         self._seconds = 0.0
         self._events: tuple[Any, Any] | None = None
 
-    def __enter__(self) -> timer:
+    def start(self) -> timer:
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(torch.cuda.current_stream(self.device))
@@ -75,11 +76,18 @@ class timer:
             self._start = time.perf_counter()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> timer:
         if self._events is not None:
             self._events[1].record(torch.cuda.current_stream(self.device))
         else:
             self._seconds = time.perf_counter() - self._start
+        return self
+
+    def __enter__(self) -> timer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     @property
     def seconds(self) -> float:

@@ -176,7 +176,7 @@ class AutoState(HookState):
             if due is not None:
                 self._end_verification(buf, final=due == "final")
             if self._verify is not None:
-                self._verify.begin(self.step)
+                self._verify.begin(self.step, buf)
         self._measuring = self.step >= self.next_round
         if self._measuring and self._round_steps == 0:  # the network once per round
             size = None if self.network is None or self.full_probe or not self.rounds else check_size(self.rounds)

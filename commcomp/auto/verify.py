@@ -11,8 +11,10 @@ faster than: the plan and each alternative take turns in blocks of `steps // 2` 
 whichever came first); each step is timed from its first bucket until its last group is decoded
 and what the step learned is kept (the part of a step the method changes, its commits included:
 not the forward pass or the optimizer, nor whatever the job does between steps, an evaluation, a
-checkpoint, another model's step), the median of each arm is taken (a step slowed by something
-else is an outlier, not a trend), and one all-reduce takes the slowest rank's. The fastest
+checkpoint, another model's step; on a GPU, device time between two events on the current
+stream: no host wait during the backward pass, the events are read at the decision), the median
+of each arm is taken (a step slowed by something else is an outlier, not a trend), and one
+all-reduce takes the slowest rank's. The fastest
 alternative replaces the plan only if its median is more than `MARGIN` below the plan's: per-step
 times on a busy machine scatter by tens of percent, and on a near tie the prediction that chose the
 plan breaks it (as it does between two alternatives that close). After the first turn of every
@@ -26,10 +28,12 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from typing import Any
 
+import torch
+
 from commcomp.auto.plan import Choice
+from commcomp.stats import timer
 
 __all__ = ["CLEAR_GAIN", "CLEAR_GAP", "MARGIN", "UNIFORM", "Verification", "alternatives"]
 
@@ -67,8 +71,9 @@ class Verification:
         self.arms = list(arms)
         self.steps = steps
         self.start = start
-        self.seconds: dict[int, float] = dict(seconds or {})  # step -> its duration
-        self._began: tuple[int, float] | None = None  # the step in progress and when its first bucket came
+        self._seconds: dict[int, float] = dict(seconds or {})  # step -> its duration
+        self._clocks: dict[int, timer] = {}  # timed steps not yet read (on a GPU: events not waited for)
+        self._began: tuple[int, timer] | None = None  # the step in progress, its clock running
 
     def due(self, step: int) -> str | None:
         """At the first bucket of `step`, before `begin`: "final" once every arm ran both turns (the
@@ -77,17 +82,27 @@ class Verification:
         elapsed, turn = step - self.start, self._block * (1 + len(self.arms))
         return "final" if elapsed >= 2 * turn else "early" if elapsed == turn else None
 
-    def begin(self, step: int) -> None:
-        """At the first bucket of `step` (after a decision that was due, if any): start its clock."""
-        self._began = (step, time.perf_counter())
+    def begin(self, step: int, like: torch.Tensor) -> None:
+        """At the first bucket of `step` (after a decision that was due, if any): start its clock on
+        the device of `like` (a `commcomp.stats.timer`: on a GPU, an event on the current stream,
+        so the step is timed on the device, from its first bucket's gradients to its last group's
+        decode, without waiting for the device; the events are read at the decision)."""
+        self._began = (step, timer(like).start())
 
     def end(self) -> None:
-        """When the step ends cleanly (its last group decoded, its commits done): its time since its
-        first bucket."""
+        """When the step ends cleanly (its last group decoded, its commits done): stop its clock."""
         if self._began is not None:
-            step, began = self._began
-            self.seconds[step] = time.perf_counter() - began
+            step, clock = self._began
+            self._clocks[step] = clock.stop()
             self._began = None
+
+    @property
+    def seconds(self) -> dict[int, float]:
+        """Step -> its duration, for every timed step."""
+        for step, clock in self._clocks.items():
+            self._seconds[step] = clock.seconds
+        self._clocks.clear()
+        return self._seconds
 
     @property
     def _block(self) -> int:
