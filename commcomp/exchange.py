@@ -9,10 +9,10 @@ Every integration runs the same sequence, written once here:
      4. collective: the wire starts a summing all-reduce or an all-gather and returns at once;
         then the codec's work that needs no result (`Encoded.later`) runs while the network works.
   `finish` (in the DDP callback, or Horovod's `synchronize()`):
-     5. wait for every collective of the group, then raise on every rank if any rank was flagged
-        (or, for a sum that shows them, if it holds NaN/Inf: `Encoded.sum_shows`; under
-        "propagate" that check is read when the step ends, `Host.check_at_step_end`);
-     6. decode into the gradients;
+     5. wait for every collective of the group; under "raise", raise on every rank if any rank was
+        flagged (or a sum that shows them holds NaN/Inf: `Encoded.sum_shows`);
+     6. decode into the gradients; under "propagate", a flagged group's gradients become NaN on
+        the device and the checks are read when the step ends (`Host.check_at_step_end`);
      7. commit: the codec keeps what it learns only from a clean step (error-feedback residuals,
         PCA statistics), at the end of the step, once every group of the step decoded cleanly;
      8. end: the host state's bookkeeping (`HookState.end_bucket`) closes the step after its last group.
@@ -320,35 +320,43 @@ def _split(item: InFlight[Any], received: Received, world_size: int) -> tuple[li
 
 def finish(host: Host, items: list[InFlight[Any]], index: int = 0) -> None:
     """Steps 5-8 for `items` (one DDP bucket, or every tensor of a Horovod step; not empty): wait for
-    all; if any rank was flagged, fill the gradients with NaN on every rank (or raise on every rank)
-    and mark the step skipped; else decode into the gradients and queue the commits for the step's
-    end. The group ends (`end_bucket`) even when it raises, so the bookkeeping stays in step.
+    all, decode into the gradients and queue the commits for the step's end; if any rank was
+    flagged (or a sum that shows them held NaN/Inf: `Encoded.sum_shows`), the step is skipped on
+    every rank. The group ends (`end_bucket`) even when it raises, so the bookkeeping stays in step.
 
-    A sum that shows NaN/Inf (`Encoded.sum_shows`: the dense exchange, GradiVeQ's one exchange) is,
-    under "propagate", decoded as it came (a NaN or an infinity in it reaches the gradients, on
-    every rank alike) and its check is left on the device for the step's end
-    (`check_at_step_end`): nothing here reads a value on the host. On CUDA this callback runs
-    inline in the hook body as soon as the collective is queued (NCCL's futures complete at once),
-    so a host read here would wait for this bucket's all-reduce before the backward pass could go on
-    to the next bucket; the step's one read, at its end, waits for nothing that was not done."""
+    Under "propagate" nothing here reads a value on the host: the decoded gradients carry the NaN
+    (a flagged group's are filled with NaN on the device where any rank's flag is set; a sum that
+    shows them has them already, the same on every rank), and the checks stay on the device until
+    the step's end (`check_at_step_end`). On CUDA this callback runs inline in the hook body as soon
+    as the collective is queued (NCCL's futures complete at once), so a host read here would wait
+    for this bucket's collective before the backward pass could go on to the next bucket; the
+    step's one read, at its end, waits for nothing that was not done. Under "raise" the flags are
+    read here, and every rank raises before decoding."""
     try:
         received = [item.pending.wait() for item in items]  # every collective done before any raise
         with timer(items[0].encoded.grads[0]) as dec:
             split = [_split(item, r, host.world_size) for item, r in zip(items, received)]
             flags = split[0][1] if len(split) == 1 else torch.stack([f.to(torch.float32) for _, f in split]).sum(0)
             # whether a rank wrote a flag depends only on the options and the codec: alike on every rank
-            flagged = any(item.flagged for item in items) and bool(flags.any())
-            # a sum is read here only under "raise" (where the ranks also flagged what they sent)
-            if flagged or any(i.flagged and i.check_sum and has_nonfinite(p) for i, (p, _) in zip(items, split)):
+            flagged = any(item.flagged for item in items)
+            if host.nonfinite_policy == "raise" and (
+                (flagged and bool(flags.any()))
+                or any(i.check_sum and has_nonfinite(p) for i, (p, _) in zip(items, split))
+            ):
                 for item in items:
                     poison(item.encoded.grads)
-                host.skip_step(flags, index)
+                host.skip_step(flags, index)  # raises, on every rank
                 return
             for item, (payload, _) in zip(items, split):
                 for grad, value in zip(item.encoded.grads, item.codec.decode(payload, item.encoded)):
                     grad.copy_(value.view_as(grad))
                 if item.check_sum and not item.flagged and (bad := nonfinite_flag(payload)) is not None:
-                    host.check_at_step_end(bad)  # "propagate": the sum's NaN/Inf are in the gradients
+                    host.check_at_step_end(bad)  # the sum's NaN/Inf are in the gradients
+            if flagged and host.nonfinite_policy != "raise":  # a flagged rank's NaN, in every rank's gradients
+                bad = flags.ne(0).any()  # bool (`any` of uint8 slots is uint8)
+                for item in items:
+                    poison(item.encoded.grads, where=bad)
+                host.check_at_step_end(bad)
         host.stats.decoded(dec)
         for item in items:
             host.commit_at_step_end(functools.partial(item.codec.commit, item.encoded))

@@ -59,10 +59,14 @@ def check_nonfinite(value: str) -> str:
 
 
 @torch.no_grad()
-def poison(tensors: Sequence[torch.Tensor]) -> None:
-    """Fill `tensors` with NaN in place (how a skipped step's gradients reach the optimizer)."""
+def poison(tensors: Sequence[torch.Tensor], where: torch.Tensor | None = None) -> None:
+    """Fill `tensors` with NaN in place (how a skipped step's gradients reach the optimizer); with
+    `where` (a 0-dim bool tensor, not read on the host), only if it is true."""
     for t in tensors:
-        t.fill_(float("nan"))
+        if where is None:
+            t.fill_(float("nan"))
+        else:
+            t.masked_fill_(where, float("nan"))
 
 
 class GradientWatch:

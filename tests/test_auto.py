@@ -198,6 +198,20 @@ def test_network_fit_recovers_a_line():
     assert fitted.latency == pytest.approx(truth.latency) and fitted.mbit == pytest.approx(100)
 
 
+def test_network_fit_leaves_out_a_probe_slower_than_every_larger_one():
+    """A stall at one size (slower than every larger probe: it cannot be the transfer) does not
+    tilt the line; a probe at the largest size is always kept."""
+    world, truth = 4, Network(1e-3, 8 / 10e9)  # 10 Gbit/s
+    sizes = [4096 << i for i in range(9)]
+    seconds = [truth.seconds(Exchange("allreduce", s), world) for s in sizes]
+    stalled = [t + (1.0 if i == 4 else 0.0) for i, t in enumerate(seconds)]
+    fitted = Network.fit(sizes, stalled, world)
+    assert fitted.latency == pytest.approx(truth.latency) and fitted.mbit == pytest.approx(10e3)
+    assert Network.fit(list(reversed(sizes)), list(reversed(stalled)), world) == fitted  # in any order
+    last = [t + (1.0 if i == 8 else 0.0) for i, t in enumerate(seconds)]
+    assert Network.fit(sizes, last, world).mbit < truth.mbit / 10  # kept: nothing larger to tell
+
+
 def _probe(rank, world, cap, enough):
     from commcomp.auto.measure import probe
 

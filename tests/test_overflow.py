@@ -276,14 +276,14 @@ def _host_reads(rank: int, world: int, method: str, policy: str) -> list[tuple[i
     return reads
 
 
-@pytest.mark.parametrize("method", ["bf16", "identity", "gradiveq"])
-def test_summed_exchanges_read_on_the_host_only_at_the_steps_end(method: str) -> None:
+@pytest.mark.parametrize("method", ["bf16", "identity", "gradiveq", "qsgd", "topk", "randk"])
+def test_exchanges_read_on_the_host_only_at_the_steps_end(method: str) -> None:
     """On CUDA, DDP runs a hook's callback inline as soon as NCCL queued the collective: a host read
     there waits for that bucket's all-reduce and stalls the backward pass. Under "propagate" the
-    dense exchange and GradiVeQ's one exchange (its NaN check and its bases' checksums) read one
-    value per step, at the step's end (in the last group's callback, when every collective is done);
-    under "raise" every group reads the flags (the instrument sees them). Steps: 0, 1 (the NaN step,
-    skipped: the step count stays), 1."""
+    exchanges (dense, GradiVeQ's one exchange with its bases' checksums, the quantizers' flagged
+    ones) read one value per step, at the step's end (in the last group's callback, when every
+    collective is done); under "raise" every group reads the flags (the instrument sees them).
+    Steps: 0, 1 (the NaN step, skipped: the step count stays), 1."""
     for reads in run(_host_reads, WORLD, method, "propagate", timeout=120):
         assert reads == [(0, True), (1, True), (1, True)], reads
     for reads in run(_host_reads, WORLD, method, "raise", timeout=120):

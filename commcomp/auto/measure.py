@@ -271,7 +271,15 @@ class Network:
     @classmethod
     def fit(cls, sizes: list[int], seconds: list[float], world_size: int) -> Network:
         """Least-squares line through the probes (all-reduces of `sizes` bytes), kept physical:
-        latency >= 0 and a positive cost per byte."""
+        latency >= 0 and a positive cost per byte. A probe that took longer than every larger one
+        is left out: an all-reduce's time grows with its size, so that one was slowed by something
+        else (a stalled connection, a busy CPU), and one such time far off the line would tilt it
+        (a 1 s stall at 64 KB on a 10 Gbit/s link fitted as ~2 Mbit/s)."""
+        pairs = sorted(zip(sizes, seconds))
+        kept = [
+            (s, t) for i, (s, t) in enumerate(pairs) if i == len(pairs) - 1 or t <= max(u for _, u in pairs[i + 1 :])
+        ]
+        sizes, seconds = [s for s, _ in kept], [t for _, t in kept]
         x = [s * wire_factor("allreduce", world_size) for s in sizes]
         mx, my = sum(x) / len(x), sum(seconds) / len(seconds)
         var = sum((a - mx) ** 2 for a in x)
