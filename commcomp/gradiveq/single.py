@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from commcomp.consistency import bad_ranks
 from commcomp.exchange import Encoded
 from commcomp.gradiveq.pipeline import TrackedHost, compensated_share
 from commcomp.gradiveq.tracked import TrackedLayer, orthonormalize
@@ -36,9 +37,8 @@ def _residuals(shares: list[_Share]) -> None:
 
 def _other_bases(odd: torch.Tensor, rank: int) -> Exception:
     """The error when the ranks set in `odd` sent another checksum of their bases than `rank`."""
-    ranks = [int(r) for r in torch.nonzero(odd).flatten().tolist()]
     return RuntimeError(
-        f"GradiVeQ: ranks {ranks} projected onto other bases than rank {rank}; every rank "
+        f"GradiVeQ: ranks {bad_ranks(odd)} projected onto other bases than rank {rank}; every rank "
         "must run the same torch build and linear-algebra library"
     )
 
