@@ -311,11 +311,18 @@ def send(
     return InFlight(codec, encoded, pending, [p.shape for p in encoded.parts], check_sum, bad is not None)
 
 
-def _split(item: InFlight[Any], received: Received, world_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(what the codec decodes, per-rank flags) of one received buffer."""
+def _split(
+    item: InFlight[Any], received: Received, world_size: int
+) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+    """(what the codec decodes, per-rank flags, what a NaN/Inf check of the sum reads) of one
+    received buffer. The check reads a summed buffer's values in one piece: a reduction per part
+    would launch a few operations per tensor of the group (GradiVeQ sends two per layer) for the
+    same answer."""
     if isinstance(received, torch.Tensor):
-        return unflatten(received[:-world_size], item.sent_parts), received[-world_size:]
-    return [t[:-1] for t in received], torch.stack([t[-1] for t in received])
+        values = received[:-world_size]
+        return unflatten(values, item.sent_parts), received[-world_size:], [values]
+    parts = [t[:-1] for t in received]
+    return parts, torch.stack([t[-1] for t in received]), parts
 
 
 def finish(host: Host, items: list[InFlight[Any]], index: int = 0) -> None:
@@ -336,21 +343,21 @@ def finish(host: Host, items: list[InFlight[Any]], index: int = 0) -> None:
         received = [item.pending.wait() for item in items]  # every collective done before any raise
         with timer(items[0].encoded.grads[0]) as dec:
             split = [_split(item, r, host.world_size) for item, r in zip(items, received)]
-            flags = split[0][1] if len(split) == 1 else torch.stack([f.to(torch.float32) for _, f in split]).sum(0)
+            flags = split[0][1] if len(split) == 1 else torch.stack([f.to(torch.float32) for _, f, _ in split]).sum(0)
             # whether a rank wrote a flag depends only on the options and the codec: alike on every rank
             flagged = any(item.flagged for item in items)
             if host.nonfinite_policy == "raise" and (
                 (flagged and bool(flags.any()))
-                or any(i.check_sum and has_nonfinite(p) for i, (p, _) in zip(items, split))
+                or any(i.check_sum and has_nonfinite(shown) for i, (_, _, shown) in zip(items, split))
             ):
                 for item in items:
                     poison(item.encoded.grads)
                 host.skip_step(flags, index)  # raises, on every rank
                 return
-            for item, (payload, _) in zip(items, split):
+            for item, (payload, _, shown) in zip(items, split):
                 for grad, value in zip(item.encoded.grads, item.codec.decode(payload, item.encoded)):
                     grad.copy_(value.view_as(grad))
-                if item.check_sum and not item.flagged and (bad := nonfinite_flag(payload)) is not None:
+                if item.check_sum and not item.flagged and (bad := nonfinite_flag(shown)) is not None:
                     host.check_at_step_end(bad)  # the sum's NaN/Inf are in the gradients
             if flagged and host.nonfinite_policy != "raise":  # a flagged rank's NaN, in every rank's gradients
                 bad = flags.ne(0).any()  # bool (`any` of uint8 slots is uint8)
