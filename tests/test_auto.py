@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commcomp
 from commcomp.auto import CANDIDATES, DEFAULT_CANDIDATES, AutoState
-from commcomp.auto.measure import GROWTH, Exchange, Network, Trial
+from commcomp.auto.measure import GROWTH, LATENCY_BOUND, Exchange, Network, Trial, next_size
 from commcomp.auto.plan import SWITCH_MARGIN, choose
 from commcomp.auto.verify import CLEAR_GAP, MARGIN
 
@@ -224,10 +224,21 @@ def test_every_rank_probes_the_same_growing_sizes():
     found = run(_probe, 3, 100_000, 1e9, timeout=60)
     sizes = list(found[0][0])
     assert all(list(f[0]) == sizes for f in found)
-    assert sizes[0] == 4096 and all(b == min(GROWTH * a, 100_000) for a, b in itertools.pairwise(sizes))
+    assert sizes[0] == 4096 and all(
+        b in (min(GROWTH * a, 100_000), min(2 * a, 100_000)) for a, b in itertools.pairwise(sizes)
+    )
     assert sizes[-1] == 100_000
     # every all-reduce is counted: the line-up and two runs of each size
     assert found[0][1] == [4] + [4 * max(2, s // 4) for s in sizes for _ in range(2)]
+
+
+def test_probe_sizes_grow_4x_while_latency_bound_and_2x_once_the_transfer_shows():
+    assert next_size(4096, [0.005], 1 << 20) == GROWTH * 4096  # the first size: nothing to compare with
+    assert next_size(16384, [0.005, 0.004, 0.9 * LATENCY_BOUND * 0.004], 1 << 20) == GROWTH * 16384
+    assert (
+        next_size(16384, [0.005, 0.004, 1.1 * LATENCY_BOUND * 0.004], 1 << 20) == 2 * 16384
+    )  # the fastest, not the first
+    assert next_size(262144, [0.005, 0.005], 300_000) == 300_000  # never past the cap
 
 
 def test_a_replan_round_checks_the_network_with_one_size_and_probes_in_full_when_it_moved():

@@ -7,7 +7,7 @@ with their exact bytes, and its relative error on the bucket's actual gradients 
 error feedback). Trials leave the candidates' state as they found it (random streams restored,
 residuals and bases untouched).
 
-The network is probed with plain all-reduces of doubling sizes (`probe`); `Network.fit` turns the
+The network is probed with plain all-reduces of growing sizes (`probe`); `Network.fit` turns the
 timings into a latency per collective and seconds per wire byte (`commcomp.stats.wire_factor`
 converts the bytes handed to a collective into what it carries at this world size). A re-plan round
 first re-times one size (`recheck`) and probes in full only when it is off the line (`Network.holds`).
@@ -33,6 +33,7 @@ __all__ = [
     "DRIFT",
     "ENOUGH",
     "GROWTH",
+    "LATENCY_BOUND",
     "Exchange",
     "Network",
     "Probes",
@@ -40,6 +41,7 @@ __all__ = [
     "agree",
     "check_size",
     "max_over_ranks",
+    "next_size",
     "probe",
     "recheck",
     "transfer_bound",
@@ -49,7 +51,8 @@ __all__ = [
 ]
 
 ENOUGH = 0.02  # seconds: a probe that took this long (and 4x a smaller size) is dominated by the transfer
-GROWTH = 2  # each probe size is this many times the one before
+GROWTH = 4  # a probe size after a latency-bound one is this many times larger (else twice)
+LATENCY_BOUND = 1.5  # a probe that took under this many times the fastest one is latency-bound
 DRIFT = 2.0  # a re-plan round probes the network in full when a check is off the fitted line by more
 
 
@@ -165,11 +168,8 @@ class Probes:
 
 
 def probe(cap: int, group: dist.ProcessGroup | None, device: torch.device, enough: float = ENOUGH) -> Probes:
-    """All-reduces of 4 KB, 8 KB, 16 KB, ... (`GROWTH`x each) up to `cap` bytes, timed on this rank.
-    Issued from a hook body; every rank probes the same sizes. Growing 4x at a time halves the
-    all-reduces on a fast link but overshoots on a slow one: at 25 Mbit/s a 64 KB probe came in
-    under the bar (a shaped link's burst), the next size was 256 KB (0.13 s, twice, and three times
-    at every re-plan round) and planning took 5.8% of the run instead of ~2%.
+    """All-reduces of growing sizes from 4 KB up to `cap` bytes (`next_size`), timed on this rank.
+    Issued from a hook body; every rank probes the same sizes.
 
     An untimed one-value all-reduce first lines the ranks up, so the first probe does not absorb
     the ranks' different arrival times (which would read as latency). Each size runs twice and
@@ -196,7 +196,19 @@ def probe(cap: int, group: dist.ProcessGroup | None, device: torch.device, enoug
         spent += sum(runs)
         if size >= cap or transfer_bound(agreed, enough):
             return Probes(found, sent, spent)
-        size = min(GROWTH * size, cap)
+        size = next_size(size, agreed, cap)
+
+
+def next_size(size: int, times: list[float], cap: int) -> int:
+    """The probe size after `size`, whose time is the last of `times` (the slowest rank's, of every
+    size so far): `GROWTH`x larger while that time is within `LATENCY_BOUND`x the fastest (the
+    transfer is then under half the latency, so 4x the bytes add at most about two latencies),
+    else 2x, at most `cap`. On a fast link the probe reaches a large bucket in about half the
+    all-reduces of doubling; on a slow one it doubles as soon as the transfer shows, so it does
+    not jump past the size where the transfer takes over (growing 4x throughout went from a
+    64 KB probe, sped up by a shaped link's burst, to 256 KB at 25 Mbit/s: 0.13 s, twice)."""
+    latency_bound = times[-1] < LATENCY_BOUND * min(times)
+    return min((GROWTH if latency_bound else 2) * size, cap)
 
 
 def transfer_bound(times: list[float], enough: float = ENOUGH) -> bool:

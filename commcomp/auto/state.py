@@ -56,7 +56,7 @@ class AutoState(HookState):
             (||decoded - g|| / ||g||, one step, before error feedback) exceeds it is not chosen for
             that bucket. fp32 is always allowed.
         measure_steps: steps per measuring round (codec timings keep the round's fastest, errors its
-            worst; in the first round every trial runs twice, the first call being a cold one).
+            worst; a round's first step runs every trial twice: see `measure`).
         probe_every: steps between the end of a round and the next one (re-planning on drift); each
             round whose check found the network on its line and that kept the plan doubles the
             spacing, up to `BACKOFF` x probe_every; any other round sets it back to probe_every.
@@ -189,11 +189,14 @@ class AutoState(HookState):
             self.planning_seconds += found.spent
 
     def measure(self, keys: tuple[str, ...], grads: list[torch.Tensor], buf: torch.Tensor) -> None:
-        """Run every candidate on this bucket's gradients (no communication); in the first round
-        twice, since a codec's first call also allocates its buffers and state."""
+        """Run every candidate on this bucket's gradients (no communication); at a round's first
+        step twice, keeping the faster time: a codec's first call also allocates its buffers and
+        state, and on a busy machine one timing can take in a stretch where the OS ran another
+        process (a re-plan round once timed a cast to bf16 of a 1 MB bucket at 6.6 ms instead of
+        about 0.2, and switched the bucket to fp32 until a timed check put it back)."""
         with timer(buf) as t:
             kept = self._trials.get(keys)
-            if kept is None and not self.rounds:  # the first round
+            if kept is None:  # the round's first step
                 kept = {name: trial(sub, list(keys), grads, buf) for name, sub in self.methods.items()}
             found = {name: trial(sub, list(keys), grads, buf) for name, sub in self.methods.items()}
             if kept is not None:  # the round's fastest time, worst error
