@@ -65,7 +65,7 @@ class AutoState(HookState):
 
     fallback = "bf16"  # what a bucket without a choice travels by (a NaN measured at step 0)
     keep_rounds = 20  # measuring rounds kept in `rounds`
-    verify_steps = 8  # steps per arm of a timed check (`commcomp.auto.verify`)
+    verify_steps = 8  # a timed check's turns are blocks of half this many steps per arm (`commcomp.auto.verify`)
     BACKOFF = 8  # at most this many times probe_every between rounds while nothing changes
 
     def __init__(
@@ -294,11 +294,11 @@ class AutoState(HookState):
 
     def _end_verification(self, buf: torch.Tensor, final: bool) -> None:
         """A timed check's decision is due (`Verification.due`): keep the plan, or the alternative
-        that beat it (`Verification.decide`); an early one that is not clear-cut goes on."""
+        that beat it (`Verification.decide`); a look whose answer is not clear yet goes on."""
         assert self._verify is not None
-        medians, sent = max_over_ranks(self._verify.medians(), self.process_group, buf.device)
+        summary, sent = max_over_ranks(self._verify.summary(), self.process_group, buf.device)
         self.stats.sent(sent, kind="allreduce", world_size=self.world_size)
-        decided = self._verify.decide(medians, final)
+        decided = self._verify.decide(summary, self._verify.turns(self._step_now), final)
         if decided is None:
             return
         kept, self.rounds[-1]["timed"], why = decided

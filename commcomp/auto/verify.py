@@ -6,22 +6,26 @@ step shows: on a fast link a codec's CPU time competes with the other ranks' bac
 collective's time hides behind another rank's computation, and each dependent collective waits for
 the slowest rank. So a plan is timed against each of `UNIFORM` (the 16-bit exchange, and no
 compression at all) that the candidates include and that it is predicted less than `CLEAR_GAIN`x
-faster than: the plan and each alternative take turns in blocks of `steps // 2` steps, twice over
-(so a drift of the machine's load, or the first steps' warm-up, falls on every arm alike, not on
-whichever came first); each step is timed from its first bucket until its last group is decoded
-and what the step learned is kept (the part of a step the method changes, its commits included:
-not the forward pass or the optimizer, nor whatever the job does between steps, an evaluation, a
-checkpoint, another model's step; on a GPU, device time between two events on the current
-stream: no host wait during the backward pass, the events are read at the decision), the median
-of each arm is taken (a step slowed by something else is an outlier, not a trend), and one
-all-reduce takes the slowest rank's. The fastest
-alternative replaces the plan only if its median is more than `MARGIN` below the plan's: per-step
-times on a busy machine scatter by tens of percent, and on a near tie the prediction that chose the
-plan breaks it (as it does between two alternatives that close). After the first turn of every
-arm the medians so far are compared once: if the plan and the fastest alternative are
-`CLEAR_GAP`x apart (either way), that decides at once, and the second turn, spent sending by what
-is clearly the slower method, is not run. Every rank switches at the same step counts and decides
-from the same numbers.
+faster than: the plan and each alternative take turns in blocks of `steps // 2` steps (so a drift
+of the machine's load, or the first steps' warm-up, falls on every arm alike, not on whichever came
+first); each step is timed from its first bucket until its last group is decoded and what the step
+learned is kept (the part of a step the method changes, its commits included: not the forward pass
+or the optimizer, nor whatever the job does between steps, an evaluation, a checkpoint, another
+model's step; on a GPU, device time between two events on the current stream: no host wait during
+the backward pass, the events are read at the decision).
+
+After every turn of every arm, one small all-reduce takes the slowest rank's median of each arm
+and its standard error (from the median absolute deviation: a step slowed by something else is an
+outlier, not a trend), and the check decides once the answer is clear: after the first turn if
+the plan and the fastest alternative are `CLEAR_GAP`x apart (either way: the second turn would
+be spent sending by what is clearly the slower method), after any later turn if their medians are
+`SEPARATED` standard errors apart, and after `MAX_TURNS` turns in any case. The longer check is
+for near ties, where it costs little (the arms take about as long) and where a short one fails:
+per-step times on a busy machine scatter by tens of percent, and two turns of 4 steps once kept
+GradiVeQ over bf16 on a fast link where it took 20% longer per step. The fastest alternative
+replaces the plan only if its median is more than `MARGIN` below the plan's; on a nearer tie the
+prediction that chose the plan breaks it (as it does between two alternatives that close). Every
+rank switches at the same step counts and decides from the same numbers.
 """
 
 from __future__ import annotations
@@ -35,11 +39,13 @@ import torch
 from commcomp.auto.plan import Choice
 from commcomp.stats import timer
 
-__all__ = ["CLEAR_GAIN", "CLEAR_GAP", "MARGIN", "UNIFORM", "Verification", "alternatives"]
+__all__ = ["CLEAR_GAIN", "CLEAR_GAP", "MARGIN", "MAX_TURNS", "SEPARATED", "UNIFORM", "Verification", "alternatives"]
 
 CLEAR_GAIN = 2.0  # a plan predicted this many times faster than an alternative is trusted as it is
 MARGIN = 0.05  # an alternative replaces the plan only if its median step is this much shorter
 CLEAR_GAP = 1.5  # after one turn of every arm, the plan and the fastest alternative this far apart decide
+SEPARATED = 2.0  # after two turns or more, medians this many standard errors apart decide
+MAX_TURNS = 6  # the check decides after this many turns in any case
 UNIFORM = ("bf16", "fp32")  # what a plan may be timed against, in this order
 
 
@@ -76,11 +82,17 @@ class Verification:
         self._began: tuple[int, timer] | None = None  # the step in progress, its clock running
 
     def due(self, step: int) -> str | None:
-        """At the first bucket of `step`, before `begin`: "final" once every arm ran both turns (the
-        decision; the check is over and this step is not timed), "early" once every arm ran its first
-        turn (a clear gap decides: `decide`), else None."""
-        elapsed, turn = step - self.start, self._block * (1 + len(self.arms))
-        return "final" if elapsed >= 2 * turn else "early" if elapsed == turn else None
+        """At the first bucket of `step`, before `begin`: "final" once every arm ran `MAX_TURNS`
+        turns (the decision; the check is over and this step is not timed), "look" after any
+        earlier turn of every arm (a clear answer decides: `decide`), else None."""
+        elapsed = step - self.start
+        if elapsed >= MAX_TURNS * self._turn:
+            return "final"
+        return "look" if elapsed > 0 and elapsed % self._turn == 0 else None
+
+    def turns(self, step: int) -> int:
+        """Turns of every arm run before `step`."""
+        return (step - self.start) // self._turn
 
     def begin(self, step: int, like: torch.Tensor) -> None:
         """At the first bucket of `step` (after a decision that was due, if any): start its clock on
@@ -108,6 +120,11 @@ class Verification:
     def _block(self) -> int:
         return max(1, self.steps // 2)
 
+    @property
+    def _turn(self) -> int:
+        """Steps in one turn of every arm (the plan's block, then each alternative's)."""
+        return self._block * (1 + len(self.arms))
+
     def _arm(self, step: int) -> int:
         """0: the plan; i: arms[i - 1]."""
         return (step - self.start) // self._block % (1 + len(self.arms))
@@ -119,10 +136,21 @@ class Verification:
 
     def medians(self) -> list[float]:
         """[the plan's median step seconds, then each arm's] (NaN for an arm without a timing)."""
+        return self.summary()[: 1 + len(self.arms)]
+
+    def summary(self) -> list[float]:
+        """`medians()`, then the standard error of each (NaN without two timings): 1.4826 x the
+        median absolute deviation (the standard deviation, were the times normal), x 1.2533 / sqrt(n)
+        (a median's standard error). Robust: a few steps slowed by something else barely move it."""
         timed: list[list[float]] = [[] for _ in range(1 + len(self.arms))]
         for step, seconds in self.seconds.items():
             timed[self._arm(step)].append(seconds)
-        return [statistics.median(t) if t else math.nan for t in timed]
+        medians = [statistics.median(t) if t else math.nan for t in timed]
+        errors = [
+            1.4826 * statistics.median(abs(x - m) for x in t) * 1.2533 / math.sqrt(len(t)) if len(t) > 1 else math.nan
+            for t, m in zip(timed, medians)
+        ]
+        return medians + errors
 
     def fastest(self, medians: list[float]) -> str:
         """From `medians` (as from `medians()`, agreed over the ranks): of the plan and the arms,
@@ -145,15 +173,29 @@ class Verification:
         plan, best = medians[0], min(rest)
         return max(plan, best) >= CLEAR_GAP * min(plan, best)
 
-    def decide(self, medians: list[float], final: bool = True) -> tuple[str, dict[str, Any], str] | None:
-        """From the slowest rank's `medians()` (the same on every rank), when a decision is `due`:
-        the kept arm ("plan" or a method), the record of the check, and why; None when it was due
-        "early" (`final` False) and the gap is not `clear`."""
-        if not final and not self.clear(medians):
+    @staticmethod
+    def separated(summary: list[float]) -> bool:
+        """Whether, by `summary()`, the plan's median and the fastest alternative's are `SEPARATED`
+        standard errors apart."""
+        half = len(summary) // 2
+        medians, errors = summary[:half], summary[half:]
+        rest = [i for i in range(1, half) if math.isfinite(medians[i])]
+        if not rest or not math.isfinite(medians[0]):
+            return False
+        best = min(rest, key=medians.__getitem__)
+        spread = math.hypot(errors[0], errors[best])
+        return math.isfinite(spread) and abs(medians[0] - medians[best]) > SEPARATED * spread
+
+    def decide(self, summary: list[float], turns: int, final: bool = True) -> tuple[str, dict[str, Any], str] | None:
+        """From the slowest rank's `summary()` (the same on every rank) after `turns` turns, when a
+        decision is `due`: the kept arm ("plan" or a method), the record of the check, and why; None
+        at a "look" (`final` False) whose answer is not clear yet (not `clear` after the first turn,
+        nor `separated` after a later one)."""
+        medians = summary[: 1 + len(self.arms)]
+        if not final and not (self.clear(medians) or (turns > 1 and self.separated(summary))):
             return None
         timed = dict(zip(["plan", *self.arms], medians))
         kept = self.fastest(list(timed.values()))
-        turns = 2 if final else 1
         why = "timed on real steps: " + ", ".join(f"{name} {1e3 * s:.1f} ms" for name, s in timed.items())
         record = {**{f"{name}_s": s for name, s in timed.items()}, "kept": kept, "turns": turns}
         return kept, record, why + f" per step ({turns} turn{'s' if turns > 1 else ''})"
