@@ -321,6 +321,59 @@ def _train_qsgd_planned(rank, world, *args):
     return _train(rank, world, *args)
 
 
+def _deliver(rank, world, switch_at, steps):
+    """Plain SGD (lr 1) on a loss whose gradient is a fixed random matrix per rank and step, by
+    GradiVeQ until step `switch_at`, then by bf16 (the plan replaced through a checkpoint): the
+    weights, GradiVeQ's residual norm just before the switch and the residuals left at the end."""
+    from commcomp.auto import state as auto_state
+
+    monkeypatch = pytest.MonkeyPatch()
+    real = auto_state.choose
+    monkeypatch.setattr(
+        auto_state, "choose", lambda trials, *rest: real({**trials, "gradiveq": Trial(1e-6, 0.0, ())}, *rest)
+    )
+    monkeypatch.setattr("commcomp.auto.verify.CLEAR_GAIN", 0.0)  # no timed check
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 64, bias=False)
+    ddp = DDP(layer)
+    state = commcomp.register(ddp, "auto", candidates=["gradiveq", "bf16"], probe_every=1000)
+    opt = torch.optim.SGD(ddp.parameters(), lr=1.0)
+    held = 0.0
+    for step in range(steps):
+        if step == switch_at:
+            memory = state.methods["gradiveq"].memory
+            held = float(torch.linalg.vector_norm(torch.stack([r.norm() for r in memory.residuals.values()])))
+            saved = state.state_dict()
+            for entry in saved["choices"]:
+                entry["method"] = "bf16"
+            state.load_state_dict(saved)
+        g = torch.randn(64, 48, generator=torch.Generator().manual_seed(1000 * rank + step))
+        opt.zero_grad()
+        (ddp(torch.zeros(1, 48)).sum() * 0 + (layer.weight * g).sum()).backward()
+        opt.step()
+    return layer.weight.detach().clone(), held, len(state.methods["gradiveq"].memory.residuals)
+
+
+def test_a_bucket_that_leaves_gradiveq_delivers_what_it_held_back():
+    """GradiVeQ's first steps on a full-rank gradient hold back most of it in the ranks' residuals;
+    the first bf16 step after the switch carries them (N x each rank's share), so the weights end
+    where plain averaging puts them, up to bf16's rounding, and no residual is left."""
+    world, switch_at, steps = 2, 3, 5
+    out = run(_deliver, world, switch_at, steps, timeout=180)
+    torch.manual_seed(0)
+    start = nn.Linear(48, 64, bias=False).weight.detach()
+    total = sum(
+        torch.randn(64, 48, generator=torch.Generator().manual_seed(1000 * r + s))
+        for r in range(world)
+        for s in range(steps)
+    )
+    expected = start - total / world
+    weights, held, left = out[0]
+    assert held > 0.3 * float(total.norm()) / world  # a drop would show
+    assert float((weights - expected).norm()) < 0.02 * float((total / world).norm())
+    assert left == 0 and all(torch.equal(o[0], weights) for o in out)
+
+
 def _train_qsgd_timed(rank, world, gap, *args):
     """`_train_qsgd_planned` with `gap` as `CLEAR_GAP` (inf: never decided after the first turn;
     1.0: always)."""

@@ -32,6 +32,7 @@ def auto_hook(state: AutoState, bucket: dist.GradBucket) -> torch.futures.Future
         state.add_group()
     futures = []
     for method, (names, tensors) in groups.items():
+        state.deliver_residuals(method, names, tensors)
         codec = state.methods[method].exchange_codec([(k, g.shape) for k, g in zip(names, tensors)], buf)
         futures.append(send_group(state, codec, names, tensors, buf, index))
     if bucket.is_last():

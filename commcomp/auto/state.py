@@ -22,10 +22,11 @@ The schedule, counted in finished steps:
   check's method again (the verdict stands) instead of being timed anew.
 
 Every collective (probes, the measurement all-reduce, the candidates' own) is issued from the hook
-body in bucket order. A bucket that leaves GradiVeQ at a re-plan drops its error-feedback residual
-(what GradiVeQ had not yet delivered: at most a few steps of dropped gradient).
+body in bucket order. A bucket that leaves GradiVeQ sends what GradiVeQ had not delivered yet (its
+error-feedback residual) with its next gradient (`deliver_residuals`).
 """
 
+import functools
 import math
 from typing import Any
 
@@ -227,9 +228,7 @@ class AutoState(HookState):
                     # the prediction a timed check overruled, on a network that held: its verdict stands
                     choice = choice.switched(found[1], found[2])
                 self._decided[keys] = choice
-                before = {key: self._by_param[key] for key in keys if key in self._by_param}
                 self._by_param.update(dict.fromkeys(keys, choice.method))
-                self._drop_residuals(before)
         self.planning_seconds += t.seconds
 
     def _update_network(self, probes: dict[int, float]) -> None:
@@ -306,17 +305,24 @@ class AutoState(HookState):
         self._overruled = {}
         if kept != "plan":
             self._overruled = {key: (c.method, kept, why) for keys, c in self.choices.items() for key in keys}
-            before = dict(self._by_param)
             self._set({keys: c.switched(kept, why) for keys, c in self.choices.items()})
-            self._drop_residuals(before)
 
-    def _drop_residuals(self, before: dict[str, str]) -> None:
-        """GradiVeQ's residuals of the parameters that left it (what it had not delivered yet)."""
+    def deliver_residuals(self, method: str, keys: list[str], grads: list[torch.Tensor]) -> None:
+        """Before gradients go by `method`: add to those GradiVeQ sent before what it had not
+        delivered yet (this rank's error-feedback residual, a share of the summed payload, so N times
+        it: the other method's g/N then carries it), in the hook body, and let the residual go when
+        the step ends cleanly (a skipped step keeps it for the next). The ranks' residuals sum to
+        what the averaged updates missed: a bucket that leaves GradiVeQ, at a re-plan or for a timed
+        check's arm, loses nothing it held back (its first steps, on bases still turning towards the
+        gradients, hold back most of them)."""
         gradiveq = self.methods.get("gradiveq")
-        if isinstance(gradiveq, GradiVeQState) and gradiveq.memory is not None:
-            for key, method in before.items():
-                if method == "gradiveq" and self._by_param.get(key) != method:
-                    gradiveq.memory.residuals.pop(key, None)
+        if method == "gradiveq" or not isinstance(gradiveq, GradiVeQState) or gradiveq.memory is None:
+            return
+        residuals = gradiveq.memory.residuals
+        for key, grad in zip(keys, grads):
+            if key in residuals and (layer := gradiveq.tracked_layer(key, grad.shape)) is not None:
+                grad.add_(layer.plan.gradient(residuals[key]).to(grad.dtype), alpha=self.world_size)
+                self.commit_at_step_end(functools.partial(_forget, residuals, key))
 
     def _set(self, choices: dict[tuple[str, ...], Choice]) -> None:
         self.choices = choices
@@ -384,3 +390,7 @@ class AutoState(HookState):
         self._verify = None if state["verify"] is None else Verification(**state["verify"])
         overruled = state.get("overruled", {})  # older checkpoints: none saved
         self._overruled = {key: (str(a), str(b), str(c)) for key, (a, b, c) in overruled.items()}
+
+
+def _forget(residuals: dict[str, torch.Tensor], key: str) -> None:
+    residuals.pop(key, None)
