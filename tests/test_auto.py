@@ -376,8 +376,13 @@ def test_a_bucket_that_leaves_gradiveq_delivers_what_it_held_back():
 
 def _train_qsgd_timed(rank, world, gap, *args):
     """`_train_qsgd_planned` with `gap` as `CLEAR_GAP` (inf: never decided after the first turn;
-    1.0: always)."""
-    pytest.MonkeyPatch().setattr("commcomp.auto.verify.CLEAR_GAP", gap)
+    1.0: always, the medians taken as separated, which one step of each cannot show)."""
+    from commcomp.auto.verify import Verification
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr("commcomp.auto.verify.CLEAR_GAP", gap)
+    if gap == 1.0:
+        monkeypatch.setattr(Verification, "separated", staticmethod(lambda summary: True))
     return _train_qsgd_planned(rank, world, *args)
 
 
@@ -506,10 +511,11 @@ def test_verification_is_only_for_close_predictions():
     noisy, tight = [0.2] * 3, [0.01] * 3  # standard errors
     assert v.decide([1.0, 1.2, 1.3, *tight], 1, final=False) is None
     assert v.decide([math.nan, 1.0, 1.0, *tight], 1, final=False) is None
-    kept, record, why = v.decide([1.0, 1.6 * CLEAR_GAP / 1.5, 2.0, *noisy], 1, final=False)
+    kept, record, why = v.decide([1.0, 1.6 * CLEAR_GAP / 1.5, 2.0, *tight], 1, final=False)
     assert kept == "plan" and record["turns"] == 1 and "1 turn" in why
-    kept, record, _ = v.decide([2.0, 1.0, 2.0 / CLEAR_GAP + 0.01, *noisy], 1, final=False)
+    kept, record, _ = v.decide([2.0, 1.0, 2.0 / CLEAR_GAP + 0.01, *tight], 1, final=False)
     assert kept == "bf16" and record["turns"] == 1
+    assert v.decide([2.0, 1.0, 2.0, 0.4, 0.4, 0.4], 1, final=False) is None  # 2x apart, but not separated
     assert v.decide([1.0, 1.2, 1.3, *noisy], 2, final=False) is None  # 0.2 apart, within 2 x 0.28
     kept, record, why = v.decide([1.0, 1.2, 1.3, *tight], 2, final=False)  # 0.2 apart, 14 errors
     assert kept == "plan" and record["turns"] == 2 and "2 turns" in why

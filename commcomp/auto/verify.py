@@ -16,10 +16,11 @@ the backward pass, the events are read at the decision).
 
 After every turn of every arm, one small all-reduce takes the slowest rank's median of each arm
 and its standard error (from the median absolute deviation: a step slowed by something else is an
-outlier, not a trend), and the check decides once the answer is clear: after the first turn if
-the plan and the fastest alternative are `CLEAR_GAP`x apart (either way: the second turn would
-be spent sending by what is clearly the slower method), after any later turn if their medians are
-`SEPARATED` standard errors apart, and after `MAX_TURNS` turns in any case. The longer check is
+outlier, not a trend), and the check decides once the answer is clear: once the medians of the
+plan and the fastest alternative are `SEPARATED` standard errors apart (after the first turn only
+if they are also `CLEAR_GAP`x apart, either way: the second turn would be spent sending by what is
+clearly the slower method, but four steps of each are few), and after `MAX_TURNS` turns in any
+case. The longer check is
 for near ties, where it costs little (the arms take about as long) and where a short one fails:
 per-step times on a busy machine scatter by tens of percent, and two turns of 4 steps once kept
 GradiVeQ over bf16 on a fast link where it took 20% longer per step. The fastest alternative
@@ -43,7 +44,9 @@ __all__ = ["CLEAR_GAIN", "CLEAR_GAP", "MARGIN", "MAX_TURNS", "SEPARATED", "UNIFO
 
 CLEAR_GAIN = 2.0  # a plan predicted this many times faster than an alternative is trusted as it is
 MARGIN = 0.05  # an alternative replaces the plan only if its median step is this much shorter
-CLEAR_GAP = 1.5  # after one turn of every arm, the plan and the fastest alternative this far apart decide
+CLEAR_GAP = (
+    1.5  # after one turn of every arm, the plan and the fastest alternative this far apart (and separated) decide
+)
 SEPARATED = 2.0  # after two turns or more, medians this many standard errors apart decide
 MAX_TURNS = 6  # the check decides after this many turns in any case
 UNIFORM = ("bf16", "fp32")  # what a plan may be timed against, in this order
@@ -189,10 +192,11 @@ class Verification:
     def decide(self, summary: list[float], turns: int, final: bool = True) -> tuple[str, dict[str, Any], str] | None:
         """From the slowest rank's `summary()` (the same on every rank) after `turns` turns, when a
         decision is `due`: the kept arm ("plan" or a method), the record of the check, and why; None
-        at a "look" (`final` False) whose answer is not clear yet (not `clear` after the first turn,
-        nor `separated` after a later one)."""
+        at a "look" (`final` False) whose answer is not clear yet: not `separated`, or after the
+        first turn not `clear` either (four steps of each are few: a noisy spell can put two close
+        arms 1.5x apart, and it once put a job on fp32 for 200 steps at 1000 Mbit/s)."""
         medians = summary[: 1 + len(self.arms)]
-        if not final and not (self.clear(medians) or (turns > 1 and self.separated(summary))):
+        if not final and not (self.separated(summary) and (turns > 1 or self.clear(medians))):
             return None
         timed = dict(zip(["plan", *self.arms], medians))
         kept = self.fastest(list(timed.values()))
