@@ -23,7 +23,7 @@ import commcomp
 from commcomp.auto import CANDIDATES, DEFAULT_CANDIDATES, AutoState
 from commcomp.auto.measure import GROWTH, LATENCY_BOUND, Exchange, Network, Trial, next_size
 from commcomp.auto.plan import SWITCH_MARGIN, choose
-from commcomp.auto.verify import CLEAR_GAP, MARGIN, MAX_TURNS
+from commcomp.auto.verify import CLEAR_GAP, MARGIN
 
 # the method each single candidate stands for, as `register` takes it
 ALONE = {
@@ -37,9 +37,8 @@ ALONE = {
 
 def _train(rank, world, method, options, steps, save=None, load=None, edit=None, verify_steps=None):
     if verify_steps is not None:  # time every plan against bf16 and fp32, `verify_steps` steps each
-        monkeypatch = pytest.MonkeyPatch()  # (in two turns: no look after the first decides by separation)
+        monkeypatch = pytest.MonkeyPatch()
         monkeypatch.setattr("commcomp.auto.verify.CLEAR_GAIN", 1e9)
-        monkeypatch.setattr("commcomp.auto.verify.MAX_TURNS", 2)
         monkeypatch.setattr(AutoState, "verify_steps", verify_steps)
     torch.manual_seed(0)
     net = Net()
@@ -487,48 +486,38 @@ def test_verification_is_only_for_close_predictions():
     assert alternatives([pick("bf16", 1.0, 1.0, 1.5)]) == ["fp32"]  # bf16 is the plan itself
     v = Verification(["bf16", "fp32"], 2, start=1)
     methods, due = [], []
-    last = 1 + 3 * MAX_TURNS
-    for step in range(1, last + 1):
+    for step in range(1, 8):
         due.append(v.due(step))
         if due[-1] != "final":
             v.begin(step, torch.zeros(1))
             v.end()
         methods.append(v.method("gradiveq", step))
-    # one step each in turn (2 // 2), MAX_TURNS times: a look after every turn but the last (steps
-    # 4, 7, ..., timed themselves), then the decision (not timed)
-    assert methods[:-1] == ["gradiveq", "bf16", "fp32"] * MAX_TURNS
-    assert due == [None, None, None] + ["look", None, None] * (MAX_TURNS - 1) + ["final"]
-    assert [v.turns(step) for step in (1, 3, 4, last)] == [0, 0, 1, MAX_TURNS]
-    assert len(v.medians()) == 3 and sorted(v.seconds) == list(range(1, last))
-    assert len(v.summary()) == 6
+    # one step each in turn (2 // 2), twice: steps 1-6, a look after the first turn (step 4, timed
+    # itself), then the decision at step 7 (not timed)
+    assert methods[:6] == ["gradiveq", "bf16", "fp32"] * 2
+    assert due == [None, None, None, "early", None, None, "final"]
+    assert len(v.medians()) == 3 and sorted(v.seconds) == list(range(1, 7)) and len(v.summary()) == 6
     assert v.fastest([2.0, 1.0, 3.0]) == "bf16" and v.fastest([1.0, 1.0, 1.0]) == "plan"
     assert v.fastest([1.0, 0.97, 2.0]) == "plan" and v.fastest([1.0, 2.0, 0.9]) == "fp32"  # the margin: 5%
     assert v.fastest([math.nan, math.nan, 3.0]) == "fp32" and v.fastest([math.nan] * 3) == "plan"
     # between arms within the margin of each other the predicted order decides (bf16 listed first)
     assert v.fastest([2.0, 1.04, 1.0]) == "bf16" and v.fastest([2.0, 1.1, 1.0]) == "fp32"
-    # after the first turn only a clear gap (CLEAR_GAP x, either way) decides; after a later one
-    # also medians SEPARATED standard errors apart; the last turn always
-    noisy, tight = [0.2] * 3, [0.01] * 3  # standard errors
-    assert v.decide([1.0, 1.2, 1.3, *tight], 1, final=False) is None
-    assert v.decide([math.nan, 1.0, 1.0, *tight], 1, final=False) is None
-    kept, record, why = v.decide([1.0, 1.6 * CLEAR_GAP / 1.5, 2.0, *tight], 1, final=False)
+    # after the first turn only a clear gap (CLEAR_GAP x, either way) between medians SEPARATED
+    # standard errors apart decides; the last turn always
+    noisy, tight = [0.4] * 3, [0.01] * 3  # standard errors
+    assert v.decide([1.0, 1.2, 1.3, *tight], final=False) is None  # separated, not clear
+    assert v.decide([math.nan, 1.0, 1.0, *tight], final=False) is None
+    assert v.decide([2.0, 1.0, 2.0, *noisy], final=False) is None  # clear, not separated
+    kept, record, why = v.decide([1.0, 1.6 * CLEAR_GAP / 1.5, 2.0, *tight], final=False)
     assert kept == "plan" and record["turns"] == 1 and "1 turn" in why
-    kept, record, _ = v.decide([2.0, 1.0, 2.0 / CLEAR_GAP + 0.01, *tight], 1, final=False)
+    kept, record, _ = v.decide([2.0, 1.0, 2.0 / CLEAR_GAP + 0.01, *tight], final=False)
     assert kept == "bf16" and record["turns"] == 1
-    assert v.decide([2.0, 1.0, 2.0, 0.4, 0.4, 0.4], 1, final=False) is None  # 2x apart, but not separated
-    assert v.decide([1.0, 1.2, 1.3, *noisy], 2, final=False) is None  # 0.2 apart, within 2 x 0.28
-    kept, record, why = v.decide([1.0, 1.2, 1.3, *tight], 2, final=False)  # 0.2 apart, 14 errors
-    assert kept == "plan" and record["turns"] == 2 and "2 turns" in why
-    kept, _, _ = v.decide([1.2, 1.0, 1.3, *tight], 3, final=False)
-    assert kept == "bf16"
+    assert v.decide([1.0, 1.2, 1.3, *noisy])[0] == "plan" and v.decide([1.0, 1.2, 1.3, *noisy])[1]["turns"] == 2
     # separation is between the plan and the fastest alternative, by their own errors
-    assert Verification.separated([1.0, 1.2, 5.0, 0.01, 0.01, 9.0]) and not Verification.separated(
-        [1.0, 1.2, 5.0, 0.01, 9.0, 0.01]
-    )
+    assert Verification.separated([1.0, 1.2, 5.0, 0.01, 0.01, 9.0])
+    assert not Verification.separated([1.0, 1.2, 5.0, 0.01, 9.0, 0.01])
     assert not Verification.separated([1.0, 1.2, 1.3, math.nan, 0.01, 0.01])  # an error unknown: not yet
-    assert v.decide([1.0, 1.2, 1.3, *noisy], MAX_TURNS)[0] == "plan"
-    assert v.decide([1.0, 1.2, 1.3, *noisy], MAX_TURNS)[1]["turns"] == MAX_TURNS
-    # the standard errors: 1.4826 x MAD x 1.2533 / sqrt(n); steps 1, 4, ... ran the plan
+    # the standard errors: 1.4826 x MAD x 1.2533 / sqrt(n); steps 0, 2 and 4 ran the plan
     w = Verification(["bf16"], 2, start=0, seconds={0: 1.0, 2: 2.0, 4: 4.0, 1: 3.0})
     assert w.summary()[:2] == [2.0, 3.0] and w.summary()[2] == pytest.approx(1.4826 * 1.0 * 1.2533 / math.sqrt(3))
     assert math.isnan(w.summary()[3])  # one timing

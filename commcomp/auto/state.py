@@ -293,11 +293,11 @@ class AutoState(HookState):
 
     def _end_verification(self, buf: torch.Tensor, final: bool) -> None:
         """A timed check's decision is due (`Verification.due`): keep the plan, or the alternative
-        that beat it (`Verification.decide`); a look whose answer is not clear yet goes on."""
+        that beat it (`Verification.decide`); an early one that is not clear-cut goes on."""
         assert self._verify is not None
         summary, sent = max_over_ranks(self._verify.summary(), self.process_group, buf.device)
         self.stats.sent(sent, kind="allreduce", world_size=self.world_size)
-        decided = self._verify.decide(summary, self._verify.turns(self._step_now), final)
+        decided = self._verify.decide(summary, final)
         if decided is None:
             return
         kept, self.rounds[-1]["timed"], why = decided

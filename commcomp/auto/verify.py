@@ -14,16 +14,17 @@ or the optimizer, nor whatever the job does between steps, an evaluation, a chec
 model's step; on a GPU, device time between two events on the current stream: no host wait during
 the backward pass, the events are read at the decision).
 
-After every turn of every arm, one small all-reduce takes the slowest rank's median of each arm
-and its standard error (from the median absolute deviation: a step slowed by something else is an
-outlier, not a trend), and the check decides once the answer is clear: once the medians of the
-plan and the fastest alternative are `SEPARATED` standard errors apart (after the first turn only
-if they are also `CLEAR_GAP`x apart, either way: the second turn would be spent sending by what is
-clearly the slower method, but four steps of each are few), and after `MAX_TURNS` turns in any
-case. The longer check is
-for near ties, where it costs little (the arms take about as long) and where a short one fails:
-per-step times on a busy machine scatter by tens of percent, and two turns of 4 steps once kept
-GradiVeQ over bf16 on a fast link where it took 20% longer per step. The fastest alternative
+The plan and the alternatives run two turns. After the first, one small all-reduce takes the
+slowest rank's median of each arm and its standard error (from the median absolute deviation: a
+step slowed by something else is an outlier, not a trend); if the plan and the fastest alternative
+are `CLEAR_GAP`x apart (either way) and their medians `SEPARATED` standard errors apart, that
+decides at once, and the second turn, spent sending by what is clearly the slower method, is not
+run. Four steps of each are few: a noisy spell once put bf16 and fp32 1.5x apart at 1000 Mbit/s and
+kept fp32 for 200 steps, so the gap alone does not decide. Longer checks for near ties (up to 6
+turns, until the medians separated) were tried and dropped: in 7 sweeps at 1000 Mbit/s auto took
+1.09-1.21x the best fixed method's time to the target, against 1.05-1.14x in 3 with two turns; a
+near tie is where more steps tell least (the arms differ by less than the noise), and the arms'
+steps (fp32's among them) move the training's path. After the second turn the fastest alternative
 replaces the plan only if its median is more than `MARGIN` below the plan's; on a nearer tie the
 prediction that chose the plan breaks it (as it does between two alternatives that close). Every
 rank switches at the same step counts and decides from the same numbers.
@@ -40,15 +41,14 @@ import torch
 from commcomp.auto.plan import Choice
 from commcomp.stats import timer
 
-__all__ = ["CLEAR_GAIN", "CLEAR_GAP", "MARGIN", "MAX_TURNS", "SEPARATED", "UNIFORM", "Verification", "alternatives"]
+__all__ = ["CLEAR_GAIN", "CLEAR_GAP", "MARGIN", "SEPARATED", "UNIFORM", "Verification", "alternatives"]
 
 CLEAR_GAIN = 2.0  # a plan predicted this many times faster than an alternative is trusted as it is
 MARGIN = 0.05  # an alternative replaces the plan only if its median step is this much shorter
 CLEAR_GAP = (
     1.5  # after one turn of every arm, the plan and the fastest alternative this far apart (and separated) decide
 )
-SEPARATED = 2.0  # after two turns or more, medians this many standard errors apart decide
-MAX_TURNS = 6  # the check decides after this many turns in any case
+SEPARATED = 2.0  # ... and whose medians are this many standard errors apart
 UNIFORM = ("bf16", "fp32")  # what a plan may be timed against, in this order
 
 
@@ -85,17 +85,11 @@ class Verification:
         self._began: tuple[int, timer] | None = None  # the step in progress, its clock running
 
     def due(self, step: int) -> str | None:
-        """At the first bucket of `step`, before `begin`: "final" once every arm ran `MAX_TURNS`
-        turns (the decision; the check is over and this step is not timed), "look" after any
-        earlier turn of every arm (a clear answer decides: `decide`), else None."""
+        """At the first bucket of `step`, before `begin`: "final" once every arm ran both turns (the
+        decision; the check is over and this step is not timed), "early" once every arm ran its first
+        turn (a clear answer decides: `decide`), else None."""
         elapsed = step - self.start
-        if elapsed >= MAX_TURNS * self._turn:
-            return "final"
-        return "look" if elapsed > 0 and elapsed % self._turn == 0 else None
-
-    def turns(self, step: int) -> int:
-        """Turns of every arm run before `step`."""
-        return (step - self.start) // self._turn
+        return "final" if elapsed >= 2 * self._turn else "early" if elapsed == self._turn else None
 
     def begin(self, step: int, like: torch.Tensor) -> None:
         """At the first bucket of `step` (after a decision that was due, if any): start its clock on
@@ -189,17 +183,17 @@ class Verification:
         spread = math.hypot(errors[0], errors[best])
         return math.isfinite(spread) and abs(medians[0] - medians[best]) > SEPARATED * spread
 
-    def decide(self, summary: list[float], turns: int, final: bool = True) -> tuple[str, dict[str, Any], str] | None:
-        """From the slowest rank's `summary()` (the same on every rank) after `turns` turns, when a
-        decision is `due`: the kept arm ("plan" or a method), the record of the check, and why; None
-        at a "look" (`final` False) whose answer is not clear yet: not `separated`, or after the
-        first turn not `clear` either (four steps of each are few: a noisy spell can put two close
-        arms 1.5x apart, and it once put a job on fp32 for 200 steps at 1000 Mbit/s)."""
+    def decide(self, summary: list[float], final: bool = True) -> tuple[str, dict[str, Any], str] | None:
+        """From the slowest rank's `summary()` (the same on every rank), when a decision is `due`:
+        the kept arm ("plan" or a method), the record of the check, and why; None when it was due
+        "early" (`final` False) and the plan and the fastest alternative are not both `clear` and
+        `separated`."""
         medians = summary[: 1 + len(self.arms)]
-        if not final and not (self.separated(summary) and (turns > 1 or self.clear(medians))):
+        if not final and not (self.clear(medians) and self.separated(summary)):
             return None
         timed = dict(zip(["plan", *self.arms], medians))
         kept = self.fastest(list(timed.values()))
+        turns = 2 if final else 1
         why = "timed on real steps: " + ", ".join(f"{name} {1e3 * s:.1f} ms" for name, s in timed.items())
         record = {**{f"{name}_s": s for name, s in timed.items()}, "kept": kept, "turns": turns}
         return kept, record, why + f" per step ({turns} turn{'s' if turns > 1 else ''})"
