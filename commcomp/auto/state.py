@@ -194,7 +194,7 @@ class AutoState(HookState):
         step twice, keeping the faster time: a codec's first call also allocates its buffers and
         state, and on a busy machine one timing can take in a stretch where the OS ran another
         process (a re-plan round once timed a cast to bf16 of a 1 MB bucket at 6.6 ms instead of
-        about 0.2, and switched the bucket to fp32 until a timed check put it back)."""
+        about 0.4, and switched the bucket to fp32 until a timed check put it back)."""
         with timer(buf) as t:
             kept = self._trials.get(keys)
             if kept is None:  # the round's first step

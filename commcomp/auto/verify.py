@@ -45,10 +45,8 @@ __all__ = ["CLEAR_GAIN", "CLEAR_GAP", "MARGIN", "SEPARATED", "UNIFORM", "Verific
 
 CLEAR_GAIN = 2.0  # a plan predicted this many times faster than an alternative is trusted as it is
 MARGIN = 0.05  # an alternative replaces the plan only if its median step is this much shorter
-CLEAR_GAP = (
-    1.5  # after one turn of every arm, the plan and the fastest alternative this far apart (and separated) decide
-)
-SEPARATED = 2.0  # ... and whose medians are this many standard errors apart
+CLEAR_GAP = 1.5  # after one turn of every arm, the plan and the fastest alternative this far apart,
+SEPARATED = 2.0  # and their medians this many standard errors apart, decide
 UNIFORM = ("bf16", "fp32")  # what a plan may be timed against, in this order
 
 
