@@ -503,6 +503,25 @@ def _diverged_worker(rank, world):
     return "no error"
 
 
+def test_the_bases_checksum_byte_sees_any_changed_value_and_stays_on_the_device():
+    from commcomp.gradiveq.tracked import bits_checksum, checksum_byte
+
+    u, p = orthonormalize(torch.randn(48, 8)), orthonormalize(torch.randn(30, 8))
+    base = bits_checksum([u, p])
+    assert base.dim() == 0 and base.dtype == torch.int64 and base.device == u.device
+    assert torch.equal(base, bits_checksum([u.clone(), p.clone()])) and 0 <= int(base) < 2**32
+    bits = torch.cat([u.reshape(-1), p.reshape(-1)]).view(torch.int32).to(torch.int64)
+    assert int(base) == int(bits.sum()) % 2**32  # the sum of the bit patterns, mod 2^32
+    flipped, nudged = u.clone(), p.clone()
+    flipped[3, 2] = -flipped[3, 2]  # the sign bit alone: the sum moves by 2^31, its low byte not at all
+    nudged[0, 0] = torch.nextafter(nudged[0, 0], torch.tensor(2.0))  # one ulp
+    for changed in (bits_checksum([flipped, p]), bits_checksum([u, nudged])):
+        assert int(checksum_byte(changed)) != int(checksum_byte(base))
+    assert int(bits_checksum([flipped, p])) % 256 == int(base) % 256  # why the bytes are folded
+    folded = checksum_byte(torch.tensor(0x12345678))
+    assert int(folded) == 0x12 ^ 0x34 ^ 0x56 ^ 0x78
+
+
 def test_ranks_with_other_bases_raise_everywhere():
     messages = run(_diverged_worker, 2, timeout=120)
     assert "ranks [1] projected onto other bases than rank 0" in messages[0]

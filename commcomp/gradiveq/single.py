@@ -4,11 +4,12 @@ send it like any other codec.
 
 Each compressed layer sends C_n = X_n U and Q_n = X_n^T P (see `commcomp.gradiveq.tracked`);
 uncompressed gradients (small layers, biases) ride along as g/N. A group with compressed layers also
-carries one checksum slot per rank: a byte of the CRC-32 of the bases this rank projected onto (exact
-in every wire dtype), so ranks whose bases differ (another BLAS) stop with an error instead of
-drifting apart (a difference one byte misses is caught a step later: bases that differ once differ
-ever after). This rank's residual is computed while the collective travels; decoding writes X_hat
-into the gradients and computes the next bases; the step's end keeps both only if it was clean.
+carries one checksum slot per rank: a byte of a checksum of the bases this rank projected onto
+(`commcomp.gradiveq.tracked.checksum_byte`: exact in every wire dtype, computed on the device), so
+ranks whose bases differ (another BLAS) stop with an error instead of drifting apart (a difference
+one byte misses is caught a step later: bases that differ once differ ever after). This rank's
+residual is computed while the collective travels; decoding writes X_hat into the gradients and
+computes the next bases; the step's end keeps both only if it was clean.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from commcomp.consistency import bad_ranks
 from commcomp.exchange import Encoded
 from commcomp.gradiveq.pipeline import TrackedHost, compensated_share
-from commcomp.gradiveq.tracked import TrackedLayer, orthonormalize
+from commcomp.gradiveq.tracked import TrackedLayer, checksum_byte, orthonormalize
 
 __all__ = ["SingleExchange"]
 
@@ -68,7 +69,7 @@ class SingleExchange:
         state, n, wire = self.state, self.state.world_size, self.state.wire_dtype
         parts: list[torch.Tensor] = []
         shares: list[_Share] = []
-        checksum = 0
+        checksum: torch.Tensor | None = None
         for key, g in zip(keys, grads):
             layer = state.tracked_layer(key, g.shape)
             if layer is None:
@@ -79,10 +80,11 @@ class SingleExchange:
             c, q = layer.sides(x)
             parts += [c.to(wire).reshape(-1), q.to(wire).reshape(-1)]
             shares.append(_Share(key, layer, x, c, q))
-            checksum = (checksum * 31 + layer.checksum) % 2**32
-        if any(share.layer is not None for share in shares):
+            assert layer.checksum is not None  # set with the bases, by `sides`
+            checksum = layer.checksum if checksum is None else (checksum * 31 + layer.checksum) % 2**32
+        if checksum is not None:
             checks = torch.zeros(n, dtype=wire, device=grads[0].device)
-            checks[state.rank] = checksum % 256
+            checks[state.rank] = checksum_byte(checksum)
             parts.append(checks)
         later = None if state.memory is None else functools.partial(_residuals, shares)
         # C_n = X_n U and Q_n = X_n^T P hold a NaN or an infinity in every row a NaN or infinity of

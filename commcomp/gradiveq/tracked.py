@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MatrixPlan", "TrackedLayer", "crc32", "matrix_plan", "orthonormalize"]
+__all__ = ["MatrixPlan", "TrackedLayer", "bits_checksum", "checksum_byte", "crc32", "matrix_plan", "orthonormalize"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,22 @@ def crc32(tensors: list[torch.Tensor]) -> int:
     return zlib.crc32(values.numpy().tobytes())
 
 
+def bits_checksum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of the float32 tensors' bit patterns (as int32) mod 2^32: a 0-dim int64 tensor on
+    their device (equal bits, equal checksums; a change of any one value changes it). Computed on
+    the device, so a step that keeps new bases never waits for it to read them on the host."""
+    total = sum(t.detach().contiguous().view(torch.int32).to(torch.int64).sum() for t in tensors)
+    assert isinstance(total, torch.Tensor), "no tensors"
+    return total % 2**32
+
+
+def checksum_byte(checksum: torch.Tensor) -> torch.Tensor:
+    """One byte of a 32-bit checksum (0-dim int64 tensor): its four bytes XORed, so a change in any
+    of them shows (the low byte of a sum of bit patterns sees only the low mantissa bits: not a
+    flipped sign). Exact in every wire dtype."""
+    return (checksum ^ (checksum >> 8) ^ (checksum >> 16) ^ (checksum >> 24)) & 255
+
+
 def orthonormalize(c: torch.Tensor) -> torch.Tensor:
     """Orthonormal columns spanning `c` [S, d] (reduced QR with a sign convention), in float32.
 
@@ -138,7 +154,7 @@ class TrackedLayer:
         self.seed = zlib.crc32(name.encode())  # the same on every rank and in every run
         self.basis: torch.Tensor | None = None  # U [K, d] float32, created on first use
         self.left: torch.Tensor | None = None  # P [S, d] float32, one exchange only
-        self.checksum = 0  # CRC-32 of the one-exchange bases' bytes, to compare across ranks
+        self.checksum: torch.Tensor | None = None  # `bits_checksum` of the one-exchange bases, to compare across ranks
 
     @property
     def wire_values(self) -> int:
@@ -182,13 +198,13 @@ class TrackedLayer:
             self.keep(orthonormalize(u if self.basis is None else self.basis.cpu()), orthonormalize(p))
         assert self.basis is not None and self.left is not None
         if self.basis.device != device:
-            self.basis, self.left = self.basis.to(device), self.left.to(device)
+            self.keep(self.basis.to(device), self.left.to(device))
         return self.basis, self.left
 
     def keep(self, u: torch.Tensor, p: torch.Tensor) -> None:
         """Make orthonormal `u` [K, d] and `p` [S, d] the one-exchange bases (and note their checksum)."""
         self.basis, self.left = u, p
-        self.checksum = crc32([u, p])
+        self.checksum = bits_checksum([u, p])
 
     def sides(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 1 of one exchange: (C_n = X_n U [S, d], Q_n = X_n^T P [K, d]) for this rank's slices
