@@ -21,18 +21,22 @@ SAMPLE = 4096  # values sampled to estimate top-k's threshold
 MARGIN = 1.5  # the sampled threshold aims at MARGIN * k candidates, so it rarely undershoots k
 
 
-def top_indices(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+def top_indices(magnitudes: torch.Tensor, k: int, sampled: bool | None = None) -> torch.Tensor:
     """Indices of the k largest of `magnitudes` (1-D), exactly those that `torch.topk` keeps up to ties.
 
-    Cheap selection: a threshold t is read off an evenly strided sample (the value above which
-    about MARGIN * k of n lie); one comparison finds the c candidates >= t, and an exact topk runs
-    on those c values only. If c >= k, every one of the k largest is a candidate, so the result is
-    exact; if the sample was unlucky (c < k), it falls back to an exact topk over all n values.
+    Cheap selection on a CPU: a threshold t is read off an evenly strided sample (the value above
+    which about MARGIN * k of n lie); one comparison finds the c candidates >= t, and an exact topk
+    runs on those c values only. If c >= k, every one of the k largest is a candidate, so the result
+    is exact; if the sample was unlucky (c < k), it falls back to an exact topk over all n values.
+    Elsewhere (`sampled` None: on any device but a CPU) the plain topk: a GPU selects in one pass
+    without a host sync, where the candidates' count (`torch.nonzero`, `c < k`) needs one.
     """
     n = magnitudes.numel()
     if k >= n:
         return torch.arange(n, device=magnitudes.device)
-    if n <= 4 * SAMPLE or k * MARGIN * 4 >= n:  # small or dense: the plain topk is as cheap
+    if sampled is None:
+        sampled = magnitudes.device.type == "cpu"
+    if not sampled or n <= 4 * SAMPLE or k * MARGIN * 4 >= n:  # small or dense: the plain topk is as cheap
         return magnitudes.topk(k, sorted=False).indices
     sample = magnitudes[:: n // SAMPLE]
     rank = min(sample.numel(), max(1, math.ceil(sample.numel() * k * MARGIN / n)))
