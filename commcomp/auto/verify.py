@@ -86,8 +86,8 @@ class Verification:
         """At the first bucket of `step`, before `begin`: "final" once every arm ran both turns (the
         decision; the check is over and this step is not timed), "early" once every arm ran its first
         turn (a clear answer decides: `decide`), else None."""
-        elapsed = step - self.start
-        return "final" if elapsed >= 2 * self._turn else "early" if elapsed == self._turn else None
+        elapsed, turn = step - self.start, self._block * (1 + len(self.arms))
+        return "final" if elapsed >= 2 * turn else "early" if elapsed == turn else None
 
     def begin(self, step: int, like: torch.Tensor) -> None:
         """At the first bucket of `step` (after a decision that was due, if any): start its clock on
@@ -114,11 +114,6 @@ class Verification:
     @property
     def _block(self) -> int:
         return max(1, self.steps // 2)
-
-    @property
-    def _turn(self) -> int:
-        """Steps in one turn of every arm (the plan's block, then each alternative's)."""
-        return self._block * (1 + len(self.arms))
 
     def _arm(self, step: int) -> int:
         """0: the plan; i: arms[i - 1]."""
@@ -160,13 +155,21 @@ class Verification:
         return next(name for m, name in timed if m * (1 - MARGIN) <= best)
 
     @staticmethod
+    def _rival(medians: list[float]) -> int | None:
+        """Index in `medians` of the fastest timed alternative, or None if it or the plan has no timing."""
+        rest = [i for i in range(1, len(medians)) if math.isfinite(medians[i])]
+        if not rest or not math.isfinite(medians[0]):
+            return None
+        return min(rest, key=medians.__getitem__)
+
+    @staticmethod
     def clear(medians: list[float]) -> bool:
         """Whether the plan and the fastest alternative (by `medians()`) are `CLEAR_GAP`x apart."""
-        rest = [m for m in medians[1:] if math.isfinite(m)]
-        if not rest or not math.isfinite(medians[0]):
+        best = Verification._rival(medians)
+        if best is None:
             return False
-        plan, best = medians[0], min(rest)
-        return max(plan, best) >= CLEAR_GAP * min(plan, best)
+        plan, rival = medians[0], medians[best]
+        return max(plan, rival) >= CLEAR_GAP * min(plan, rival)
 
     @staticmethod
     def separated(summary: list[float]) -> bool:
@@ -174,10 +177,9 @@ class Verification:
         standard errors apart."""
         half = len(summary) // 2
         medians, errors = summary[:half], summary[half:]
-        rest = [i for i in range(1, half) if math.isfinite(medians[i])]
-        if not rest or not math.isfinite(medians[0]):
+        best = Verification._rival(medians)
+        if best is None:
             return False
-        best = min(rest, key=medians.__getitem__)
         spread = math.hypot(errors[0], errors[best])
         return math.isfinite(spread) and abs(medians[0] - medians[best]) > SEPARATED * spread
 
