@@ -250,14 +250,16 @@ def test_a_replan_round_checks_the_network_with_one_size_and_probes_in_full_when
     expected = net.seconds(Exchange("allreduce", 65536), 4)
     assert net.holds(65536, expected * 0.9 * DRIFT, 4) and net.holds(65536, expected / (0.9 * DRIFT), 4)
     assert not net.holds(65536, expected * 1.1 * DRIFT, 4) and not net.holds(65536, expected / (1.1 * DRIFT), 4)
-    # where the growing stopped: 20 ms and 4x the fastest smaller size's time (a slow 8 KB is not
-    # it; a slow first size does not raise the bar)
-    probes = {4096: 0.006, 8192: 0.021, 16384: 0.012, 32768: 0.025, 65536: 0.030, 131072: 0.060}
+    # where the growing stopped: 20 ms beyond the fastest smaller size's time, and at least that
+    # time (a slow 8 KB is not it; a slow first size does not raise the bar)
+    probes = {4096: 0.006, 8192: 0.021, 16384: 0.012, 32768: 0.027, 65536: 0.030, 131072: 0.060}
     assert check_size([{"probes": probes}]) == 32768
-    probes = {4096: 0.009, 8192: 0.005, 16384: 0.010, 32768: 0.022, 65536: 0.045}
+    probes = {4096: 0.009, 8192: 0.005, 16384: 0.010, 32768: 0.026, 65536: 0.045}
     assert check_size([{"probes": probes}]) == 32768
-    assert transfer_bound([0.009, 0.005, 0.022]) and not transfer_bound([0.009, 0.022])
-    assert not transfer_bound([0.001, 0.019]) and not transfer_bound([0.03])  # under 20 ms; nothing smaller
+    assert transfer_bound([0.009, 0.005, 0.026]) and not transfer_bound([0.009, 0.026])
+    assert not transfer_bound([0.001, 0.020]) and not transfer_bound([0.03])  # 19 ms beyond; nothing smaller
+    # the bar rises with the latency only once the latency exceeds 20 ms (4x used to: 40 ms at 10 ms)
+    assert transfer_bound([0.010, 0.031]) and not transfer_bound([0.030, 0.059])
     assert check_size([{"probes": {4096: 0.001, 8192: 0.002}}]) == 8192  # none did: the largest
     assert check_size([{"probes": {65536: 0.03}}]) == 65536  # a checked round's one size
     options = {"candidates": ["bf16", "fp32"], "measure_steps": 1, "probe_every": 2}

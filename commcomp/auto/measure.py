@@ -50,7 +50,7 @@ __all__ = [
     "trial_quantizer",
 ]
 
-ENOUGH = 0.02  # seconds: a probe that took this long (and 4x a smaller size) is dominated by the transfer
+ENOUGH = 0.02  # seconds: a probe whose transfer took this long (and the latency) is dominated by the transfer
 GROWTH = 4  # a probe size after a latency-bound one is this many times larger (else twice)
 LATENCY_BOUND = 1.5  # a probe that took under this many times the fastest one is latency-bound
 DRIFT = 2.0  # a re-plan round probes the network in full when a check is off the fitted line by more
@@ -212,11 +212,18 @@ def next_size(size: int, times: list[float], cap: int) -> int:
 
 
 def transfer_bound(times: list[float], enough: float = ENOUGH) -> bool:
-    """True if the last of `times` (a probe's times of growing sizes) took `enough` seconds and 4x
-    the fastest smaller size's: the transfer, not the latency, makes it. The fastest, not the
-    first: a first size slowed by a busy CPU would raise the bar and send the probe on to sizes that
-    only cost time."""
-    return len(times) > 1 and times[-1] >= max(enough, 4 * min(times[:-1]))
+    """True if the last of `times` (a probe's times of growing sizes) spent `enough` seconds, and
+    at least the fastest smaller size's time, beyond that fastest time: its transfer alone then
+    outweighs the latency and is long enough to time. The fastest, not the first: a first size
+    slowed by a busy CPU would raise the bar and send the probe on to sizes that only cost time.
+    The bar is on the transfer, not the whole time: a bar on the whole (20 ms and 4x the fastest)
+    rises with the latency, and on a 100 Mbit/s link whose small all-reduces took about 10 ms it
+    sent the probe on to 512 KB (89 ms, twice) after a size whose transfer had already taken over
+    20 ms and more than the latency."""
+    if len(times) < 2:
+        return False
+    fastest = min(times[:-1])
+    return times[-1] - fastest >= max(enough, fastest)
 
 
 def recheck(size: int, group: dist.ProcessGroup | None, device: torch.device) -> Probes:
