@@ -15,6 +15,8 @@ Derived per row (one method on one workload):
   acc, best_acc  final and best test accuracy (workloads with evaluation only)
   ttt_s          training seconds (evaluation excluded) until the test accuracy first reached the
                  workload's target: DDP fp32's BEST accuracy minus 1 point
+  ttt_steps      the steps taken by then (about ttt_s / step_s: a gap in ttt_s between two rows with
+                 the same step time is in the steps, i.e. the path the training took)
   x_fp32, x_hook16, x_powersgd
                  time to target as a fraction of DDP fp32's, of PyTorch's fp16_compress_hook's and
                  of the best PowerSGD rank's (the PowerSGD row that reached the target first)
@@ -50,6 +52,7 @@ __all__ = [
     "plot_accuracy",
     "plot_training",
     "powersgd_best",
+    "reached",
     "targets",
     "time_to",
 ]
@@ -68,13 +71,19 @@ AUTO_GAP = 1.10  # auto's time to target, at most this times the best fixed meth
 OVERHEAD_LIMIT_PCT = 5.0  # auto's measuring and planning, % of its training time
 
 
-def time_to(curve: Sequence[Sequence[float]], target: float) -> float | None:
-    """Training seconds at the first evaluation whose accuracy reached `target` (curve rows are
-    [step, training seconds, accuracy]), or None if none did."""
-    for _, seconds, acc in curve:
+def reached(curve: Sequence[Sequence[float]], target: float) -> tuple[int, float] | None:
+    """(steps, training seconds) at the first evaluation whose accuracy reached `target` (curve rows
+    are [step, training seconds, accuracy]), or None if none did."""
+    for step, seconds, acc in curve:
         if acc >= target:
-            return seconds
+            return int(step), seconds
     return None
+
+
+def time_to(curve: Sequence[Sequence[float]], target: float) -> float | None:
+    """Training seconds at the first evaluation whose accuracy reached `target` (`reached`)."""
+    found = reached(curve, target)
+    return None if found is None else found[1]
 
 
 def byte_ratio(dense_bytes: int, bytes_sent: int) -> float:
@@ -139,7 +148,8 @@ def derive(rows: list[Row], target: float | None = None) -> list[Row]:
         for r in mine:
             r["target_acc"] = goal
             r["floor_x_fp32"] = floor / base["step_s"] if base and floor else None  # a step sending nothing / fp32
-            r["ttt_s"] = time_to(r["curve"], goal) if goal is not None else None
+            found = reached(r["curve"], goal) if goal is not None else None
+            r["ttt_steps"], r["ttt_s"] = found if found is not None else (None, None)
             r["speedup"] = base["mean_s"] / r["mean_s"] if base else math.nan
         best = powersgd_best(mine) if goal is not None else None  # time-to-accuracy workloads only
         fixed = best_fixed(mine) if goal is not None else None
@@ -163,6 +173,7 @@ ACCURACY_COLUMNS = [
     ("label", "method", "s"),
     ("step_s", "step s", ".3f"),
     ("ttt_s", "time to target s", ".1f"),
+    ("ttt_steps", "steps", "d"),
     ("x_fp32", "x fp32", ".2f"),
     ("x_hook16", "x 16-bit hook", ".2f"),
     ("x_powersgd", "x PowerSGD best", ".2f"),

@@ -48,6 +48,7 @@ COLUMNS = [
     ("label", "method", "s"),
     ("step_s", "step s", ".3f"),
     ("ttt_s", "time to target s", ".1f"),
+    ("ttt_steps", "steps", "d"),
     ("x_hook16", "x 16-bit hook", ".2f"),
     ("x_best_fixed", "x best fixed", ".2f"),
     ("best_acc", "best acc", ".3f"),

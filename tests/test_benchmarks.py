@@ -72,6 +72,7 @@ def test_report_time_to() -> None:
     assert report.time_to(curve, 0.85) == 9.0
     assert report.time_to(curve, 0.95) is None
     assert report.time_to([], 0.1) is None
+    assert report.reached(curve, 0.85) == (40, 9.0) and report.reached(curve, 0.95) is None
 
 
 def test_report_derive() -> None:
@@ -93,6 +94,7 @@ def test_report_derive() -> None:
     rows = report.derive([fp32, hook, slow, fast, mine, skipped])
     assert fp32["target_acc"] == pytest.approx(0.91)  # best (0.92, not the final 0.91) minus 1 point
     assert [r["ttt_s"] for r in rows[:5]] == [3.0, 2.0, None, 1.0, 0.5]
+    assert [r["ttt_steps"] for r in rows[:5]] == [3, 4, None, 4, 4]  # the steps of those evaluations
     assert report.powersgd_best(rows) is fast and fast["powersgd_best"] and not slow["powersgd_best"]
     assert mine["x_fp32"] == pytest.approx(0.5 / 3.0)
     assert mine["x_hook16"] == pytest.approx(0.5 / 2.0)
@@ -179,8 +181,8 @@ def test_report_tables() -> None:
         ]
     )
     md = report.format_table(rows, "cnn", markdown=True).splitlines()
-    assert md[0].startswith("| method | step s | time to target s | x fp32 |") and len(md) == 2 + 2 + 2
-    assert md[3].split(" | ")[2] == "never" and md[-1] == "- QSGD: skipped (not installed)"
+    assert md[0].startswith("| method | step s | time to target s | steps | x fp32 |") and len(md) == 2 + 2 + 2
+    assert md[3].split(" | ")[2:4] == ["never", "-"] and md[-1] == "- QSGD: skipped (not installed)"
     text = report.format_table(rows, "cnn").splitlines()
     assert len({len(line) for line in text[:3]}) == 1  # aligned columns
 
