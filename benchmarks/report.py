@@ -54,7 +54,6 @@ __all__ = [
     "powersgd_best",
     "reached",
     "targets",
-    "time_to",
 ]
 
 Row = dict[str, Any]
@@ -78,12 +77,6 @@ def reached(curve: Sequence[Sequence[float]], target: float) -> tuple[int, float
         if acc >= target:
             return int(step), seconds
     return None
-
-
-def time_to(curve: Sequence[Sequence[float]], target: float) -> float | None:
-    """Training seconds at the first evaluation whose accuracy reached `target` (`reached`)."""
-    found = reached(curve, target)
-    return None if found is None else found[1]
 
 
 def byte_ratio(dense_bytes: int, bytes_sent: int) -> float:

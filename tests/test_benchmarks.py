@@ -66,13 +66,12 @@ def _row(method: str, curve: list[list[float]], steps: int = 4, **extra: Any) ->
     return row
 
 
-def test_report_time_to() -> None:
+def test_report_reached() -> None:
     curve = [[10, 2.0, 0.5], [20, 4.5, 0.8], [30, 7.0, 0.79], [40, 9.0, 0.9]]
-    assert report.time_to(curve, 0.8) == 4.5  # the first evaluation at or above the target
-    assert report.time_to(curve, 0.85) == 9.0
-    assert report.time_to(curve, 0.95) is None
-    assert report.time_to([], 0.1) is None
-    assert report.reached(curve, 0.85) == (40, 9.0) and report.reached(curve, 0.95) is None
+    assert report.reached(curve, 0.8) == (20, 4.5)  # the first evaluation at or above the target
+    assert report.reached(curve, 0.85) == (40, 9.0)
+    assert report.reached(curve, 0.95) is None
+    assert report.reached([], 0.1) is None
 
 
 def test_report_derive() -> None:
@@ -413,7 +412,8 @@ def test_sweep_local(tmp_path: Path) -> None:
     assert saved["meta"]["target_acc"] == pytest.approx(target) and saved["meta"]["fp32_rate_mbit"] == 3
     for rows in saved["runs"].values():
         for r in rows:
-            assert r["target_acc"] == pytest.approx(target) and r["ttt_s"] == report.time_to(r["curve"], target)
+            found = report.reached(r["curve"], target) or (None, None)
+            assert r["target_acc"] == pytest.approx(target) and (r["ttt_steps"], r["ttt_s"]) == found
     text = md.read_text()
     assert "## 1 Mbit/s" in text and "## 3 Mbit/s" in text and "--rates 1,3" in text
     if "auto" in methods:
