@@ -92,24 +92,38 @@ class Watchdog:
         return self
 
     def stop(self) -> None:
-        """Stop watching and tell the peers this rank is done (so they never report it)."""
+        """Stop watching, wait for the threads, and tell the peers this rank is done (so they never
+        report it).
+
+        The wait matters at exit: a thread still inside a store call when the interpreter shuts
+        down cannot take the GIL back, and the process aborts (SIGABRT) instead of exiting 0; the
+        store's host going away first (rank 0's launcher, done) makes that call fail late. The wait
+        is bounded by one store call's timeout.
+        """
         if self._stop.is_set():
             return
         self._stop.set()
         if sys.excepthook == self._excepthook:
             sys.excepthook = self._prev_hook
+        for t in self._threads:
+            if t.is_alive() and t is not threading.current_thread():
+                t.join(self._call_timeout() + 1.0)
         if self._store is not None:
             try:
                 self._store.add(self._key("beat", self.rank), _DONE)
             except Exception:  # the store may be gone at exit; the peers are told nothing then
                 pass
 
+    def _call_timeout(self) -> float:
+        """Seconds a store call may take before it fails."""
+        return max(2 * self.interval, 1.0)
+
     def _key(self, kind: str, rank: int) -> str:
         return f"{self._prefix}{kind}/{rank}"
 
     def _connect(self) -> dist.Store:
         host, port = self.master
-        wait = datetime.timedelta(seconds=max(2 * self.interval, 1.0))
+        wait = datetime.timedelta(seconds=self._call_timeout())
         store = dist.TCPStore(host, port, is_master=False, timeout=wait, wait_for_workers=False)
         if not self._registered:  # clear what a previous run of this rank left in a reused store
             store.set(self._key("beat", self.rank), "0")

@@ -160,7 +160,8 @@ def test_init_from_env_single_process(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_watchdog_start_registers_the_rank_before_returning() -> None:
     """A rank that freezes right after init must still be named with its address, so start()
     writes this rank's heartbeat and address to the store before it returns (not later, from its
-    thread); stop() marks the rank done."""
+    thread); stop() marks the rank done and returns once its threads have ended (one still inside
+    a store call when the interpreter exits aborts the process)."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     dog = Watchdog(1, 2, "127.0.0.1", store.port, timeout=60.0, interval=30.0).start()
     try:
@@ -170,6 +171,7 @@ def test_watchdog_start_registers_the_rank_before_returning() -> None:
     finally:
         dog.stop()
     assert store.add("commcomp/watchdog/beat/1", 0) >= 1 << 40
+    assert not any(t.is_alive() for t in dog._threads)
 
 
 def test_local_fallback_runs_torchrun_and_names_a_frozen_rank() -> None:
