@@ -26,7 +26,9 @@ The pieces plugged in:
 - `DenseExchange` is the plain average in a wire dtype (fp32, fp16, bf16: g/N summed). It is
   element-wise, so a DDP bucket whose gradients tile its buffer (`tiles`) travels as one tensor,
   the buffer itself: one division and one copy back instead of one of each per gradient, and
-  bitwise the same buffer on the wire.
+  bitwise the same buffer on the wire. Where no rank writes a NaN/Inf flag (the sum shows them
+  itself) it goes without flag slots, and a gradient already in the wire dtype is divided and
+  summed in place, as DDP's own all-reduce does: no copy out, no copy back.
 - `Wire` issues the collective: `TorchWire` on a torch.distributed group (DDP), the Horovod wire in
   `commcomp.horovod`.
 - The `Host` owns the step (`commcomp.hooks.base.HookState` is one): its rank and world size, its
@@ -98,6 +100,9 @@ class Encoded:
     # summed codecs may lay the parts end to end into one buffer with a free slot per rank after
     # them: the engine writes the flags there and sends it as it is (no copy into a new buffer)
     flat: torch.Tensor | None = None
+    # `flat` holds the parts alone, no slots (the dense exchange's g/N, in the gradient itself when
+    # it can): sent as it is when no rank writes a flag, else copied next to the slots
+    bare: bool = False
     # work on this rank's own data that the decode does not wait for (an error-feedback residual):
     # the engine runs it once the collective is on its way, while the network works
     later: Callable[[], None] | None = None
@@ -148,13 +153,16 @@ class DenseExchange:
         dtypes = {self.wire_dtype or g.dtype for g in grads}
         if len(dtypes) != 1:  # none, or several: the engine sends nothing, or refuses
             return Encoded(keys, grads, [g.reshape(-1) / self.world_size for g in grads])
+        dtype = dtypes.pop()
+        if len(grads) == 1 and grads[0].dtype == dtype and grads[0].is_contiguous():
+            values = grads[0].view(-1).div_(self.world_size)  # decoding overwrites it with the average
+            return Encoded(keys, grads, [values], flat=values, bare=True, checked=[values], sum_shows=True)
         sizes = [g.numel() for g in grads]
-        flat = torch.empty(sum(sizes) + self.world_size, dtype=dtypes.pop(), device=grads[0].device)
-        values = flat[: sum(sizes)]
+        values = torch.empty(sum(sizes), dtype=dtype, device=grads[0].device)
         parts = list(values.split(sizes))
         for g, part in zip(grads, parts):
             torch.div(g.reshape(-1), self.world_size, out=part)  # g/N, rounded once to the wire dtype
-        return Encoded(keys, grads, parts, flat=flat, checked=[values], sum_shows=True)
+        return Encoded(keys, grads, parts, flat=values, bare=True, checked=[values], sum_shows=True)
 
     def decode(self, received: list[torch.Tensor], encoded: Encoded) -> list[torch.Tensor]:
         return received  # the engine's copy into the gradients casts back
@@ -263,6 +271,7 @@ class InFlight(Generic[P]):
     sent_parts: list[torch.Size]  # shapes of the parts, to cut the summed buffer back into them
     check_sum: bool = False  # the received sum is checked for NaN/Inf (`Encoded.sum_shows`)
     flagged: bool = True  # the ranks wrote their NaN/Inf flags (else the slots are zeros: not read)
+    slots: bool = True  # the buffer ends with the flag slots (else it holds the values alone)
 
 
 def send(
@@ -293,7 +302,10 @@ def send(
             if len(dtypes) > 1:
                 raise TypeError(f"summed parts must share one dtype, got {sorted(map(str, dtypes))}")
             wire_dtype = dtypes.pop() if dtypes else like.dtype
-        if encoded.flat is not None:  # summed, with the slots already in place
+        slots = not (encoded.bare and bad is None)  # no rank writes a flag: a bare buffer goes as it is
+        if encoded.flat is not None and not slots:
+            flat = encoded.flat
+        elif encoded.flat is not None and not encoded.bare:  # summed, with the slots already in place
             flat = encoded.flat
             write_flags(flat[-host.world_size :], bad, host.rank)
         elif codec.summed:
@@ -308,7 +320,7 @@ def send(
         with timer(like) as more:
             encoded.later()
         host.stats.encoded(more)
-    return InFlight(codec, encoded, pending, [p.shape for p in encoded.parts], check_sum, bad is not None)
+    return InFlight(codec, encoded, pending, [p.shape for p in encoded.parts], check_sum, bad is not None, slots)
 
 
 def _split(
@@ -318,6 +330,8 @@ def _split(
     received buffer. The check reads a summed buffer's values in one piece: a reduction per part
     would launch a few operations per tensor of the group (GradiVeQ sends two per layer) for the
     same answer."""
+    if isinstance(received, torch.Tensor) and not item.slots:
+        return unflatten(received, item.sent_parts), received.new_zeros(world_size), [received]
     if isinstance(received, torch.Tensor):
         values = received[:-world_size]
         return unflatten(values, item.sent_parts), received[-world_size:], [values]

@@ -443,8 +443,8 @@ def test_sampling_steps_can_be_sent_in_bf16():
     assert torch.equal(results[0][0], results[1][0])
     assert {phase for phase, *_ in results[0][1]} >= {"sample", "compress"}
     for phase, sent, dense, dims in results[0][1]:
-        if phase == "sample":  # 2 bytes a value, plus one 2-byte flag slot per rank and bucket
-            assert dense / 2 < sent < dense / 2 + 64
+        if phase == "sample":  # 2 bytes a value (no flag slots: the sum shows NaN/Inf itself)
+            assert sent == dense / 2
         if phase == "compress":
             assert dims and all(d > 0 for d in dims.values())
 

@@ -214,7 +214,9 @@ def test_clear_errors() -> None:
 
 def test_dense_exchange_sends_what_the_quantizer_would_whole_or_per_gradient() -> None:
     """The plain average's encoding of a buffer is bitwise its quantizer's g/N, gradient by gradient,
-    laid end to end: sending a bucket's buffer whole puts the same values on the wire."""
+    laid end to end: sending a bucket's buffer whole puts the same values on the wire. No flag
+    slots follow them (the engine adds some only if a rank writes a flag), and in fp32 the buffer
+    itself is divided and sent (no copy)."""
     buf = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     grads = [v.view(shape) for v, shape in zip(buf.split([600, 300, 100]), [(20, 30), (300,), (10, 10)])]
     assert tiles(grads, buf)
@@ -222,10 +224,14 @@ def test_dense_exchange_sends_what_the_quantizer_would_whole_or_per_gradient() -
     assert not tiles([buf.view(10, 100).t()], buf) and not tiles([buf.double()], buf)  # a layout, a copy
     for name, wire in DENSE:
         codec = DenseExchange(3, None if name == "identity" else wire)
-        whole = codec.encode(["bucket0"], [buf]).parts[0]
-        per_gradient = torch.cat(codec.encode(["a", "b", "c"], grads).parts)
+        sent = buf.clone()
+        encoded = codec.encode(["bucket0"], [sent])
+        whole = encoded.parts[0]
+        per_gradient = torch.cat(codec.encode(["a", "b", "c"], [g.clone() for g in grads]).parts)
         quantized = torch.cat([quantizers.get(name).compress(g / 3).tensors[0] for g in grads])
         assert whole.dtype == wire and torch.equal(whole, per_gradient) and torch.equal(whole, quantized), name
+        assert encoded.bare and encoded.flat is not None and encoded.flat.numel() == buf.numel(), name
+        assert (encoded.flat.data_ptr() == sent.data_ptr()) == (name == "identity"), name
 
 
 def _dense_worker(rank: int, world: int) -> dict[str, Any]:

@@ -85,8 +85,8 @@ def test_every_kind_is_its_factor_times_the_bytes_handed_over(results: list[dict
 def test_summed_and_gathered_payloads(results: list[dict[str, Any]]) -> None:
     for r in results:
         fp16, qsgd = r["fp16"], r["qsgd"]
-        assert list(fp16["last"].by_kind) == ["allreduce"]  # fp16 payload + flags, summed
-        assert fp16["last"].bytes_sent == fp16["payload"] + 2 * WORLD  # one fp16 flag slot per rank
+        assert list(fp16["last"].by_kind) == ["allreduce"]  # the fp16 payload, summed
+        assert fp16["last"].bytes_sent == fp16["payload"]  # no flag slots: the sum shows NaN/Inf itself
         assert list(qsgd["last"].by_kind) == ["allgather"]
         assert qsgd["last"].bytes_sent == qsgd["payload"] + 1  # packed bytes + this rank's flag byte
         for m in (fp16, qsgd):
