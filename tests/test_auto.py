@@ -526,3 +526,77 @@ def test_verification_is_only_for_close_predictions():
     resumed = Verification(**v.state_dict())
     assert resumed.medians() == v.medians() and resumed.method("gradiveq", 3) == "fp32"
     assert Verification(["bf16"], 8, start=0).method("qsgd4", 4) == "bf16"  # blocks of 4: plan 0-3, bf16 4-7
+
+
+def _gradiveq_trial(rank, world):
+    """Three GradiVeQ steps (bases and residuals in place), then a trial on the fourth step's bucket
+    in the hook body, just before the real exchange of the same gradients."""
+    from commcomp.auto.measure import trial_gradiveq
+    from commcomp.gradiveq import GradiVeQState, gradiveq_hook
+
+    torch.manual_seed(0)
+    net = Net()
+    ddp = DDP(net, bucket_cap_mb=1000)  # one bucket
+    state = GradiVeQState()
+    state.bind(ddp)
+    seen = {}
+
+    def hook(state, bucket):
+        if state.step == 3:
+            keys, grads = [state.param_key(p) for p in bucket.parameters()], bucket.gradients()
+            before = {k: v.clone() if torch.is_tensor(v) else v for k, v in _flat_state(state).items()}
+            inputs = [g.clone() for g in grads]
+            seen["trial"] = trial_gradiveq(state, keys, grads, bucket.buffer())
+            after = _flat_state(state)
+            seen["untouched"] = before.keys() == after.keys() and all(
+                torch.equal(v, after[k]) if torch.is_tensor(v) else v == after[k] for k, v in before.items()
+            )
+            seen["grads_untouched"] = all(torch.equal(a, b) for a, b in zip(inputs, grads))
+            seen["no_late_checks"] = not state._late_checks
+        return gradiveq_hook(state, bucket)
+
+    ddp.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    for step in range(4):
+        x, y = _batch(rank, step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+    trial = seen["trial"]
+    flag_slots = world * state.wire_dtype.itemsize  # the engine adds them to what the codec encodes
+    return {
+        **seen,
+        "trial_bytes": trial.nbytes,
+        "real_bytes": state.stats.last.bytes_sent - flag_slots,
+        "seconds": trial.seconds,
+        "error": trial.error,
+        "compressed": any(v is not None for v in state.layers.values()),
+    }
+
+
+def _flat_state(state):
+    """Every tensor and number of a GradiVeQ state's checkpoint, by a dotted name."""
+    out = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+        else:
+            out[prefix] = value
+
+    walk("", state.state_dict())
+    return out
+
+
+def test_a_gradiveq_trial_runs_the_real_codec_and_leaves_everything_as_it_was():
+    """The trial times GradiVeQ's own one-exchange codec on copies: the bases, residuals and stats
+    are as before, the gradients too, no step-end check is left behind (it would skip the step), and
+    it counts the bytes the real exchange of the same bucket then hands over (flag slots aside)."""
+    for out in run(_gradiveq_trial, 2, timeout=120):
+        assert out["compressed"] and out["untouched"] and out["grads_untouched"] and out["no_late_checks"], out
+        assert out["trial_bytes"] == out["real_bytes"], out
+        assert out["seconds"] > 0 and 0 <= out["error"] < 1, out

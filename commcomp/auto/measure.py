@@ -23,8 +23,10 @@ import torch
 import torch.distributed as dist
 
 from commcomp.exchange import nbytes
+from commcomp.flat import flatten, unflatten
 from commcomp.gradiveq import GradiVeQState
-from commcomp.gradiveq.tracked import orthonormalize
+from commcomp.gradiveq.single import SingleExchange
+from commcomp.gradiveq.tracked import bits_checksum, orthonormalize
 from commcomp.hooks.quantized import QuantizerState
 from commcomp.quantizers import SharedScaleQuantizer, StochasticQuantizer
 from commcomp.stats import timer, wire_factor
@@ -118,35 +120,54 @@ def trial_quantizer(state: QuantizerState, keys: list[str], grads: list[torch.Te
     return Trial(enc.seconds + dec.seconds, error, exchanges)
 
 
+class _TrialHost:
+    """A GradiVeQ state as its one-exchange codec sees it in a trial: the same layers, residuals,
+    wire dtype and rank, but the step-end check that decoding registers (the ranks' basis checksums)
+    goes nowhere: a trial's "sum" is this rank's own payload."""
+
+    def __init__(self, state: GradiVeQState) -> None:
+        self.state = state
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.state, name)
+
+    def check_at_step_end(self, bad: torch.Tensor, error: Any = None) -> None:
+        del bad, error
+
+
 def trial_gradiveq(state: GradiVeQState, keys: list[str], grads: list[torch.Tensor], like: torch.Tensor) -> Trial:
-    """GradiVeQ's one-exchange step on one bucket, timed as `commcomp.gradiveq.single` runs it from
-    each layer's current bases: both sides, the decode, this rank's residual and the next bases
-    (nothing is kept). The error is that of bases caught up with this gradient (one power step from
-    the current ones, untimed): the bases track the gradients within a few steps, so the error of the
-    current ones (random before the first step) would judge GradiVeQ by its first step."""
-    values = 0  # values in the one exchange
+    """GradiVeQ's one-exchange step on one bucket, timed as the hook runs it: its codec
+    (`commcomp.gradiveq.single`) encodes copies of the gradients with their residuals, lays the
+    payload end to end and cuts it apart as the engine does, computes this rank's residual, decodes
+    (its own payload standing in for the sum) and takes the next bases' checksum as keeping them
+    would; nothing is kept: the trial times and counts what the hook runs and sends (checksum slots
+    included), not a second copy of its math. The error is that of bases caught up with this
+    gradient (one power step from the current ones, untimed): the bases track the gradients within
+    a few steps, so the error of the current ones (random before the first step) would judge
+    GradiVeQ by its first step."""
+    codec = SingleExchange(_TrialHost(state))  # a TrackedHost by delegation
+    copies = [g.detach().clone() for g in grads]
+    with timer(like) as t:
+        encoded = codec.encode(list(keys), copies)
+        received = unflatten(flatten(encoded.parts), [p.shape for p in encoded.parts])
+        if encoded.later is not None:
+            encoded.later()
+        codec.decode(received, encoded)
+        for share in encoded.context:
+            if share.bases is not None:
+                bits_checksum(list(share.bases))
+    values = sum(p.numel() for p in encoded.parts)
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    seconds = 0.0
     for key, g in zip(keys, grads):
         layer = state.tracked_layer(key, g.shape)
-        if layer is None:  # sent as it is, in the wire dtype
-            values += g.numel()
+        if layer is None:
             continue
-        with timer(like) as t:
-            x = layer.plan.matrix(g.detach()).float()
-            c, q = layer.sides(x)
-            left, right = layer.factors(c, q)  # the decode of the sum (here: of this rank's own)
-            layer.plan.outer(left, right)
-            left, right = layer.factors(c, q)  # and this rank's residual, as the real step
-            layer.plan.outer(left, right, base=x)
-            orthonormalize(c), orthonormalize(q)
-        seconds += t.seconds
+        x = layer.plan.matrix(g.detach()).float()
         p = orthonormalize(x @ layer.start_bases(x.device)[0])
         u = orthonormalize(x.T @ p)
         kept = p @ (p.T @ x)
         pairs.append((x, kept + (x - kept) @ u @ u.T))  # X minus what lies outside both bases
-        values += c.numel() + q.numel()
-    return Trial(seconds, _relative_error(pairs), (Exchange("allreduce", values * state.wire_dtype.itemsize),))
+    return Trial(t.seconds, _relative_error(pairs), (Exchange("allreduce", values * state.wire_dtype.itemsize),))
 
 
 def trial(
