@@ -49,7 +49,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import torch
 import torch.distributed as dist
 
-from commcomp.consistency import Flag, flag_slots, has_nonfinite, nonfinite_flag, write_flags
+from commcomp.consistency import Flag, flag_slots, has_nonfinite, nonfinite_flag
 from commcomp.flat import flatten, unflatten
 from commcomp.overflow import poison
 from commcomp.stats import CommStats, timer
@@ -97,12 +97,10 @@ class Encoded:
     grads: list[torch.Tensor]
     parts: list[torch.Tensor]
     context: Any = None
-    # summed codecs may lay the parts end to end into one buffer with a free slot per rank after
-    # them: the engine writes the flags there and sends it as it is (no copy into a new buffer)
+    # a summed codec may lay the parts end to end into one buffer (the dense exchange's g/N, in the
+    # gradient itself when it can): sent as it is when no rank writes a flag, else copied next to
+    # the flag slots
     flat: torch.Tensor | None = None
-    # `flat` holds the parts alone, no slots (the dense exchange's g/N, in the gradient itself when
-    # it can): sent as it is when no rank writes a flag, else copied next to the slots
-    bare: bool = False
     # work on this rank's own data that the decode does not wait for (an error-feedback residual):
     # the engine runs it once the collective is on its way, while the network works
     later: Callable[[], None] | None = None
@@ -156,13 +154,13 @@ class DenseExchange:
         dtype = dtypes.pop()
         if len(grads) == 1 and grads[0].dtype == dtype and grads[0].is_contiguous():
             values = grads[0].view(-1).div_(self.world_size)  # decoding overwrites it with the average
-            return Encoded(keys, grads, [values], flat=values, bare=True, checked=[values], sum_shows=True)
+            return Encoded(keys, grads, [values], flat=values, checked=[values], sum_shows=True)
         sizes = [g.numel() for g in grads]
         values = torch.empty(sum(sizes), dtype=dtype, device=grads[0].device)
         parts = list(values.split(sizes))
         for g, part in zip(grads, parts):
             torch.div(g.reshape(-1), self.world_size, out=part)  # g/N, rounded once to the wire dtype
-        return Encoded(keys, grads, parts, flat=values, bare=True, checked=[values], sum_shows=True)
+        return Encoded(keys, grads, parts, flat=values, checked=[values], sum_shows=True)
 
     def decode(self, received: list[torch.Tensor], encoded: Encoded) -> list[torch.Tensor]:
         return received  # the engine's copy into the gradients casts back
@@ -302,12 +300,9 @@ def send(
             if len(dtypes) > 1:
                 raise TypeError(f"summed parts must share one dtype, got {sorted(map(str, dtypes))}")
             wire_dtype = dtypes.pop() if dtypes else like.dtype
-        slots = not (encoded.bare and bad is None)  # no rank writes a flag: a bare buffer goes as it is
+        slots = encoded.flat is None or bad is not None  # else no rank writes a flag: the laid-out parts go as they are
         if encoded.flat is not None and not slots:
             flat = encoded.flat
-        elif encoded.flat is not None and not encoded.bare:  # summed, with the slots already in place
-            flat = encoded.flat
-            write_flags(flat[-host.world_size :], bad, host.rank)
         elif codec.summed:
             flat = flatten([*encoded.parts, flag_slots(bad, host.rank, host.world_size, wire_dtype, like.device)])
         else:

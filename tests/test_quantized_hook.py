@@ -230,7 +230,7 @@ def test_dense_exchange_sends_what_the_quantizer_would_whole_or_per_gradient() -
         per_gradient = torch.cat(codec.encode(["a", "b", "c"], [g.clone() for g in grads]).parts)
         quantized = torch.cat([quantizers.get(name).compress(g / 3).tensors[0] for g in grads])
         assert whole.dtype == wire and torch.equal(whole, per_gradient) and torch.equal(whole, quantized), name
-        assert encoded.bare and encoded.flat is not None and encoded.flat.numel() == buf.numel(), name
+        assert encoded.flat is not None and encoded.flat.numel() == buf.numel(), name
         assert (encoded.flat.data_ptr() == sent.data_ptr()) == (name == "identity"), name
 
 
