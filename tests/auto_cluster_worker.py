@@ -78,7 +78,12 @@ def main() -> int:
     ddp = DDP(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     chosen = {"candidates": opts.candidates.split(",")} if opts.candidates else {}
-    state = commcomp.register(ddp, "auto", probe_every=opts.probe_every, measure_steps=opts.measure_steps, **chosen)
+    options = {
+        "probe_every": opts.probe_every,
+        "measure_steps": opts.measure_steps,
+        "planning_share": None,
+    }  # every round, as due
+    state = commcomp.register(ddp, "auto", **options, **chosen)
     assert isinstance(state, AutoState)
 
     while not state.plan()["buckets"]:

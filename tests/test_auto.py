@@ -23,6 +23,7 @@ import commcomp
 from commcomp.auto import CANDIDATES, DEFAULT_CANDIDATES, AutoState
 from commcomp.auto.measure import GROWTH, LATENCY_BOUND, Exchange, Network, Trial, next_size
 from commcomp.auto.plan import SWITCH_MARGIN, choose
+from commcomp.auto.state import hold_back
 from commcomp.auto.verify import CLEAR_GAP, MARGIN
 
 # the method each single candidate stands for, as `register` takes it
@@ -83,7 +84,14 @@ def test_a_single_candidate_trains_exactly_like_its_own_hook(name):
     """Measuring rounds (every 2 steps here) leave no trace: auto with one candidate sends every
     bucket exactly as that method's own hook does, bit for bit."""
     method, options = ALONE[name]
-    auto = run(_train, 2, "auto", {"candidates": [name], "measure_steps": 1, "probe_every": 2}, 7, timeout=180)
+    auto = run(
+        _train,
+        2,
+        "auto",
+        {"candidates": [name], "measure_steps": 1, "probe_every": 2, "planning_share": None},
+        7,
+        timeout=180,
+    )
     alone = run(_train, 2, method, options, 7, timeout=180)
     assert torch.equal(auto[0][0], alone[0][0])
     assert auto[0][1][-1] == [name] * auto[0][4]  # the plan covers every bucket
@@ -100,7 +108,7 @@ def test_every_bucket_travels_by_its_choice_from_step_0():
 
 
 def test_every_rank_makes_the_same_plan_and_the_plan_covers_every_bucket():
-    out = run(_train, 3, "auto", {"measure_steps": 2, "probe_every": 3}, 9, timeout=240)
+    out = run(_train, 3, "auto", {"measure_steps": 2, "probe_every": 3, "planning_share": None}, 9, timeout=240)
     (_, plans, report, losses, n_buckets, _) = out[0]
     assert n_buckets >= 3
     assert plans[0] == []  # steps 0 and 1 measure
@@ -157,6 +165,8 @@ def _bad_options(rank, world, options):
         ({"candidates": "bf16"}, "list of names, got the string 'bf16'"),
         ({"max_error": -1}, "max_error"),
         ({"measure_steps": 0}, "measure_steps"),
+        ({"planning_share": 0}, "planning_share"),
+        ({"planning_share": 1.5}, "planning_share"),
         ({"rank": 4}, "unknown option"),
     ],
 )
@@ -171,7 +181,7 @@ def test_options_that_differ_between_ranks_fail_on_every_rank():
     assert str(err.value).count("max_error") >= 2
 
 
-def test_choose_prefers_the_fastest_within_the_budget_and_keeps_the_current_on_a_near_tie():
+def test_choose_prefers_the_fastest_within_the_budget_and_breaks_a_near_tie_by_the_current_then_accuracy():
     net = Network(latency=1e-3, seconds_per_byte=1e-8)
     trials = {
         "fp32": Trial(0.0, 0.0, (Exchange("allreduce", 4_000_000),)),
@@ -187,6 +197,12 @@ def test_choose_prefers_the_fastest_within_the_budget_and_keeps_the_current_on_a
     near = dict(trials, bf16=Trial(1e-3, 0.004, (Exchange("allreduce", 500_000),)))  # 5% faster than GradiVeQ
     assert choose(near, net, 4, 0.8).method == "bf16"
     assert choose(near, net, 4, 0.8, current="gradiveq").method == "gradiveq"
+    # bf16 predicted 4% slower than GradiVeQ: a tie, which the current method keeps, else the more accurate takes
+    slower = dict(trials, bf16=Trial(1e-3, 0.004, (Exchange("allreduce", 560_000),)))
+    times = {n: t.seconds + sum(net.seconds(e, 4) for e in t.exchanges) for n, t in slower.items()}
+    assert times["gradiveq"] < times["bf16"] < (1 + SWITCH_MARGIN) * times["gradiveq"]
+    assert choose(slower, net, 4, 0.8).method == "bf16" == choose(slower, net, 4, 0.8, current="fp32").method
+    assert choose(slower, net, 4, 0.8, current="gradiveq").method == "gradiveq"
 
 
 def test_network_fit_recovers_a_line():
@@ -262,7 +278,7 @@ def test_a_replan_round_checks_the_network_with_one_size_and_probes_in_full_when
     assert transfer_bound([0.010, 0.031]) and not transfer_bound([0.030, 0.059])
     assert check_size([{"probes": {4096: 0.001, 8192: 0.002}}]) == 8192  # none did: the largest
     assert check_size([{"probes": {65536: 0.03}}]) == 65536  # a checked round's one size
-    options = {"candidates": ["bf16", "fp32"], "measure_steps": 1, "probe_every": 2}
+    options = {"candidates": ["bf16", "fp32"], "measure_steps": 1, "probe_every": 2, "planning_share": None}
     (*_, report, _, _, _) = run(_train, 2, "auto", options, 10, timeout=180)[0]
     rounds = report["rounds"]
     assert rounds[0]["probed"] == "in full" and len(rounds) >= 3
@@ -288,7 +304,7 @@ def _train_held(rank, world, *args):
 def test_rounds_space_out_while_nothing_changes_and_a_resumed_job_keeps_the_spacing(tmp_path):
     """One candidate and a network that holds: every re-plan round keeps the plan, so each doubles
     the steps to the next one, up to BACKOFF x probe_every; the spacing is in the checkpoint."""
-    options = {"candidates": ["bf16"], "measure_steps": 1, "probe_every": 2}
+    options = {"candidates": ["bf16"], "measure_steps": 1, "probe_every": 2, "planning_share": None}
     ckpt = str(tmp_path / "ckpt")
     straight = run(_train_held, 2, "auto", options, 40, (ckpt, 10), timeout=180)[0][2]
     cap = AutoState.BACKOFF * options["probe_every"]
@@ -300,10 +316,34 @@ def test_rounds_space_out_while_nothing_changes_and_a_resumed_job_keeps_the_spac
     assert resumed["next_round"] == straight["next_round"] and resumed["interval"] == straight["interval"]
 
 
+def test_hold_back_waits_until_the_last_round_cost_is_within_the_share():
+    # 0.2 s of planning, 4 s and 200 steps since: 2% needs 10 s, 6 s more at 20 ms a step
+    assert hold_back(0.2, 4.0, 200, 0.02) == math.ceil((0.2 / 0.02 - 4.0) / (4.0 / 200))
+    assert hold_back(0.2, 10.0, 200, 0.02) == 0 and hold_back(0.0, 0.0, 1, 0.02) == 0
+    assert hold_back(0.2, 9.999, 200, 0.02) == 1  # a little short: at least one step
+    assert hold_back(0.2, 0.0, 0, 0.02) == 1  # no pace yet: one step at a time
+
+
+def test_a_round_due_by_the_steps_waits_for_the_planning_share():
+    """probe_every=1 and a share no round can meet on a few ms steps: the round due at step 2 is
+    held back, every rank alike (agreed numbers), to the step `hold_back` gives, and the plan
+    keeps sending; the record says why."""
+    options = {"candidates": ["bf16", "fp32"], "measure_steps": 1, "probe_every": 1, "planning_share": 0.001}
+    out = run(_train, 2, "auto", options, 8, timeout=180)
+    reports = [o[2] for o in out]
+    assert all(r["rounds"] == reports[0]["rounds"] for r in reports)
+    (only,) = reports[0]["rounds"]
+    held = only["held_back"]
+    assert only["step"] == 0 and held["at"] == 1 + only["interval"] == 2
+    assert held["cost_s"] > options["planning_share"] * held["elapsed_s"]
+    assert held["until"] == 2 + hold_back(held["cost_s"], held["elapsed_s"], 1, options["planning_share"]) > 8
+    assert reports[0]["next_round"] == held["until"] and all(p == out[0][1][-1] for p in out[0][1][1:])
+
+
 def test_the_same_methods_on_rebuilt_buckets_are_no_replan():
     """Rounds at step 0 (DDP's initial buckets) and after DDP rebuilt them: with one candidate the
     methods per parameter never change, so no round counts as a re-plan."""
-    options = {"candidates": ["bf16"], "measure_steps": 1, "probe_every": 1}
+    options = {"candidates": ["bf16"], "measure_steps": 1, "probe_every": 1, "planning_share": None}
     (_, plans, report, _, n_buckets, _) = run(_train, 2, "auto", options, 7, timeout=180)[0]
     assert len(report["rounds"]) >= 3 and report["replans"] == 0
     assert plans[-1] == ["bf16"] * n_buckets
@@ -430,7 +470,7 @@ def _train_qsgd_settled(rank, world, *args):
 def test_a_round_that_kept_the_plan_on_a_held_network_is_not_timed_again():
     """After the first round's timed check, a re-plan round whose one-size check held and whose plan
     is the one in force sends every step by the plan (no timed check)."""
-    options = {"candidates": ["qsgd4", "bf16", "fp32"], "max_error": 1.0, "probe_every": 8}
+    options = {"candidates": ["qsgd4", "bf16", "fp32"], "max_error": 1.0, "probe_every": 8, "planning_share": None}
     steps = 20
     out = run(_train_qsgd_settled, 2, "auto", options, steps, None, None, None, 2, timeout=180)
     rounds = out[0][2]["rounds"]
@@ -457,7 +497,7 @@ def test_a_verdict_stands_while_the_network_holds_and_the_prediction_is_the_same
     """The first round's plan (QSGD, predicted free) is overruled by its timed check (bf16); the
     re-plan round finds the network on its line and predicts QSGD again: the verdict stands (bf16),
     nothing is timed again, the plan did not change, and the next round waits twice as long."""
-    options = {"candidates": ["qsgd4", "bf16", "fp32"], "max_error": 1.0, "probe_every": 8}
+    options = {"candidates": ["qsgd4", "bf16", "fp32"], "max_error": 1.0, "probe_every": 8, "planning_share": None}
     out = run(_train_qsgd_overruled, 2, "auto", options, 20, None, None, None, 2, timeout=180)
     report, sent = out[0][2], out[0][5]
     assert all(o[2]["rounds"] == report["rounds"] for o in out)

@@ -4,7 +4,10 @@ hook: `commcomp.auto.hook`).
 The schedule, counted in finished steps:
 
 - a measuring round of `measure_steps` steps, first at step 0, then `probe_every` steps after the
-  last one ended (twice as many after a round that found nothing changed, up to `BACKOFF`x): at
+  last one ended (twice as many after a round that found nothing changed, up to `BACKOFF`x), and
+  not before the last round's cost is within `planning_share` of the time since it ended
+  (`hold_back`: on a fast link or a short step, the steps alone would let re-planning take a large
+  share of the training): at
   the first bucket of its first step, all-reduces of growing sizes probe the network (a later
   round re-times one size, and probes in full at its next step only if that is off the line); on every
   bucket of each of its steps, every candidate runs once on the bucket's real gradients without
@@ -28,6 +31,7 @@ error-feedback residual) with its next gradient (`deliver_residuals`).
 
 import functools
 import math
+import time
 from typing import Any
 
 import torch
@@ -41,7 +45,7 @@ from commcomp.gradiveq import GradiVeQState
 from commcomp.hooks.base import HookState
 from commcomp.stats import timer
 
-__all__ = ["AutoState"]
+__all__ = ["AutoState", "hold_back"]
 
 
 class AutoState(HookState):
@@ -61,6 +65,9 @@ class AutoState(HookState):
         probe_every: steps between the end of a round and the next one (re-planning on drift); each
             round whose check found the network on its line and that kept the plan doubles the
             spacing, up to `BACKOFF` x probe_every; any other round sets it back to probe_every.
+        planning_share: a round due by `probe_every` waits until the previous round's cost (the
+            slowest rank's seconds in probes, trials and agreement) is at most this share of the
+            time since it ended (the slowest rank's); None: rounds follow probe_every alone.
         check_finite, nonfinite: as for every hook (`commcomp.overflow`).
     """
 
@@ -68,6 +75,7 @@ class AutoState(HookState):
     keep_rounds = 20  # measuring rounds kept in `rounds`
     verify_steps = 8  # a timed check's turns are blocks of half this many steps per arm (`commcomp.auto.verify`)
     BACKOFF = 8  # at most this many times probe_every between rounds while nothing changes
+    FOLD = 32  # step timings kept unread for `planning_share` (read in batches of this many, oldest first)
 
     def __init__(
         self,
@@ -77,6 +85,7 @@ class AutoState(HookState):
         max_error: float = 0.8,
         measure_steps: int = 1,
         probe_every: int = 200,
+        planning_share: float | None = 0.02,
         check_finite: bool = True,
         nonfinite: str = "propagate",
     ) -> None:
@@ -93,10 +102,13 @@ class AutoState(HookState):
             raise ValueError(f"max_error must be >= 0, got {max_error}")
         if measure_steps < 1 or probe_every < 1:
             raise ValueError(f"measure_steps and probe_every must be >= 1, got {measure_steps}, {probe_every}")
+        if planning_share is not None and not 0 < planning_share <= 1:
+            raise ValueError(f"planning_share must be in (0, 1] or None, got {planning_share}")
         # --- configuration ---
         self.max_error = float(max_error)
         self.measure_steps = measure_steps
         self.probe_every = probe_every
+        self.planning_share = None if planning_share is None else float(planning_share)
         common = {"check_finite": check_finite, "nonfinite": nonfinite}
         self.methods = {name: CANDIDATES[name](process_group, common) for name in names}
         for sub in self.methods.values():
@@ -111,6 +123,7 @@ class AutoState(HookState):
         self.next_round = 0  # step at which the next measuring round starts
         self.interval = probe_every  # steps from the end of a round to the next one (`BACKOFF`)
         self.planning_seconds = 0.0  # this rank's time in probes, trials and planning
+        self.round_cost = 0.0  # this rank's planning seconds in the last round (`hold_back`)
         # --- internal state ---
         self._measuring = False  # this step belongs to a measuring round
         self._round_ok = True  # every bucket of this measuring step was decided (no NaN measured)
@@ -128,6 +141,11 @@ class AutoState(HookState):
         self._trials: dict[tuple[str, ...], dict[str, Trial]] = {}  # this round's, per bucket
         self._order: list[tuple[str, ...]] = []  # this step's buckets, in order
         self._largest = 0  # bytes of the largest bucket seen
+        self._planned_before = 0.0  # planning_seconds when the last round ended
+        self._round_ended: int | None = None  # the step after the last round (None: none yet, or resumed)
+        self._clock: timer | None = None  # the step in progress, from its first bucket (`hold_back`)
+        self._spans: list[timer] = []  # the latest steps since the last round ended, timed so
+        self._spent = 0.0  # the seconds of those before them (`FOLD`)
 
     # ----- what a gradient travels by -----
     def method(self, key: str) -> str:
@@ -172,6 +190,7 @@ class AutoState(HookState):
         """At the step's first bucket: is this a measuring step? If it starts a round, probe the network."""
         self._order, self._decided, self._round_ok = [], {}, True
         self._step_now = self.step
+        self._clock = None if self.planning_share is None else timer(buf).start()
         if self._verify is not None:
             due = self._verify.due(self.step)
             if due is not None:
@@ -179,6 +198,8 @@ class AutoState(HookState):
             if self._verify is not None:
                 self._verify.begin(self.step, buf)
         self._measuring = self.step >= self.next_round
+        if self._measuring and self._round_steps == 0:
+            self._measuring = self._may_begin(buf)
         if self._measuring and self._round_steps == 0:  # the network once per round
             size = None if self.network is None or self.full_probe or not self.rounds else check_size(self.rounds)
             group, device = self.process_group, buf.device
@@ -188,6 +209,34 @@ class AutoState(HookState):
                 self.stats.sent(nbytes, kind="allreduce", world_size=self.world_size)
             # the probes' own time; waiting for the ranks to line up is time the bucket would have waited
             self.planning_seconds += found.spent
+
+    def _may_begin(self, buf: torch.Tensor) -> bool:
+        """A round is due by the steps: may it begin, by `planning_share`? The time it is a share
+        of is that of the steps since the last round as this hook sees them, each from its first
+        bucket until its last group is decoded (on a GPU, device time): not the forward pass or the
+        optimizer, nor anything else the job runs between steps (an evaluation, another model), so
+        the share is of less than the training time. One small all-reduce agrees on the slowest
+        rank's last round cost and the shortest time, so every rank holds the round back alike,
+        until the step `hold_back` gives (recorded with the last round). The first round, and the
+        first after a resume (its steps were not timed), always begin."""
+        if self.planning_share is None or self._round_ended is None or not self.rounds:
+            return True
+        began = time.perf_counter()
+        spent = self._spent + sum(clock.seconds for clock in self._spans)
+        (cost, elapsed), sent = max_over_ranks([self.round_cost, -spent], self.process_group, buf.device)
+        self.stats.sent(sent, kind="allreduce", world_size=self.world_size)
+        wait = hold_back(cost, -elapsed, self.step - self._round_ended, self.planning_share)
+        self.planning_seconds += time.perf_counter() - began
+        if wait:
+            self.next_round = self.step + wait
+            self.rounds[-1]["held_back"] = {
+                "at": self.step,
+                "until": self.next_round,
+                "cost_s": cost,
+                "elapsed_s": -elapsed,
+            }
+            return False
+        return True
 
     def measure(self, keys: tuple[str, ...], grads: list[torch.Tensor], buf: torch.Tensor) -> None:
         """Run every candidate on this bucket's gradients (no communication); at a round's first
@@ -277,6 +326,9 @@ class AutoState(HookState):
             self.replans += 1
         self._round_steps, self._trials = 0, {}
         self.next_round = self._step_now + 1 + self.interval
+        self.round_cost, self._planned_before = self.planning_seconds - self._planned_before, self.planning_seconds
+        self._round_ended = self._step_now + 1
+        self._spans, self._spent, self._clock = [], 0.0, None  # the steps since: not this one
         if not self._checking:  # a new line: the verdicts on the old one do not carry over
             self._overruled = {}
         arms = [] if settled else alternatives(list(self.choices.values()))
@@ -288,6 +340,12 @@ class AutoState(HookState):
         clean step only: a skipped one is not counted, and not timed)."""
         step = self.step
         super().end_bucket()
+        if self.step != step and self._clock is not None:
+            self._spans.append(self._clock.stop())
+            self._clock = None
+            if len(self._spans) > 2 * self.FOLD:  # read the oldest (on a GPU, long done: no wait)
+                self._spent += sum(clock.seconds for clock in self._spans[: self.FOLD])
+                del self._spans[: self.FOLD]
         if self.step != step and self._verify is not None:
             self._verify.end()
 
@@ -355,6 +413,7 @@ class AutoState(HookState):
             "max_error": self.max_error,
             "measure_steps": self.measure_steps,
             "probe_every": self.probe_every,
+            "planning_share": self.planning_share,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -369,6 +428,7 @@ class AutoState(HookState):
             "interval": self.interval,
             "full_probe": self.full_probe,
             "planning_seconds": self.planning_seconds,
+            "round_cost": self.round_cost,
             "verify": None if self._verify is None else self._verify.state_dict(),
             "overruled": {key: list(verdict) for key, verdict in self._overruled.items()},
             "methods": {name: sub.state_dict() for name, sub in self.methods.items()},
@@ -386,10 +446,24 @@ class AutoState(HookState):
         self.interval = int(state.get("interval", self.probe_every))  # older checkpoints: none saved
         self.full_probe = bool(state["full_probe"])
         self.planning_seconds = float(state["planning_seconds"])
+        self.round_cost = float(state.get("round_cost", 0.0))  # older checkpoints: none saved
+        self._planned_before = self.planning_seconds
+        self._round_ended = None  # the steps since were not timed here: the next round due begins
+        self._spans, self._spent = [], 0.0
         self._round_steps, self._probes, self._trials = 0, {}, {}  # a round in progress starts over
         self._verify = None if state["verify"] is None else Verification(**state["verify"])
         overruled = state.get("overruled", {})  # older checkpoints: none saved
         self._overruled = {key: (str(a), str(b), str(c)) for key, (a, b, c) in overruled.items()}
+
+
+def hold_back(cost: float, elapsed: float, steps: int, share: float) -> int:
+    """Steps a due round waits (0: it begins): until the last round's `cost` seconds are at most
+    `share` of the time since it ended, at the pace of the `steps` taken in the `elapsed` seconds
+    since (at least one step, if it waits at all)."""
+    if cost <= share * elapsed:
+        return 0
+    pace = elapsed / steps if steps > 0 and elapsed > 0 else math.inf
+    return max(1, math.ceil((cost / share - elapsed) / pace)) if math.isfinite(pace) else 1
 
 
 def _forget(residuals: dict[str, torch.Tensor], key: str) -> None:
