@@ -25,6 +25,7 @@ from commcomp.auto.measure import GROWTH, LATENCY_BOUND, Exchange, Network, Tria
 from commcomp.auto.plan import SWITCH_MARGIN, choose
 from commcomp.auto.state import hold_back
 from commcomp.auto.verify import CLEAR_GAP, MARGIN
+from commcomp.stats import timer
 
 # the method each single candidate stands for, as `register` takes it
 ALONE = {
@@ -531,7 +532,9 @@ def test_verification_is_only_for_close_predictions():
     for step in range(1, 8):
         due.append(v.due(step))
         if due[-1] != "final":
-            v.begin(step, torch.zeros(1))
+            clock = timer(torch.zeros(1)).start()
+            v.begin(step, clock)
+            clock.stop()
             v.end()
         methods.append(v.method("gradiveq", step))
     # one step each in turn (2 // 2), twice: steps 1-6, a look after the first turn (step 4, timed

@@ -80,11 +80,11 @@ def choose(
     tied = [name for name in allowed if times[name] <= (1 + SWITCH_MARGIN) * fastest]
     best = current if current in tied else min(tied, key=lambda name: trials[name].error)
     others = sorted((n for n in allowed if n != best), key=lambda n: times[n])
-    why = f"fastest predicted: {best} {1e3 * times[best]:.1f} ms"
-    if times[best] > fastest:  # a tie
-        why = why.replace(": ", f" within {SWITCH_MARGIN:.0%}: ", 1) + (
-            " (current)" if best == current else " (most exact)"
-        )
+    if times[best] == fastest:
+        why = f"fastest predicted: {best} {1e3 * times[best]:.1f} ms"
+    else:  # a tie
+        broken = "current" if best == current else "most exact"
+        why = f"fastest predicted within {SWITCH_MARGIN:.0%}: {best} {1e3 * times[best]:.1f} ms ({broken})"
     if others:
         why += " vs " + ", ".join(f"{n} {1e3 * times[n]:.1f} ms" for n in others)
     if refused:

@@ -143,7 +143,7 @@ class AutoState(HookState):
         self._largest = 0  # bytes of the largest bucket seen
         self._planned_before = 0.0  # planning_seconds when the last round ended
         self._round_ended: int | None = None  # the step after the last round (None: none yet, or resumed)
-        self._clock: timer | None = None  # the step in progress, from its first bucket (`hold_back`)
+        self._clock: timer | None = None  # the step in progress, from its first bucket (`hold_back`, the timed check)
         self._spans: list[timer] = []  # the latest steps since the last round ended, timed so
         self._spent = 0.0  # the seconds of those before them (`FOLD`)
 
@@ -190,13 +190,14 @@ class AutoState(HookState):
         """At the step's first bucket: is this a measuring step? If it starts a round, probe the network."""
         self._order, self._decided, self._round_ok = [], {}, True
         self._step_now = self.step
-        self._clock = None if self.planning_share is None else timer(buf).start()
         if self._verify is not None:
             due = self._verify.due(self.step)
             if due is not None:
                 self._end_verification(buf, final=due == "final")
-            if self._verify is not None:
-                self._verify.begin(self.step, buf)
+        timed = self.planning_share is not None or self._verify is not None
+        self._clock = timer(buf).start() if timed else None
+        if self._verify is not None and self._clock is not None:
+            self._verify.begin(self.step, self._clock)
         self._measuring = self.step >= self.next_round
         if self._measuring and self._round_steps == 0:
             self._measuring = self._may_begin(buf)
@@ -219,7 +220,7 @@ class AutoState(HookState):
         rank's last round cost and the shortest time, so every rank holds the round back alike,
         until the step `hold_back` gives (recorded with the last round). The first round, and the
         first after a resume (its steps were not timed), always begin."""
-        if self.planning_share is None or self._round_ended is None or not self.rounds:
+        if self.planning_share is None or self._round_ended is None:  # (a round ended: `rounds` holds it)
             return True
         began = time.perf_counter()
         spent = self._spent + sum(clock.seconds for clock in self._spans)
@@ -328,7 +329,7 @@ class AutoState(HookState):
         self.next_round = self._step_now + 1 + self.interval
         self.round_cost, self._planned_before = self.planning_seconds - self._planned_before, self.planning_seconds
         self._round_ended = self._step_now + 1
-        self._spans, self._spent, self._clock = [], 0.0, None  # the steps since: not this one
+        self._spans, self._spent = [], 0.0  # the steps after this one (`end_bucket`)
         if not self._checking:  # a new line: the verdicts on the old one do not carry over
             self._overruled = {}
         arms = [] if settled else alternatives(list(self.choices.values()))
@@ -341,11 +342,13 @@ class AutoState(HookState):
         step = self.step
         super().end_bucket()
         if self.step != step and self._clock is not None:
-            self._spans.append(self._clock.stop())
-            self._clock = None
-            if len(self._spans) > 2 * self.FOLD:  # read the oldest (on a GPU, long done: no wait)
-                self._spent += sum(clock.seconds for clock in self._spans[: self.FOLD])
-                del self._spans[: self.FOLD]
+            clock, self._clock = self._clock.stop(), None
+            since = self._round_ended is None or step >= self._round_ended  # not a round's own last step
+            if self.planning_share is not None and since:
+                self._spans.append(clock)
+                if len(self._spans) > 2 * self.FOLD:  # read the oldest (on a GPU, long done: no wait)
+                    self._spent += sum(old.seconds for old in self._spans[: self.FOLD])
+                    del self._spans[: self.FOLD]
         if self.step != step and self._verify is not None:
             self._verify.end()
 
@@ -462,8 +465,9 @@ def hold_back(cost: float, elapsed: float, steps: int, share: float) -> int:
     since (at least one step, if it waits at all)."""
     if cost <= share * elapsed:
         return 0
-    pace = elapsed / steps if steps > 0 and elapsed > 0 else math.inf
-    return max(1, math.ceil((cost / share - elapsed) / pace)) if math.isfinite(pace) else 1
+    if steps <= 0 or elapsed <= 0:  # no pace yet: one step at a time
+        return 1
+    return max(1, math.ceil((cost / share - elapsed) / (elapsed / steps)))
 
 
 def _forget(residuals: dict[str, torch.Tensor], key: str) -> None:

@@ -36,8 +36,6 @@ import math
 import statistics
 from typing import Any
 
-import torch
-
 from commcomp.auto.plan import Choice
 from commcomp.stats import timer
 
@@ -89,18 +87,20 @@ class Verification:
         elapsed, turn = step - self.start, self._block * (1 + len(self.arms))
         return "final" if elapsed >= 2 * turn else "early" if elapsed == turn else None
 
-    def begin(self, step: int, like: torch.Tensor) -> None:
-        """At the first bucket of `step` (after a decision that was due, if any): start its clock on
-        the device of `like` (a `commcomp.stats.timer`: on a GPU, an event on the current stream,
-        so the step is timed on the device, from its first bucket's gradients to its last group's
-        decode, without waiting for the device; the events are read at the decision)."""
-        self._began = (step, timer(like).start())
+    def begin(self, step: int, clock: timer) -> None:
+        """At the first bucket of `step` (after a decision that was due, if any): `clock`, started
+        there and stopped by the caller before `end` (a `commcomp.stats.timer`: on a GPU, events on
+        the current stream, so the step is timed on the device, from its first bucket's gradients
+        to its last group's decode, without waiting for the device; the events are read at the
+        decision)."""
+        self._began = (step, clock)
 
     def end(self) -> None:
-        """When the step ends cleanly (its last group decoded, its commits done): stop its clock."""
+        """When the step ends cleanly (its last group decoded, its commits done, its clock stopped):
+        keep its time."""
         if self._began is not None:
             step, clock = self._began
-            self._clocks[step] = clock.stop()
+            self._clocks[step] = clock
             self._began = None
 
     @property
