@@ -56,7 +56,7 @@ class LaunchResult:
     def ok(self) -> bool:
         return not self.timed_out and all(code == 0 for code in self.returncodes)
 
-    def summary(self, tail: int = 15) -> str:
+    def summary(self, tail: int = 40) -> str:
         """Which hosts failed or hung: their error lines (watchdog verdicts, exception lines) and
         the end of their output."""
         head = f"timed out after {self.elapsed:.1f}s" if self.timed_out else f"failed after {self.elapsed:.1f}s"
@@ -72,8 +72,12 @@ class LaunchResult:
         return "\n".join(parts)
 
 
-# "commcomp watchdog: ..." verdicts and the last line of Python tracebacks ("SomeError: ...")
-_ERROR_LINE = re.compile(r"commcomp watchdog|^(\[rank\d+\]: )?[\w.]*(Error|Exception)\b.*:")
+# "commcomp watchdog: ..." verdicts, the last line of Python tracebacks ("SomeError: ..."), and what
+# a process prints when it dies in native code (an abort, a fatal Python error, a C++ terminate)
+_ERROR_LINE = re.compile(
+    r"commcomp watchdog|^(\[rank\d+\]: )?[\w.]*(Error|Exception)\b.*:"
+    r"|Fatal Python error|terminate called|Aborted|core dumped"
+)
 
 
 class LaunchError(RuntimeError):
