@@ -37,14 +37,14 @@ ALONE = {
 }
 
 
-def _train(rank, world, method, options, steps, save=None, load=None, edit=None, verify_steps=None):
+def _train(rank, world, method, options, steps, save=None, load=None, edit=None, verify_steps=None, cap=0.004):
     if verify_steps is not None:  # time every plan against bf16 and fp32, `verify_steps` steps each
         monkeypatch = pytest.MonkeyPatch()
         monkeypatch.setattr("commcomp.auto.verify.CLEAR_GAIN", 1e9)
         monkeypatch.setattr(AutoState, "verify_steps", verify_steps)
     torch.manual_seed(0)
     net = Net()
-    ddp = DDP(net, bucket_cap_mb=0.004)
+    ddp = DDP(net, bucket_cap_mb=cap)
     state = commcomp.register(ddp, method, **options)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
     if load:
@@ -105,7 +105,23 @@ def test_every_bucket_travels_by_its_choice_from_step_0():
     auto = run(_train, 2, "auto", options, 5, timeout=180)
     alone = run(_train, 2, "identity", {}, 5, timeout=180)
     assert torch.equal(auto[0][0], alone[0][0])
-    assert set(auto[0][1][0]) == {"fp32"}  # the plan of step 0, on DDP's initial buckets
+    assert auto[0][1][0] == [] and set(auto[0][1][1]) == {"fp32"}  # the first round ends with step 1
+
+
+def test_the_first_plan_is_made_on_the_buckets_ddp_keeps():
+    """DDP sends its first step in one bucket and re-forms its buckets for the steps after: the
+    first round goes on through step 1, measures the buckets it did not measure at step 0, and
+    plans on them. Where the buckets keep their parameters (one bucket, re-formed in another
+    order), step 1 measures nothing."""
+    options = {"candidates": ["bf16"], "measure_steps": 1, "probe_every": 100, "planning_share": None}
+    (_, plans, report, _, n_buckets, sent) = run(_train, 2, "auto", options, 4, timeout=180)[0]
+    assert n_buckets >= 3 and plans[0] == [] and plans[1] == ["bf16"] * n_buckets
+    assert [r["step"] for r in report["rounds"]] == [1] and sent[1] > sent[2] == sent[3]  # step 1 agreed
+    assert sorted(k for b in report["buckets"] for k in b["params"]) == sorted(n for n, _ in Net().named_parameters())
+    one_bucket = (None, None, None, None, 25)  # bucket_cap_mb=25
+    (_, plans, report, _, n_buckets, sent) = run(_train, 2, "auto", options, 4, *one_bucket, timeout=180)[0]
+    assert n_buckets == 1 and plans[0] == [] and plans[1] == ["bf16"]
+    assert [r["step"] for r in report["rounds"]] == [1] and sent[1] == sent[2] == sent[3]  # nothing measured
 
 
 def test_every_rank_makes_the_same_plan_and_the_plan_covers_every_bucket():
@@ -309,7 +325,7 @@ def test_rounds_space_out_while_nothing_changes_and_a_resumed_job_keeps_the_spac
     ckpt = str(tmp_path / "ckpt")
     straight = run(_train_held, 2, "auto", options, 40, (ckpt, 10), timeout=180)[0][2]
     cap = AutoState.BACKOFF * options["probe_every"]
-    assert [(r["step"], r["interval"]) for r in straight["rounds"]] == [(0, 2), (3, 4), (8, 8), (17, cap), (34, cap)]
+    assert [(r["step"], r["interval"]) for r in straight["rounds"]] == [(1, 2), (4, 4), (9, 8), (18, cap), (35, cap)]
     assert all(r["probed"] == "checked" for r in straight["rounds"][1:]) and straight["replans"] == 0
     resumed = run(_train_held, 2, "auto", options, 30, None, ckpt, timeout=180)[0][2]  # steps 10-39
     keys = ("step", "interval", "methods", "probed")  # the times measured after the resume are its own
@@ -335,17 +351,17 @@ def test_a_round_due_by_the_steps_waits_for_the_planning_share():
     assert all(r["rounds"] == reports[0]["rounds"] for r in reports)
     (only,) = reports[0]["rounds"]
     held = only["held_back"]
-    assert only["step"] == 0 and held["at"] == 1 + only["interval"] == 2
+    assert only["step"] == 1 and held["at"] == 2 + only["interval"] == 3  # the first round ends with step 1
     assert held["cost_s"] > options["planning_share"] * held["elapsed_s"]
-    assert held["until"] == 2 + hold_back(held["cost_s"], held["elapsed_s"], 1, options["planning_share"]) > 8
+    assert held["until"] == 3 + hold_back(held["cost_s"], held["elapsed_s"], 1, options["planning_share"]) > 8
     assert reports[0]["next_round"] == held["until"] and all(p == out[0][1][-1] for p in out[0][1][1:])
 
 
 def test_the_same_methods_on_rebuilt_buckets_are_no_replan():
-    """Rounds at step 0 (DDP's initial buckets) and after DDP rebuilt them: with one candidate the
-    methods per parameter never change, so no round counts as a re-plan."""
+    """The first round (DDP's initial buckets at step 0, its re-formed ones at step 1) and the rounds
+    after: with one candidate the methods per parameter never change, so no round counts as a re-plan."""
     options = {"candidates": ["bf16"], "measure_steps": 1, "probe_every": 1, "planning_share": None}
-    (_, plans, report, _, n_buckets, _) = run(_train, 2, "auto", options, 7, timeout=180)[0]
+    (_, plans, report, _, n_buckets, _) = run(_train, 2, "auto", options, 10, timeout=180)[0]
     assert len(report["rounds"]) >= 3 and report["replans"] == 0
     assert plans[-1] == ["bf16"] * n_buckets
 
@@ -447,16 +463,16 @@ def test_a_timed_check_is_decided_alike_on_every_rank(gap):
     assert timed["kept"] == fastest
     kept = {b["method"] for b in reports[0]["buckets"]}
     assert kept == ({"qsgd4"} if fastest == "plan" else {fastest})
-    sent = out[0][5]  # bytes handed to collectives per step: steps 1-3 by each arm in turn
-    by_arm = dict(zip(order, sent[1:4]))
+    sent = out[0][5]  # bytes handed to collectives per step: steps 2-4 by each arm in turn
+    by_arm = dict(zip(order, sent[2:5]))
     assert by_arm["plan"] < by_arm["bf16"] < by_arm["fp32"]  # QSGD < bf16 < fp32
     look = 8 * 6  # the look after the first turn: the three medians and their standard errors, float64
     by_kept = by_arm[timed["kept"]]
-    if gap == math.inf:  # no look decides: the second turn, then the decision at step 7
-        assert timed["turns"] == 2 and sent[4] == sent[1] + look and sent[5:7] == sent[2:4]
-        assert sent[7] == by_kept + look and set(sent[8:]) == {by_kept}
-    else:  # decided at the look: from step 4 on, every step by the kept method
-        assert timed["turns"] == 1 and sent[4] == by_kept + look and set(sent[5:]) == {by_kept}
+    if gap == math.inf:  # no look decides: the second turn, then the decision at step 8
+        assert timed["turns"] == 2 and sent[5] == sent[2] + look and sent[6:8] == sent[3:5]
+        assert sent[8] == by_kept + look and set(sent[9:]) == {by_kept}
+    else:  # decided at the look: from step 5 on, every step by the kept method
+        assert timed["turns"] == 1 and sent[5] == by_kept + look and set(sent[6:]) == {by_kept}
 
 
 def _train_qsgd_settled(rank, world, *args):
@@ -475,12 +491,12 @@ def test_a_round_that_kept_the_plan_on_a_held_network_is_not_timed_again():
     steps = 20
     out = run(_train_qsgd_settled, 2, "auto", options, steps, None, None, None, 2, timeout=180)
     rounds = out[0][2]["rounds"]
-    assert [r["step"] for r in rounds] == [0, 9]  # the first timed check ends at step 7
+    assert [r["step"] for r in rounds] == [1, 10]  # the first timed check ends at step 8
     assert [r["interval"] for r in rounds] == [8, 16]  # nothing changed: the next round waits twice as long
     assert all({*r["methods"]} == {"qsgd4"} for r in rounds)
     assert "timed" in rounds[0] and rounds[1]["probed"] == "checked" and "timed" not in rounds[1]
     sent = out[0][5]  # every step after the re-plan round by QSGD: the same bytes (a check's arms differ)
-    assert len(set(sent[10:])) == 1 and sent[10] < min(sent[2], sent[3])
+    assert len(set(sent[11:])) == 1 and sent[11] < min(sent[3], sent[4])
 
 
 def _train_qsgd_overruled(rank, world, *args):
@@ -503,11 +519,11 @@ def test_a_verdict_stands_while_the_network_holds_and_the_prediction_is_the_same
     report, sent = out[0][2], out[0][5]
     assert all(o[2]["rounds"] == report["rounds"] for o in out)
     rounds = report["rounds"]
-    assert [r["step"] for r in rounds] == [0, 9] and rounds[0]["timed"]["kept"] == "bf16"
+    assert [r["step"] for r in rounds] == [1, 10] and rounds[0]["timed"]["kept"] == "bf16"
     assert rounds[1]["probed"] == "checked" and "timed" not in rounds[1] and rounds[1]["interval"] == 16
     assert {*rounds[1]["methods"]} == {"bf16"} and report["replans"] == 0
     assert all("timed on real steps" in b["why"] for b in report["buckets"])
-    assert len(set(sent[10:])) == 1 and sent[10] == sent[8]  # bf16 throughout, the round's step aside
+    assert len(set(sent[11:])) == 1 and sent[11] == sent[9]  # bf16 throughout, the round's step aside
 
 
 def test_verification_is_only_for_close_predictions():

@@ -16,8 +16,11 @@ The schedule, counted in finished steps:
   over ranks of its candidates' timings and errors (and, at the round's first bucket, of the probe
   times), so every rank makes the same choice from the same numbers (`commcomp.auto.plan`), and the
   bucket travels by it from this step on: from step 0, no step is sent by a method the job would
-  not have chosen. The plan is kept per parameter (DDP rebuilds its buckets after the first step);
-  a round that ends with a different plan counts as a re-plan (`replans`);
+  not have chosen. The plan is kept per parameter (a new process's DDP sends its first step in its
+  initial buckets, one bucket for a small or new model, and re-forms them for the steps after); a
+  round that measured the process's first step goes on for one more step (`_settles`), which
+  measures only the buckets not measured yet, so the plan is made on the buckets the job keeps; a
+  round that ends with a different plan counts as a re-plan (`replans`);
 - a plan predicted less than 2x faster than sending every bucket in bf16, or in fp32, is timed
   against them on real steps (`commcomp.auto.verify`); an alternative more than 5% faster replaces it.
   A re-plan round that found the network on its line and kept the plan is not timed again, and
@@ -129,7 +132,7 @@ class AutoState(HookState):
         self._round_ok = True  # every bucket of this measuring step was decided (no NaN measured)
         self.full_probe = False  # the next round probes the network in full (its check failed)
         self._checking = False  # this round re-times one size instead of probing in full
-        self._decided: dict[tuple[str, ...], Choice] = {}  # this measuring step's choices, per bucket
+        self._decided: dict[tuple[str, ...], Choice] = {}  # this round's choices so far, per bucket
         self._verify: Verification | None = None  # a plan being timed against the alternatives
         # what the last timed check overruled, per parameter: (predicted method, kept method, why);
         # while the network holds, the same prediction gets the same verdict (`decide`)
@@ -141,6 +144,7 @@ class AutoState(HookState):
         self._trials: dict[tuple[str, ...], dict[str, Trial]] = {}  # this round's, per bucket
         self._order: list[tuple[str, ...]] = []  # this step's buckets, in order
         self._largest = 0  # bytes of the largest bucket seen
+        self._first_step: int | None = None  # this process's first step (DDP's initial buckets)
         self._planned_before = 0.0  # planning_seconds when the last round ended
         self._round_ended: int | None = None  # the step after the last round (None: none yet, or resumed)
         self._clock: timer | None = None  # the step in progress, from its first bucket (`hold_back`, the timed check)
@@ -178,8 +182,20 @@ class AutoState(HookState):
             self.start_step(buf)
         self._order.append(keys)
         if self._measuring:
-            self.measure(keys, grads, buf)
-            self.decide(keys, buf)
+            measured = self._measured(keys)
+            if measured is None:
+                self.measure(keys, grads, buf)
+                self.decide(keys, buf)
+            else:
+                self._decided[keys] = measured
+
+    def _measured(self, keys: tuple[str, ...]) -> Choice | None:
+        """On a round's step beyond `measure_steps` (`_settles`): the round's choice for a bucket of
+        the same parameters (DDP may re-form a bucket in another order), else None: measure it."""
+        if self._round_steps < self.measure_steps:
+            return None
+        same = set(keys)
+        return next((choice for old, choice in self._decided.items() if set(old) == same), None)
 
     def after_last_bucket(self, buf: torch.Tensor) -> None:
         """After the step's last bucket was sent: plan, if a measuring round ends with this step."""
@@ -188,8 +204,10 @@ class AutoState(HookState):
 
     def start_step(self, buf: torch.Tensor) -> None:
         """At the step's first bucket: is this a measuring step? If it starts a round, probe the network."""
-        self._order, self._decided, self._round_ok = [], {}, True
+        self._order, self._round_ok = [], True
         self._step_now = self.step
+        if self._first_step is None:
+            self._first_step = self.step
         if self._verify is not None:
             due = self._verify.due(self.step)
             if due is not None:
@@ -202,6 +220,7 @@ class AutoState(HookState):
         if self._measuring and self._round_steps == 0:
             self._measuring = self._may_begin(buf)
         if self._measuring and self._round_steps == 0:  # the network once per round
+            self._decided = {}
             size = None if self.network is None or self.full_probe or not self.rounds else check_size(self.rounds)
             group, device = self.process_group, buf.device
             found = probe(self.probe_cap(), group, device) if size is None else recheck(size, group, device)
@@ -270,7 +289,7 @@ class AutoState(HookState):
             if not self._round_ok or self.network is None or not all(map(math.isfinite, numbers)):
                 self._round_ok = False  # a NaN measured (an overflow step), or the network changed
             else:
-                current = {self._planned.get(key) for key in keys}  # per parameter: DDP may have rebuilt its buckets
+                current = {self._by_param.get(key) for key in keys}  # per parameter: DDP may have rebuilt its buckets
                 method = current.pop() if len(current) == 1 else None
                 choice = choose(trials, self.network, self.world_size, self.max_error, method)
                 verdict = {self._overruled.get(key) for key in keys}
@@ -300,12 +319,12 @@ class AutoState(HookState):
             self._round_steps, self._trials = 0, {}
             return
         self._round_steps += 1
-        if self._round_steps < self.measure_steps:
+        if self._round_steps < self.measure_steps or self._settles():
             return
         net = self.network
         assert net is not None
         before = self._planned
-        self._set(dict(self._decided))
+        self._set({keys: self._decided[keys] for keys in self._order})  # this step's buckets
         # a round whose check found the network on its line and which kept the plan has nothing new
         # to time (the plan already stood against the alternatives, or replaced them), and the next
         # round can wait twice as long
@@ -335,6 +354,15 @@ class AutoState(HookState):
         arms = [] if settled else alternatives(list(self.choices.values()))
         if arms:
             self._verify = Verification(arms, self.verify_steps, self._step_now + 1)
+
+    def _settles(self) -> bool:
+        """Whether the round that measured this step goes on for one more step because DDP is
+        about to re-form its buckets: it forms them after the process's first step, from the order
+        the gradients arrived in (a model of several buckets can have one in its first step), and
+        they stay so. The extra step measures only buckets this round has not measured, so a model
+        whose buckets stay the same pays nothing for it, and the plan is made on the buckets the job
+        keeps."""
+        return self._step_now == self._first_step and self._round_steps == self.measure_steps
 
     def end_bucket(self) -> None:
         """After the step's last group: a timed check takes the step's time, its commits included (a
