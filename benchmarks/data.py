@@ -92,11 +92,12 @@ class MLP(nn.Module):
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
-    """Fraction of correct predictions (model put in eval mode for the call, then restored)."""
+    """Fraction of correct predictions, over every element of `y` (a class per example, or per
+    position: logits (B, classes, T) for targets (B, T)); model put in eval mode for the call, then restored."""
     was_training = model.training
     model.eval()
     correct = 0
     for i in range(0, len(x), batch):
         correct += int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
     model.train(was_training)
-    return correct / max(len(x), 1)
+    return correct / max(y.numel(), 1)

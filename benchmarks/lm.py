@@ -1,6 +1,6 @@
-"""A small character-level transformer language model with MoE feed-forward layers, and its data:
-the source text of Python's own standard library (no download). Used by the MoE tests and
-benchmarks as a real workload.
+"""Small character-level transformer language models, and their data: the source text of Python's
+own standard library (no download). `MoELM` (MoE feed-forward layers) is the MoE tests' and
+benchmarks' workload; `CharLM` (dense feed-forward) is the training benchmark's "lm" workload.
 """
 
 from __future__ import annotations
@@ -16,7 +16,18 @@ from torch import Tensor, nn
 
 from commcomp.moe import MoE, scale_expert_grads
 
-__all__ = ["VOCAB", "MoELM", "batch", "encode", "evaluate", "stdlib_text", "train_step", "unigram_entropy"]
+__all__ = [
+    "VOCAB",
+    "CharLM",
+    "MoELM",
+    "batch",
+    "encode",
+    "evaluate",
+    "stdlib_text",
+    "train_step",
+    "unigram_entropy",
+    "windows",
+]
 
 VOCAB = 128  # ASCII; anything else becomes "?"
 
@@ -47,9 +58,9 @@ def unigram_entropy(codes: Tensor) -> float:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block whose feed-forward is an MoE layer."""
+    """Pre-norm transformer block; its feed-forward (an MoE layer, or `Dense`) returns (output, aux loss)."""
 
-    def __init__(self, d_model: int, heads: int, moe: MoE) -> None:
+    def __init__(self, d_model: int, heads: int, moe: nn.Module) -> None:
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.attn = nn.MultiheadAttention(d_model, heads, batch_first=True)
@@ -62,6 +73,17 @@ class Block(nn.Module):
         return x + y, aux
 
 
+class Dense(nn.Module):
+    """A dense feed-forward layer (d -> 4d -> d, GELU) with an MoE layer's signature (no aux loss)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.ff = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.ff(x), x.new_zeros(())
+
+
 class MoELM(nn.Module):
     """Embedding -> `layers` blocks (causal attention + MoE feed-forward) -> logits over VOCAB.
 
@@ -69,12 +91,18 @@ class MoELM(nn.Module):
     arguments go to every `MoE` (num_experts, gate, k, capacity_factor, process_group, ...).
     """
 
-    def __init__(self, d_model: int, heads: int, layers: int, context: int, **moe_options: object) -> None:
+    def __init__(
+        self, d_model: int, heads: int, layers: int, context: int, dense: bool = False, **moe_options: object
+    ) -> None:
         super().__init__()
         self.context = context
         self.embed = nn.Embedding(VOCAB, d_model)
         self.pos = nn.Parameter(torch.randn(context, d_model) / math.sqrt(d_model))
-        self.blocks = nn.ModuleList(Block(d_model, heads, MoE(d_model, **moe_options)) for _ in range(layers))  # type: ignore[arg-type]
+
+        def ff() -> nn.Module:
+            return Dense(d_model) if dense else MoE(d_model, **moe_options)  # type: ignore[arg-type]
+
+        self.blocks = nn.ModuleList(Block(d_model, heads, ff()) for _ in range(layers))
         self.ln = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, VOCAB)
 
@@ -91,6 +119,24 @@ class MoELM(nn.Module):
             x, a = block(x, mask)
             aux = aux + a
         return self.head(self.ln(x)), aux
+
+
+class CharLM(MoELM):
+    """`MoELM` with dense feed-forward layers, as a classifier of every position: `forward(codes
+    (B, T)) -> logits (B, VOCAB, T)`, classes in dimension 1 as `F.cross_entropy` takes them with
+    targets (B, T)."""
+
+    def __init__(self, d_model: int, heads: int = 4, layers: int = 2, context: int = 32) -> None:
+        super().__init__(d_model, heads, layers, context, dense=True)
+
+    def forward(self, codes: Tensor) -> Tensor:  # type: ignore[override]
+        logits, _ = super().forward(codes)
+        return logits.transpose(1, 2)
+
+
+def windows(codes: Tensor, count: int, context: int, seed: int) -> tuple[Tensor, Tensor]:
+    """`count` windows of `codes` at random starts (seeded: the same on every rank), as `batch`."""
+    return batch(codes, count, context, torch.Generator().manual_seed(seed))
 
 
 def batch(codes: Tensor, size: int, context: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:

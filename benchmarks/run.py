@@ -45,7 +45,7 @@ __all__ = ["main"]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cluster_options(p)
-    p.add_argument("--workloads", default="cnn,mlp", help="comma-separated: cnn, mlp")
+    p.add_argument("--workloads", default="cnn,mlp", help="comma-separated: cnn, mlp, lm")
     p.add_argument(
         "--methods", default="", help="comma-separated training methods, or 'all' (default: each workload's list)"
     )

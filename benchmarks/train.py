@@ -59,7 +59,7 @@ def _evaluate(s: Setup, x: torch.Tensor, y: torch.Tensor) -> float:
     else:
         model = _unwrap(s.model)
     rank, world = dist.get_rank(), dist.get_world_size()
-    mine = len(x[rank::world])
+    mine = y[rank::world].numel()  # predictions: one per example, or per position
     correct = round(accuracy(model, x[rank::world], y[rank::world]) * mine)
     totals = torch.tensor([correct, mine], dtype=torch.float64)
     dist.all_reduce(totals)  # the ranks' models are identical (or averaged): one score of the whole set

@@ -354,6 +354,44 @@ def test_training_records_and_bytes() -> None:
     assert [r["bytes_per_step_series"] for r in ranks[1][:2]] == [r["bytes_per_step_series"] for r in ranks[0][:2]]
 
 
+def _train_lm(rank: int, world_size: int) -> list[dict[str, Any]]:
+    import torch
+
+    from benchmarks.methods import setup
+    from benchmarks.train import _evaluate, run_workload
+
+    workload = get_workload("lm", 32)
+    rows = run_workload(workload, ["fp32", "auto"], 4, {"seed": 3})
+    torch.manual_seed(0)
+    net = workload.model()
+    s = setup("fp32", net, {}, lambda p: torch.optim.SGD(p, lr=0.1))
+    _, _, xt, yt = workload.data()
+    net.eval()
+    with torch.no_grad():
+        reference = float((net(xt).argmax(1) == yt).double().mean())  # every position of every window
+    rows.append({"evaluated": _evaluate(s, xt, yt), "reference": reference})
+    s.stack.close()
+    return rows
+
+
+def test_lm_workload_scores_every_position_and_trains_with_auto() -> None:
+    """The transformer workload: next-character windows the same on every call, logits with the
+    classes in dimension 1, the ranks' split evaluation equal to one pass over every position, and
+    a short run of fp32 and auto that records its curve and auto's plan."""
+    w = get_workload("lm", 32)
+    x, y, xt, yt = w.data()
+    assert x.shape == y.shape and xt.shape == yt.shape and x.shape[1] == xt.shape[1]
+    assert bool((x[:, 1:] == y[:, :-1]).all())  # the targets are the inputs shifted by one character
+    assert all(bool((a == b).all()) for a, b in zip(w.data(), (x, y, xt, yt)))
+    assert w.model()(x[:3]).shape == (3, 128, x.shape[1])
+    ranks = run(_train_lm, 2, timeout=180)
+    check = ranks[0].pop()
+    assert check["evaluated"] == pytest.approx(check["reference"], abs=1e-12)
+    fp32, auto = ranks[0]
+    assert fp32["curve"][-1][0] == 4 and 0.0 <= fp32["final_accuracy"] <= 1.0
+    assert len(auto["plan"]["buckets"]) >= 1 and auto["plan"]["rounds"][0]["step"] == 1
+
+
 def test_driver_local(tmp_path: Path) -> None:
     from benchmarks import run as driver
 
