@@ -27,6 +27,8 @@ Derived per row (one method on one workload):
                  front (every row but auto's; `best_fixed` marks that row)
   overhead_pct   (auto) the most time any rank spent measuring and planning, as % of the row's
                  training seconds
+  ttt_runs       (rows combined over repeated runs, `median_rows`) each run's time to target; the
+                 numbers above are then the medians over the runs
 """
 
 from __future__ import annotations
@@ -49,10 +51,12 @@ __all__ = [
     "derive",
     "format_table",
     "format_targets",
+    "median_rows",
     "plot_accuracy",
     "plot_training",
     "powersgd_best",
     "reached",
+    "relate",
     "targets",
 ]
 
@@ -144,15 +148,60 @@ def derive(rows: list[Row], target: float | None = None) -> list[Row]:
             found = reached(r["curve"], goal) if goal is not None else None
             r["ttt_steps"], r["ttt_s"] = found if found is not None else (None, None)
             r["speedup"] = base["mean_s"] / r["mean_s"] if base else math.nan
-        best = powersgd_best(mine) if goal is not None else None  # time-to-accuracy workloads only
-        fixed = best_fixed(mine) if goal is not None else None
-        refs = {"x_fp32": base, "x_hook16": by.get(HOOK16), "x_powersgd": best, "x_best_fixed": fixed}
-        for r in mine:
-            r["powersgd_best"] = r is best
-            r["best_fixed"] = r is fixed
-            for key, ref in refs.items():
-                r[key] = _fraction(r["ttt_s"], ref["ttt_s"]) if ref else None
+        relate(mine)
     return rows
+
+
+def relate(rows: list[Row]) -> None:
+    """The columns that compare one workload's rows (that ran) with each other: time to target as a
+    fraction of fp32's, the 16-bit hook's, the best PowerSGD rank's and the best fixed method's."""
+    by = {r["method"]: r for r in rows}
+    timed = any(r.get("target_acc") is not None for r in rows)  # time-to-accuracy workloads only
+    best = powersgd_best(rows) if timed else None
+    fixed = best_fixed(rows) if timed else None
+    refs = {"x_fp32": by.get("fp32"), "x_hook16": by.get(HOOK16), "x_powersgd": best, "x_best_fixed": fixed}
+    for r in rows:
+        r["powersgd_best"] = r is best
+        r["best_fixed"] = r is fixed
+        for key, ref in refs.items():
+            r[key] = _fraction(r["ttt_s"], ref["ttt_s"]) if ref else None
+
+
+# the numbers `median_rows` takes the median of over repeated runs (the times to target: "never" is
+# the slowest)
+MEDIAN_KEYS = ("step_s", "best_acc", "ratio", "codec_pct", "overhead_pct", "overhead_seconds_max", "train_seconds")
+REACHED_KEYS = ("ttt_s", "ttt_steps")
+
+
+def _median(values: list[Any], never_is_slowest: bool) -> float | None:
+    if never_is_slowest:
+        middle = statistics.median(math.inf if v is None else v for v in values)
+        return None if math.isinf(middle) else middle
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def median_rows(runs: Sequence[Sequence[Row]]) -> list[Row]:
+    """One workload's rows over repeated runs (each: one run's derived rows, e.g. one per seed), one
+    row per method: the first run's row with the median over the runs of each number a table or a
+    target reads (a run that never reached the target counts as the slowest, so the median is
+    "never" when half of them or more never did), `ttt_runs` each run's time to target, and the
+    comparison columns (`relate`) computed anew on the medians."""
+    out: list[Row] = []
+    for first in runs[0]:
+        if "skipped" in first:
+            out.append(first)
+            continue
+        same = [r for run in runs for r in run if r["method"] == first["method"] and "skipped" not in r]
+        row = dict(first)
+        for key in (k for k in MEDIAN_KEYS + REACHED_KEYS if k in first):
+            row[key] = _median([r.get(key) for r in same], key in REACHED_KEYS)
+        if row.get("ttt_steps") is not None:
+            row["ttt_steps"] = round(row["ttt_steps"])
+        row["ttt_runs"] = [r.get("ttt_s") for r in same]
+        out.append(row)
+    relate([r for r in out if "skipped" not in r])
+    return out
 
 
 def _fmt(value: Any, spec: str) -> str:

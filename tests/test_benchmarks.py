@@ -13,6 +13,7 @@ import inspect
 import itertools
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +280,31 @@ def test_report_given_target() -> None:
     assert rows[1]["x_best_fixed"] == pytest.approx(1.0 / 3.0) and rows[1]["x_fp32"] is None
 
 
+def test_report_median_rows_over_seeds() -> None:
+    """Repeated runs: every number a table or target reads is the median over the runs (a run that
+    never reached the target is the slowest), and the comparison columns come from the medians."""
+    hook_times, auto_times = [3.0, 6.0, 4.0], [2.0, None, 6.0]  # auto: reached at 2 s, never, at 6 s
+    runs = []
+    for i, (hook, auto) in enumerate(zip(hook_times, auto_times)):
+        auto_curve = [[4, 1.0, 0.5]] + ([[8, auto, 0.95]] if auto is not None else [])
+        rows = [
+            _row("torch-fp16", [[4, 1.0, 0.5], [8, hook, 0.95]], step_seconds=[0.5 + i] * 4),
+            _row("auto", auto_curve, train_seconds=10.0 + i, overhead_seconds_max=0.1 * (i + 1)),
+        ]
+        runs.append(report.derive(rows, target=0.9))
+    hook, auto = report.median_rows(runs)
+    assert hook["ttt_s"] == 4.0 and hook["ttt_runs"] == hook_times and hook["step_s"] == 1.5
+    assert auto["ttt_s"] == 6.0 and auto["ttt_runs"] == auto_times and auto["ttt_steps"] == 8  # never > 6 s
+    assert auto["overhead_pct"] == pytest.approx(statistics.median(100 * 0.1 * (i + 1) / (10 + i) for i in range(3)))
+    assert hook["best_fixed"] and auto["x_best_fixed"] == pytest.approx(6.0 / 4.0) and auto["x_hook16"] == 1.5
+    assert runs[0][1]["ttt_s"] == 2.0 and runs[0][1]["x_best_fixed"] == pytest.approx(2.0 / 3.0)  # runs untouched
+    # "never" when half of the runs or more never reached the target
+    (never,) = report.median_rows([[runs[0][1]], [runs[1][1]]])
+    assert never["ttt_s"] is None and never["ttt_steps"] is None and never["ttt_runs"] == [2.0, None]
+    alone = [{k: v for k, v in r.items() if k != "ttt_runs"} for r in report.median_rows([runs[0]])]
+    assert alone == runs[0]  # one run: its own rows
+
+
 # ----- the workload's schedules -----
 
 
@@ -464,3 +490,33 @@ def test_sweep_local(tmp_path: Path) -> None:
         assert sum(n.startswith("auto within 10%") for n in names) == 2
         assert any(n.endswith(" at 1 Mbit/s") for n in names)
         assert "final plan:" in text
+
+
+def test_sweep_local_over_seeds(tmp_path: Path) -> None:
+    """--seeds: every run once per seed, fp32 included, each seed's target from its own fp32 run;
+    the tables and targets read the medians over the seeds, and every seed's record is kept."""
+    from benchmarks import sweep
+
+    out, md = tmp_path / "out", tmp_path / "sweep.md"
+    result = sweep.main(
+        [
+            *("--local", "--hosts", "2", "--rates", "2", "--methods", "torch-fp16", "--steps", "4"),
+            *("--width", str(WIDTH), "--seeds", "3,5", "--out", str(out), "--md", str(md)),
+        ]
+    )
+    by_seed = result["runs_by_seed"]["2"]
+    assert list(by_seed) == ["3", "5"] and result["meta"]["seeds"] == [3, 5]
+    for seed, rows in by_seed.items():
+        assert [(r["method"], r["seed"]) for r in rows] == [("fp32", int(seed)), ("torch-fp16", int(seed))]
+        target = max(acc for _, _, acc in rows[0]["curve"]) - report.TARGET_GAP
+        assert all(r["target_acc"] == pytest.approx(target) for r in rows)
+    first, second = (rows[0]["curve"] for rows in by_seed.values())
+    assert first != second  # other initial weights and batches
+    for i, row in enumerate(result["runs"]["2"]):
+        each = [rows[i]["ttt_s"] for rows in by_seed.values()]
+        assert row["ttt_runs"] == each
+        expected = None if None in each else statistics.median(each)
+        assert row["ttt_s"] == (None if expected is None else pytest.approx(expected))
+        assert row["step_s"] == pytest.approx(statistics.median(rows[i]["step_s"] for rows in by_seed.values()))
+    text = md.read_text()
+    assert "seeds 3, 5: every number is the median" in text and "per seed s" in text and "seed 5 " in text
