@@ -169,7 +169,10 @@ def relate(rows: list[Row]) -> None:
 
 # the numbers `median_rows` takes the median of over repeated runs (the times to target: "never" is
 # the slowest)
-MEDIAN_KEYS = ("step_s", "best_acc", "ratio", "codec_pct", "overhead_pct", "overhead_seconds_max", "train_seconds")
+MEDIAN_KEYS = (
+    *("step_s", "best_acc", "ratio", "codec_pct", "overhead_pct", "overhead_seconds_max", "train_seconds"),
+    "target_acc",
+)
 REACHED_KEYS = ("ttt_s", "ttt_steps")
 
 
@@ -321,7 +324,9 @@ def auto_targets(rows: Sequence[Row], where: str = "") -> list[Row]:
     mine, best = auto["ttt_s"], best_fixed(rows)
     hook = next((r for r in rows if r["method"] == HOOK16 and "skipped" not in r), None)
     never = f" (auto never reached it: best {auto['best_acc']:.3f})" if mine is None else ""
-    parts = [f"auto {_fmt(mine, '.1f')} s to {auto['target_acc']:.3f}{never}"]
+    runs = len(auto.get("ttt_runs", []))
+    medians = f" (medians over {runs} runs, each to its own target)" if runs > 1 else ""
+    parts = [f"auto {_fmt(mine, '.1f')} s to {auto['target_acc']:.3f}{never}{medians}"]
     ok: bool | None = mine is not None
     if best is None:
         parts.append("no fixed method reached the target")

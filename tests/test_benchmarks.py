@@ -298,6 +298,8 @@ def test_report_median_rows_over_seeds() -> None:
     assert auto["overhead_pct"] == pytest.approx(statistics.median(100 * 0.1 * (i + 1) / (10 + i) for i in range(3)))
     assert hook["best_fixed"] and auto["x_best_fixed"] == pytest.approx(6.0 / 4.0) and auto["x_hook16"] == 1.5
     assert runs[0][1]["ttt_s"] == 2.0 and runs[0][1]["x_best_fixed"] == pytest.approx(2.0 / 3.0)  # runs untouched
+    within = report.auto_targets([hook, auto])[1]
+    assert within["status"] == "MISS" and within["detail"].startswith("auto 6.0 s to 0.900 (medians over 3 runs")
     # "never" when half of the runs or more never reached the target
     (never,) = report.median_rows([[runs[0][1]], [runs[1][1]]])
     assert never["ttt_s"] is None and never["ttt_steps"] is None and never["ttt_runs"] == [2.0, None]
