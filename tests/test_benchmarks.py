@@ -303,6 +303,7 @@ def test_report_median_rows_over_seeds() -> None:
     # "never" when half of the runs or more never reached the target
     (never,) = report.median_rows([[runs[0][1]], [runs[1][1]]])
     assert never["ttt_s"] is None and never["ttt_steps"] is None and never["ttt_runs"] == [2.0, None]
+    assert never["acc"] == pytest.approx((0.95 + 0.5) / 2)  # the final accuracy too, not the first run's
     alone = [{k: v for k, v in r.items() if k != "ttt_runs"} for r in report.median_rows([runs[0]])]
     assert alone == runs[0]  # one run: its own rows
 
