@@ -296,7 +296,9 @@ def test_a_replan_round_checks_the_network_with_one_size_and_probes_in_full_when
     assert check_size([{"probes": {4096: 0.001, 8192: 0.002}}]) == 8192  # none did: the largest
     assert check_size([{"probes": {65536: 0.03}}]) == 65536  # a checked round's one size
     options = {"candidates": ["bf16", "fp32"], "measure_steps": 1, "probe_every": 2, "planning_share": None}
-    (*_, report, _, _, _) = run(_train, 2, "auto", options, 10, timeout=180)[0]
+    # 16 steps: at least three rounds on any path, e.g. checks that hold at step 4 and fail at step 9
+    # (the interval grew to 4) record the full probe at step 10: with 10 steps there were two
+    (*_, report, _, _, _) = run(_train, 2, "auto", options, 16, timeout=180)[0]
     rounds = report["rounds"]
     assert rounds[0]["probed"] == "in full" and len(rounds) >= 3
     every = options["probe_every"]
