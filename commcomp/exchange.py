@@ -320,18 +320,28 @@ def send(
 
 def _split(
     item: InFlight[Any], received: Received, world_size: int
-) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
-    """(what the codec decodes, per-rank flags, what a NaN/Inf check of the sum reads) of one
-    received buffer. The check reads a summed buffer's values in one piece: a reduction per part
-    would launch a few operations per tensor of the group (GradiVeQ sends two per layer) for the
-    same answer."""
+) -> tuple[list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]:
+    """(what the codec decodes, per-rank flags (None: the buffer holds no flag slots), what a NaN/Inf
+    check of the sum reads) of one received buffer. The check reads a summed buffer's values in one
+    piece: a reduction per part would launch a few operations per tensor of the group (GradiVeQ
+    sends two per layer) for the same answer."""
     if isinstance(received, torch.Tensor) and not item.slots:
-        return unflatten(received, item.sent_parts), received.new_zeros(world_size), [received]
+        parts = [received] if item.sent_parts == [received.shape] else unflatten(received, item.sent_parts)
+        return parts, None, [received]
     if isinstance(received, torch.Tensor):
         values = received[:-world_size]
         return unflatten(values, item.sent_parts), received[-world_size:], [values]
     parts = [t[:-1] for t in received]
     return parts, torch.stack([t[-1] for t in received]), parts
+
+
+def _flags(found: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Every rank's flags for a group: its one buffer's, or the sum over several (None: no buffer
+    of the group holds flag slots)."""
+    slotted = [f for f in found if f is not None]
+    if len(slotted) <= 1:
+        return slotted[0] if slotted else None
+    return torch.stack([f.to(torch.float32) for f in slotted]).sum(0)
 
 
 def finish(host: Host, items: list[InFlight[Any]], index: int = 0) -> None:
@@ -352,23 +362,26 @@ def finish(host: Host, items: list[InFlight[Any]], index: int = 0) -> None:
         received = [item.pending.wait() for item in items]  # every collective done before any raise
         with timer(items[0].encoded.grads[0]) as dec:
             split = [_split(item, r, host.world_size) for item, r in zip(items, received)]
-            flags = split[0][1] if len(split) == 1 else torch.stack([f.to(torch.float32) for _, f, _ in split]).sum(0)
-            # whether a rank wrote a flag depends only on the options and the codec: alike on every rank
+            flags = _flags([f for _, f, _ in split])
+            # whether a rank wrote a flag depends only on the options and the codec: alike on every
+            # rank (flags are written into slots: `flags` is then not None)
             flagged = any(item.flagged for item in items)
             if host.nonfinite_policy == "raise" and (
-                (flagged and bool(flags.any()))
+                (flagged and flags is not None and bool(flags.any()))
                 or any(i.check_sum and has_nonfinite(shown) for i, (_, _, shown) in zip(items, split))
             ):
                 for item in items:
                     poison(item.encoded.grads)
-                host.skip_step(flags, index)  # raises, on every rank
+                host.skip_step(torch.zeros(host.world_size) if flags is None else flags, index)  # raises, everywhere
                 return
             for item, (payload, _, shown) in zip(items, split):
                 for grad, value in zip(item.encoded.grads, item.codec.decode(payload, item.encoded)):
-                    grad.copy_(value.view_as(grad))
+                    if not _is_view_of(value, grad):  # else summed in place: nothing to copy
+                        grad.copy_(value.view_as(grad))
                 if item.check_sum and not item.flagged and (bad := nonfinite_flag(shown)) is not None:
                     host.check_at_step_end(bad)  # the sum's NaN/Inf are in the gradients
-            if flagged and host.nonfinite_policy != "raise":  # a flagged rank's NaN, in every rank's gradients
+            # a flagged rank's NaN, in every rank's gradients
+            if flagged and flags is not None and host.nonfinite_policy != "raise":
                 bad = flags.ne(0).any()  # bool (`any` of uint8 slots is uint8)
                 for item in items:
                     poison(item.encoded.grads, where=bad)
@@ -378,3 +391,15 @@ def finish(host: Host, items: list[InFlight[Any]], index: int = 0) -> None:
             host.commit_at_step_end(functools.partial(item.codec.commit, item.encoded))
     finally:
         host.end_bucket()
+
+
+def _is_view_of(value: torch.Tensor, grad: torch.Tensor) -> bool:
+    """True if `value` is `grad`'s memory as it is (a gradient summed in place, or decoded into
+    itself), so copying one into the other would change nothing."""
+    return (
+        value.data_ptr() == grad.data_ptr()
+        and value.dtype == grad.dtype
+        and value.numel() == grad.numel()
+        and value.is_contiguous()
+        and grad.is_contiguous()
+    )
