@@ -326,8 +326,7 @@ def _split(
     piece: a reduction per part would launch a few operations per tensor of the group (GradiVeQ
     sends two per layer) for the same answer."""
     if isinstance(received, torch.Tensor) and not item.slots:
-        parts = [received] if item.sent_parts == [received.shape] else unflatten(received, item.sent_parts)
-        return parts, None, [received]
+        return unflatten(received, item.sent_parts), None, [received]
     if isinstance(received, torch.Tensor):
         values = received[:-world_size]
         return unflatten(values, item.sent_parts), received[-world_size:], [values]
@@ -376,8 +375,7 @@ def finish(host: Host, items: list[InFlight[Any]], index: int = 0) -> None:
                 return
             for item, (payload, _, shown) in zip(items, split):
                 for grad, value in zip(item.encoded.grads, item.codec.decode(payload, item.encoded)):
-                    if not _is_view_of(value, grad):  # else summed in place: nothing to copy
-                        grad.copy_(value.view_as(grad))
+                    grad.copy_(value.view_as(grad))  # a no-op where summed in place (the same memory)
                 if item.check_sum and not item.flagged and (bad := nonfinite_flag(shown)) is not None:
                     host.check_at_step_end(bad)  # the sum's NaN/Inf are in the gradients
             # a flagged rank's NaN, in every rank's gradients
@@ -391,15 +389,3 @@ def finish(host: Host, items: list[InFlight[Any]], index: int = 0) -> None:
             host.commit_at_step_end(functools.partial(item.codec.commit, item.encoded))
     finally:
         host.end_bucket()
-
-
-def _is_view_of(value: torch.Tensor, grad: torch.Tensor) -> bool:
-    """True if `value` is `grad`'s memory as it is (a gradient summed in place, or decoded into
-    itself), so copying one into the other would change nothing."""
-    return (
-        value.data_ptr() == grad.data_ptr()
-        and value.dtype == grad.dtype
-        and value.numel() == grad.numel()
-        and value.is_contiguous()
-        and grad.is_contiguous()
-    )

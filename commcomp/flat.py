@@ -28,6 +28,8 @@ def unflatten(flat: torch.Tensor, shapes: Sequence[torch.Size | tuple[int, ...]]
 
     Raises ValueError if `flat` holds a different number of values than the shapes need.
     """
+    if len(shapes) == 1 and flat.shape == shapes[0]:
+        return [flat]  # already shaped: no split, no view
     sizes = [math.prod(s) for s in shapes]
     if sum(sizes) != flat.numel():
         raise ValueError(f"cannot cut {flat.numel()} values into tensors of {sum(sizes)} values in total")
