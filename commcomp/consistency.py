@@ -35,9 +35,11 @@ __all__ = [
     "RootChecks",
     "bad_ranks",
     "check_saved_options",
+    "extremes",
     "flag_slots",
     "gather_ints",
     "has_nonfinite",
+    "joined",
     "nonfinite_flag",
     "options_digest",
     "options_text",
@@ -139,36 +141,36 @@ def verify_options_with_root(owner: str, options: dict[str, Any], comm: RootChec
 # ----------------------------------------------------------------------------- NaN / Inf flags
 
 
-def _extremes(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """The smallest and largest value of each non-empty floating tensor of `tensors`, in one tensor
-    on the first one's device (None if there is none; integers are finite). One pass over each: a
-    NaN makes both NaN, an infinity is one of them. Exact, about half the cost of a float64 sum and
-    a tenth of an element-wise `isfinite`."""
-    ends = [torch.stack(torch.aminmax(t.detach())) for t in tensors if t.is_floating_point() and t.numel()]
-    if not ends:
-        return None
-    first = ends[0]
-    if any(e.dtype != first.dtype or e.device != first.device for e in ends):
-        # one device and dtype for the total (a model may be spread over several devices and
-        # dtypes); widened to float64, no finite value of any floating type overflows
-        ends = [e.to(first.device, torch.float64) for e in ends]
-    return torch.cat(ends) if len(ends) > 1 else first
+def extremes(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The smallest and largest value of each non-empty floating tensor of `tensors`, as 0-dim
+    tensors on their own devices (none if there is no such tensor; integers are finite). One pass
+    over each: a NaN makes both NaN, an infinity is one of them. Exact, about half the cost of a
+    float64 sum and a tenth of an element-wise `isfinite`. Left as they are, so a check read later
+    (`HookState.check_finite_at_step_end`) costs nothing more now."""
+    return [end for t in tensors if t.is_floating_point() and t.numel() for end in torch.aminmax(t.detach())]
+
+
+def joined(values: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """0-dim `values` (not empty) in one tensor on `device`. `torch.stack` widens mixed dtypes (bool,
+    16-bit, fp32, fp64) to the widest among them, which holds every value exactly: a finite value
+    stays finite, a flag stays 0 or 1."""
+    return torch.stack([v.to(device) for v in values])
 
 
 def nonfinite_flag(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """A 0-dim bool tensor, True if any of `tensors` holds a NaN or an infinity; None if none of
-    them is a non-empty floating tensor (`_extremes`). The flag stays on the first tensor's device:
+    them is a non-empty floating tensor (`extremes`). The flag stays on the first tensor's device:
     nothing is read back to the host, so a GPU's queue does not stall for it (`flag_slots` writes it
     into a buffer as it is)."""
-    ends = _extremes(tensors)
-    return None if ends is None else torch.isfinite(ends).all().logical_not()
+    ends = extremes(tensors)
+    return torch.isfinite(joined(ends, ends[0].device)).all().logical_not() if ends else None
 
 
 def has_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
-    """True if any of `tensors` holds a NaN or an infinity: their extremes (`_extremes`), read on
+    """True if any of `tensors` holds a NaN or an infinity: their extremes (`extremes`), read on
     the host at once."""
-    ends = _extremes(tensors)
-    return ends is not None and not all(map(math.isfinite, ends.tolist()))
+    ends = extremes(tensors)
+    return bool(ends) and not all(map(math.isfinite, joined(ends, ends[0].device).tolist()))
 
 
 Flag = bool | torch.Tensor | None  # a rank's NaN/Inf flag: on the host, or as `nonfinite_flag` gives it

@@ -12,7 +12,8 @@ Every integration runs the same sequence, written once here:
      5. wait for every collective of the group; under "raise", raise on every rank if any rank was
         flagged (or a sum that shows them holds NaN/Inf: `Encoded.sum_shows`);
      6. decode into the gradients; under "propagate", a flagged group's gradients become NaN on
-        the device and the checks are read when the step ends (`Host.check_at_step_end`);
+        the device and the checks are read when the step ends (`Host.check_at_step_end`; a sum
+        that shows them leaves its extremes, `Host.check_finite_at_step_end`);
      7. commit: the codec keeps what it learns only from a clean step (error-feedback residuals,
         PCA statistics), at the end of the step, once every group of the step decoded cleanly;
      8. end: the host state's bookkeeping (`HookState.end_bucket`) closes the step after its last group.
@@ -49,7 +50,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import torch
 import torch.distributed as dist
 
-from commcomp.consistency import Flag, flag_slots, has_nonfinite, nonfinite_flag
+from commcomp.consistency import Flag, extremes, flag_slots, has_nonfinite
 from commcomp.flat import flatten, unflatten
 from commcomp.overflow import poison
 from commcomp.stats import CommStats, timer
@@ -159,7 +160,10 @@ class DenseExchange:
         values = torch.empty(sum(sizes), dtype=dtype, device=grads[0].device)
         parts = list(values.split(sizes))
         for g, part in zip(grads, parts):
-            torch.div(g.reshape(-1), self.world_size, out=part)  # g/N, rounded once to the wire dtype
+            # g/N in the gradient's dtype, then rounded to the wire dtype: bitwise what
+            # torch.div(g, N, out=part) gives (it divides in the inputs' dtype too), in about two
+            # thirds of its time; decoding overwrites the gradient
+            part.view(g.shape).copy_(g.div_(self.world_size))
         return Encoded(keys, grads, parts, flat=values, checked=[values], sum_shows=True)
 
     def decode(self, received: list[torch.Tensor], encoded: Encoded) -> list[torch.Tensor]:
@@ -210,6 +214,11 @@ class Host(Protocol):
     def check_at_step_end(self, bad: torch.Tensor, error: Callable[[], Exception] | None = None) -> None:
         """Skip the step if `bad` (a 0-dim bool tensor, left on its device until the step ends) is
         true, and then raise `error()` if given."""
+        ...
+
+    def check_finite_at_step_end(self, values: list[torch.Tensor]) -> None:
+        """Skip the step if any of `values` (0-dim floating tensors: `consistency.extremes`) is NaN
+        or Inf, read when the step ends."""
         ...
 
     def end_bucket(self) -> None:
@@ -376,8 +385,8 @@ def finish(host: Host, items: list[InFlight[Any]], index: int = 0) -> None:
             for item, (payload, _, shown) in zip(items, split):
                 for grad, value in zip(item.encoded.grads, item.codec.decode(payload, item.encoded)):
                     grad.copy_(value.view_as(grad))  # a no-op where summed in place (the same memory)
-                if item.check_sum and not item.flagged and (bad := nonfinite_flag(shown)) is not None:
-                    host.check_at_step_end(bad)  # the sum's NaN/Inf are in the gradients
+                if item.check_sum and not item.flagged and (ends := extremes(shown)):
+                    host.check_finite_at_step_end(ends)  # the sum's NaN/Inf are in the gradients
             # a flagged rank's NaN, in every rank's gradients
             if flagged and flags is not None and host.nonfinite_policy != "raise":
                 bad = flags.ne(0).any()  # bool (`any` of uint8 slots is uint8)

@@ -3,6 +3,9 @@ them are exercised across ranks by the hook, Horovod, PQASGD, gossip and MoE tes
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import pytest
 import torch
 
@@ -11,6 +14,7 @@ from commcomp.consistency import (
     check_saved_options,
     flag_slots,
     has_nonfinite,
+    joined,
     nonfinite_flag,
     options_digest,
     write_flags,
@@ -93,3 +97,25 @@ def test_nonfinite_check_matches_an_element_wise_check(dtype: torch.dtype) -> No
         assert (flag is None) == (not floating), tensors
         if flag is not None:
             assert flag.dtype == torch.bool and flag.shape == () and bool(flag) == expected, tensors
+
+
+def test_joined_checks_keep_every_value_and_its_finiteness() -> None:
+    """The step's late checks are read as one stacked tensor: mixed flags (bool) and extremes of any
+    floating dtype keep their values, the largest finite ones included, so a finite value is never
+    read as NaN/Inf and a flag stays 0 or 1."""
+    values = [
+        torch.tensor(True),
+        torch.tensor(False),
+        torch.tensor(torch.finfo(torch.bfloat16).max, dtype=torch.bfloat16),
+        torch.tensor(-torch.finfo(torch.float16).max, dtype=torch.float16),
+        torch.tensor(torch.finfo(torch.float32).max),
+        torch.tensor(1e300, dtype=torch.float64),
+        torch.tensor(float("nan"), dtype=torch.bfloat16),
+        torch.tensor(float("-inf"), dtype=torch.float16),
+    ]
+    for size in (1, 2, 3):
+        for chosen in itertools.permutations(values, size):
+            got = joined(list(chosen), torch.device("cpu")).tolist()
+            for value, read in zip(chosen, got):
+                want = float(value)
+                assert math.isnan(read) if math.isnan(want) else read == want, (chosen, got)

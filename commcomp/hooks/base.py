@@ -9,6 +9,7 @@ match expected size"). Callbacks only decode.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -69,7 +70,7 @@ class HookState:
         self._lock = threading.Lock()
         self._skip_step = False  # a group of this step was flagged
         # this step's checks left on the device (a dense sum's NaN/Inf, GradiVeQ's bases), read at its end
-        self._late_checks: list[tuple[torch.Tensor, Callable[[], Exception] | None]] = []
+        self._late_checks: list[tuple[list[torch.Tensor], bool, Callable[[], Exception] | None]] = []
         self._commits: list[Callable[[], None]] = []  # what this step learned, applied when it ends cleanly
         self._restore: list[tuple[Any, dict[str, Any]]] = []  # volatile objects' states at the step's start
         # --- statistics ---
@@ -185,12 +186,20 @@ class HookState:
             self._commits.append(commit)
 
     def check_at_step_end(self, bad: torch.Tensor, error: Callable[[], Exception] | None = None) -> None:
-        """Skip the step if `bad` (a 0-dim bool tensor, the same on every rank: a dense sum held
-        NaN/Inf, GradiVeQ's ranks projected onto other bases) is true, and then raise `error()` if
-        given; read on the host once the step's last group is in (`end_bucket`), with the step's
-        other such checks, so no decoding callback waits for the device."""
+        """Skip the step if `bad` (a 0-dim bool tensor, the same on every rank: a flagged rank,
+        GradiVeQ's ranks projected onto other bases) is true, and then raise `error()` if given;
+        read on the host once the step's last group is in (`end_bucket`), with the step's other such
+        checks, so no decoding callback waits for the device."""
         with self._lock:
-            self._late_checks.append((bad, error))
+            self._late_checks.append(([bad], False, error))
+
+    def check_finite_at_step_end(self, values: list[torch.Tensor]) -> None:
+        """Skip the step if any of `values` (0-dim floating tensors, the same on every rank: a dense
+        sum's `consistency.extremes`) is NaN or Inf; read with the other late checks. Nothing is
+        computed from them now: a flag would cost a few small operations per bucket, in a callback
+        that delays the step (one value is still compared per step at its end)."""
+        with self._lock:
+            self._late_checks.append((values, True, None))
 
     def _read_late_checks(self) -> Exception | None:
         """At the step's end: read the step's late checks (one host read); any set skips the step;
@@ -198,9 +207,12 @@ class HookState:
         checks, self._late_checks = self._late_checks, []
         if not checks:
             return None
-        device = checks[0][0].device
-        hits = torch.stack([bad.to(device) for bad, _ in checks]).tolist()
-        found = [error for (_, error), hit in zip(checks, hits) if hit]
+        read = iter(consistency.joined([v for values, _, _ in checks for v in values], checks[0][0][0].device).tolist())
+        found = []
+        for values, finite, error in checks:
+            mine = [next(read) for _ in values]
+            if (not all(map(math.isfinite, mine))) if finite else any(mine):
+                found.append(error)
         self._skip_step |= bool(found)
         return next((error() for error in found if error is not None), None)
 
