@@ -458,10 +458,12 @@ def test_a_timed_check_is_decided_alike_on_every_rank(gap):
     assert all(r["rounds"] == reports[0]["rounds"] and r["buckets"] == reports[0]["buckets"] for r in reports)
     timed = reports[0]["rounds"][0]["timed"]
     order = [k[: -len("_s")] for k in timed if k.endswith("_s")]  # the plan, then the arms fastest predicted first
-    assert order[0] == "plan" and sorted(order[1:]) == ["bf16", "fp32"] and list(timed)[3:] == ["kept", "turns"]
+    assert order[0] == "plan" and sorted(order[1:]) == ["bf16", "fp32"]
+    assert list(timed)[3:] == ["kept", "turns", "separated"]
     assert all(math.isfinite(timed[f"{k}_s"]) and timed[f"{k}_s"] > 0 for k in order)  # every arm timed
-    best = min(timed[f"{k}_s"] for k in order)  # the first in that order within the margin of the fastest
+    best = min(timed[f"{k}_s"] for k in order)  # the first in that order within the margin of the fastest,
     fastest = next(k for k in order if timed[f"{k}_s"] * (1 - MARGIN) <= best)
+    fastest = fastest if timed["separated"] else "plan"  # if the plan and the fastest are apart by more than noise
     assert timed["kept"] == fastest
     kept = {b["method"] for b in reports[0]["buckets"]}
     assert kept == ({"qsgd4"} if fastest == "plan" else {fastest})
@@ -508,6 +510,7 @@ def _train_qsgd_overruled(rank, world, *args):
 
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(Verification, "fastest", lambda self, medians: "bf16")
+    monkeypatch.setattr(Verification, "separated", staticmethod(lambda summary: True))
     monkeypatch.setattr(Network, "holds", lambda *args: True)
     return _train_qsgd_planned(rank, world, *args)
 
@@ -576,6 +579,11 @@ def test_verification_is_only_for_close_predictions():
     kept, record, _ = v.decide([2.0, 1.0, 2.0 / CLEAR_GAP + 0.01, *tight], final=False)
     assert kept == "bf16" and record["turns"] == 1
     assert v.decide([1.0, 1.2, 1.3, *noisy])[0] == "plan" and v.decide([1.0, 1.2, 1.3, *noisy])[1]["turns"] == 2
+    # after the last turn an alternative faster by the margin overrules the plan only if separated from it
+    kept, record, why = v.decide([1.0, 0.8, 1.3, *noisy])
+    assert kept == "plan" and not record["separated"] and why.endswith("within the noise, the prediction stands")
+    kept, record, why = v.decide([1.0, 0.8, 1.3, *tight])
+    assert kept == "bf16" and record["separated"] and "noise" not in why
     # separation is between the plan and the fastest alternative, by their own errors
     assert Verification.separated([1.0, 1.2, 5.0, 0.01, 0.01, 9.0])
     assert not Verification.separated([1.0, 1.2, 5.0, 0.01, 9.0, 0.01])

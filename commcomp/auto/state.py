@@ -22,7 +22,8 @@ The schedule, counted in finished steps:
   measures only the buckets not measured yet, so the plan is made on the buckets the job keeps; a
   round that ends with a different plan counts as a re-plan (`replans`);
 - a plan predicted less than 2x faster than sending every bucket in bf16, or in fp32, is timed
-  against them on real steps (`commcomp.auto.verify`); an alternative more than 5% faster replaces it.
+  against them on real steps (`commcomp.auto.verify`); an alternative more than 5% faster, by more
+  than the noise, replaces it.
   A re-plan round that found the network on its line and kept the plan is not timed again, and
   while the network holds, a bucket predicted the same as the plan a timed check overruled gets the
   check's method again (the verdict stands) instead of being timed anew.
