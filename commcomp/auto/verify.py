@@ -29,8 +29,9 @@ replaces the plan only if its median is more than `MARGIN` below the plan's and 
 errors from it; on a nearer tie, or one within the noise, the prediction that chose the plan breaks
 it (as it does between two alternatives that close). The margin alone let the noise overrule the
 prediction: at 1000 Mbit/s on 4 emulated hosts sharing 2 cores, 8 steps of each put fp32 8% ahead
-of a bf16 plan, and for the rest of the run the same job sent fp32 at 25.0 ms a step where bf16
-took 22.9 in the same lockstep run. Every rank switches at the same step counts and decides from the same numbers.
+of a bf16 plan, and for the rest of the run the job sent fp32 at 25.0 ms a step where fixed bf16
+took 22.9 in the same lockstep run. Every rank switches at the same step counts and decides from
+the same numbers.
 """
 
 from __future__ import annotations

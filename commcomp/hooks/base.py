@@ -197,7 +197,7 @@ class HookState:
         """Skip the step if any of `values` (0-dim floating tensors, the same on every rank: a dense
         sum's `consistency.extremes`) is NaN or Inf; read with the other late checks. Nothing is
         computed from them now: a flag would cost a few small operations per bucket, in a callback
-        that delays the step (one value is still compared per step at its end)."""
+        that delays the step."""
         with self._lock:
             self._late_checks.append((values, True, None))
 
