@@ -3,7 +3,8 @@ tests/test_auto_cluster.py).
 
     torchrun ... tests/auto_cluster_worker.py --dir DIR [--probe-every 2] [--measure-steps 2]
 
-1. Trains until the first plan exists, sets every bucket of it to fp32 (a fast link's plan: on a
+1. Trains until the first plan exists, sets every bucket of it to fp32, with fp32's predicted time
+   and bytes (a fast link's plan: on a
    busy 2-core machine the unshaped link's own plan is a close call between the candidates, and a
    plan that is already the slow link's would leave nothing to re-plan), trains on up to the step
    where the next measuring round starts, and prints the plan as
@@ -41,6 +42,7 @@ if str(ROOT) not in sys.path:  # `launch` lives next to `commcomp`
 
 import commcomp  # noqa: E402
 from commcomp.auto import AutoState  # noqa: E402
+from commcomp.auto.plan import Choice  # noqa: E402
 from launch.dist import finish, init_from_env  # noqa: E402
 
 INPUTS, WIDTH, CLASSES, BATCH = 512, 1024, 10, 32
@@ -91,8 +93,11 @@ def main() -> int:
             raise RuntimeError(f"no plan after {state.step} steps")
         train_step(ddp, opt, info.rank, state.step)
     saved = state.state_dict()
-    for entry in saved["choices"]:
-        entry["method"] = "fp32"
+    # fp32 with its own predicted time and bytes (the test compares the bytes before and after)
+    saved["choices"] = [
+        {"params": entry["params"], **Choice.from_dict(entry).switched("fp32", "set by the test").as_dict()}
+        for entry in saved["choices"]
+    ]
     saved["verify"] = None  # no timed check of the measured plan
     state.load_state_dict(saved)
     slow_round = state.plan()["next_round"]
