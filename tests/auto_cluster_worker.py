@@ -4,11 +4,10 @@ tests/test_auto_cluster.py).
     torchrun ... tests/auto_cluster_worker.py --dir DIR [--probe-every 2] [--measure-steps 2]
 
 1. Trains until the first plan exists, sets every bucket of it to fp32, with fp32's predicted time
-   and bytes (a fast link's plan: on a
-   busy 2-core machine the unshaped link's own plan is a close call between the candidates, and a
-   plan that is already the slow link's would leave nothing to re-plan), trains on up to the step
-   where the next measuring round starts, and prints the plan as
-   `RESULT {"rank": r, "phase": "before", "plan": {...}}`.
+   and bytes (a fast link's plan: on a busy 2-core machine the unshaped link's own plan is a close
+   call between the candidates, and a plan that is already the slow link's would leave nothing to
+   re-plan), trains on up to the step where the next measuring round starts, and prints the plan
+   as `RESULT {"rank": r, "phase": "before", "plan": {...}}`.
 2. Prints WAITING; rank 0 waits for the file DIR/go (the test reshapes the links, then creates it)
    while a barrier holds the other ranks.
 3. Trains through that measuring round (its check of the network fails on the slowed link, so it
