@@ -160,10 +160,14 @@ class DenseExchange:
         values = torch.empty(sum(sizes), dtype=dtype, device=grads[0].device)
         parts = list(values.split(sizes))
         for g, part in zip(grads, parts):
-            # g/N in the gradient's dtype, then rounded to the wire dtype: bitwise what
-            # torch.div(g, N, out=part) gives (it divides in the inputs' dtype too), in about two
-            # thirds of its time; decoding overwrites the gradient
-            part.view(g.shape).copy_(g.div_(self.world_size))
+            if g.dtype == dtype:
+                torch.div(g.reshape(-1), self.world_size, out=part)  # g/N in one pass
+            else:
+                # g/N in the gradient's dtype, then rounded to the wire dtype: bitwise what
+                # torch.div(g, N, out=part) gives (it divides in the inputs' dtype too), and in the
+                # hook about a fifth faster (the cnn's bucket into bf16: ~150 against ~190 us);
+                # decoding overwrites the gradient
+                part.view(g.shape).copy_(g.div_(self.world_size))
         return Encoded(keys, grads, parts, flat=values, checked=[values], sum_shows=True)
 
     def decode(self, received: list[torch.Tensor], encoded: Encoded) -> list[torch.Tensor]:
