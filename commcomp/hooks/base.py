@@ -23,7 +23,7 @@ from commcomp.comm import Collectives, TorchCollectives
 from commcomp.consistency import world_size_error
 from commcomp.exchange import DenseExchange, ExchangeCodec, TorchWire, dense_nbytes, finish, send, tiles
 from commcomp.overflow import NonFiniteGradientError, check_nonfinite
-from commcomp.quantizers import Quantizer
+from commcomp.quantizers import StochasticQuantizer
 from commcomp.registry import Registry, check_options
 from commcomp.stats import CommStats
 
@@ -171,10 +171,11 @@ class HookState:
 
     def volatile(self) -> list[Any]:
         """Objects whose state the sending half of a step changes before anyone knows whether the step
-        is clean (the quantizers' random streams); saved at the step's start, restored if it is skipped."""
+        is clean (the quantizers' random streams); saved at the step's start, restored if it is skipped.
+        Quantizers that draw nothing have no such state: left out, nothing to save every step."""
         found: list[Any] = []
         for value in vars(self).values():
-            if isinstance(value, Quantizer):
+            if isinstance(value, StochasticQuantizer):
                 found.append(value)
             elif isinstance(value, HookState):
                 found.extend(value.volatile())

@@ -77,6 +77,7 @@ class QuantizerState(HookState):
         self._inputs: dict[str, torch.Tensor] = {}
         self._spares: dict[str, torch.Tensor] = {}
         self._gathered: dict[str, torch.Tensor] = {}  # all-gathered bytes per group
+        self._dense: DenseExchange | None = None  # the plain average's codec, made at the first bucket
 
     @property
     def residuals_summed(self) -> bool:
@@ -90,9 +91,15 @@ class QuantizerState(HookState):
         """The plain average (`DenseExchange`) for identity, fp16 and bf16 without error feedback;
         else the quantizer's own exchange."""
         q = self.quantizer
-        if self.memory is None and isinstance(q, (Identity, Cast)):
-            return DenseExchange(self.world_size, q.wire_dtype if isinstance(q, Cast) else None)
-        return QuantizedExchange(self)
+        if self.memory is not None or not isinstance(q, (Identity, Cast)):
+            return QuantizedExchange(self)
+        if self._dense is None:  # made once: it holds nothing of a step
+            self._dense = DenseExchange(self.world_size, q.wire_dtype if isinstance(q, Cast) else None)
+        return self._dense
+
+    def volatile(self) -> list[Any]:
+        """The quantizer, if it draws random numbers (the generic search, without the search)."""
+        return [self.quantizer] if isinstance(self.quantizer, StochasticQuantizer) else []
 
     def prepare(self, key: str, grad: torch.Tensor) -> torch.Tensor:
         """What this rank compresses for one gradient: g/N (summed quantizers) or g, plus the
@@ -156,6 +163,9 @@ class QuantizerState(HookState):
             "quantizer_options": self.quantizer.options(),
             "error_feedback": self.memory is not None,
         }
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_dense": None}  # made again for the group it is unpickled into
 
     def state_dict(self) -> dict[str, Any]:
         return {
