@@ -508,11 +508,14 @@ def test_sweep_local_over_seeds(tmp_path: Path) -> None:
         ]
     )
     by_seed = result["runs_by_seed"]["2"]
-    assert list(by_seed) == ["3", "5"] and result["meta"]["seeds"] == [3, 5]
+    meta = result["meta"]
+    assert list(by_seed) == ["3", "5"] and meta["seeds"] == [3, 5]
+    assert meta["target_acc"] is None and list(meta["target_acc_by_seed"]) == ["3", "5"]  # no one target
     for seed, rows in by_seed.items():
         assert [(r["method"], r["seed"]) for r in rows] == [("fp32", int(seed)), ("torch-fp16", int(seed))]
         target = max(acc for _, _, acc in rows[0]["curve"]) - report.TARGET_GAP
         assert all(r["target_acc"] == pytest.approx(target) for r in rows)
+        assert meta["target_acc_by_seed"][seed] == pytest.approx(target)
     first, second = (rows[0]["curve"] for rows in by_seed.values())
     assert first != second  # other initial weights and batches
     for i, row in enumerate(result["runs"]["2"]):
