@@ -336,7 +336,7 @@ def auto_targets(rows: Sequence[Row], where: str = "") -> list[Row]:
     if hook is None:
         parts.append("the 16-bit hook was not run")
     else:
-        parts.append(f"16-bit hook {_fmt(hook['ttt_s'], '.1f')} s")
+        parts.append("16-bit hook never reached it" if hook["ttt_s"] is None else f"16-bit hook {hook['ttt_s']:.1f} s")
         ok = ok and (hook["ttt_s"] is None or mine <= hook["ttt_s"])
     add(
         f"auto within {100 * (AUTO_GAP - 1):.0f}% of the best fixed method and not slower than the 16-bit hook",
