@@ -70,7 +70,7 @@ def _hook(state: HookState, records: Records) -> None:
         residuals = [s.get("residuals") for s in saved]
         new["residuals"] = split_residuals(residuals, state.world_size, state.residuals_summed)
     state.load_state_dict(new)
-    for quantizer in state.volatile():  # every quantizer of the state, nested ones included
+    for quantizer in state.volatile():  # every quantizer that draws random numbers, nested ones included
         _rederive(quantizer, state.rank)
 
 
